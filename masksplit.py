@@ -1,0 +1,210 @@
+r"""MaskSplit: cut a saliency mask into a support half and a query half (paper section 3.2, Figure 3).
+
+A single file with no dependency beyond the standard library, numpy and torch: copy it into your project.
+Everything works on numpy arrays and torch tensors (CPU or CUDA), on one mask [H, W] or a batch [B, H, W];
+any nonzero value is foreground.
+
+Geometry of a vertical split ("Vsplit"), with c[x] the foreground count of column x and T the total:
+
+    median column m = smallest x with cumsum(c)[x] >= T / 2
+
+          x = m+s
+      y=0 ----\--------      The line runs from (m + shift, 0) to (m - shift, H - 1).
+              |\             Foreground strictly right of it is the right half, every other
+        left  | \  right     foreground pixel is the left half, so each foreground pixel is in
+        half  |  \ half      exactly one half (shift 0: the split is at the median column).
+              |   \          swap=False: support = right, query = left (the paper's assignment).
+    y=H-1 -----\---\----
+              x = m-s
+
+A horizontal split ("Hsplit") is the vertical split of the transposed mask: median row m, line from
+(0, m + shift) to (W - 1, m - shift), support = the part strictly below it (swap=False).
+
+line="official" follows the authors' public code, which differs from the paper: its line runs from
+(m - 3*shift, top) to (m - shift, bottom) and pixels exactly on the line belong to neither half.
+
+The query loss ignores the support half (section 3.2, last paragraph): `query_target` marks it with
+`ignore_index`, so `F.cross_entropy(logits, target, ignore_index=255)` never pushes it to background.
+
+    >>> ms = MaskSplit()                                  # paper defaults: Vsplit, slope 40, alternate
+    >>> support_fg, query_fg = ms(mask, generator=torch.Generator().manual_seed(0))
+    >>> target = query_target(query_fg, support_fg)       # 1 query fg, 255 support fg, 0 background
+"""
+import numpy as np
+import torch
+
+__all__ = ["split_mask", "query_target", "MaskSplit"]
+
+DIRECTIONS = ("vertical", "horizontal")
+LINES = ("paper", "official")
+
+
+def _as_torch(mask):
+    """Return (foreground bool tensor, whether the input was numpy)."""
+    if isinstance(mask, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(mask if mask.dtype == np.bool_ else mask != 0)), True
+    if isinstance(mask, torch.Tensor):
+        return (mask if mask.dtype == torch.bool else mask != 0).contiguous(), False
+    raise TypeError(f"mask must be a numpy array or a torch tensor, got {type(mask).__name__}")
+
+
+def _per_item(value, batch, name, device):
+    """A scalar or one value per batch item -> int64 tensor [B, 1, 1]."""
+    value = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+    value = value.to(device=device, dtype=torch.int64).reshape(-1)
+    if value.numel() == 1:
+        value = value.expand(batch)
+    if value.numel() != batch:
+        raise ValueError(f"{name} has {value.numel()} values for a batch of {batch} masks")
+    return value.view(batch, 1, 1)
+
+
+def _halves(fg, direction, shift, swap, line):
+    """(support, query) halves of fg [B, H, W]; shift and swap are int64 / bool tensors [B, 1, 1].
+
+    Written for a vertical split with u = x (columns) and v = y (rows); a horizontal split swaps the roles
+    (u = y, v = x), which is the vertical split of the transposed mask without transposing anything."""
+    u_dim, v_dim = (2, 1) if direction == "vertical" else (1, 2)
+    counts = fg.view(torch.uint8).sum(dim=v_dim, dtype=torch.int32)            # c[u], [B, U]
+    cumulative = counts.cumsum(dim=1, dtype=torch.int64)
+    # smallest u with cumsum(c)[u] >= T / 2, in integers: 2 * cumsum >= T
+    median = (2 * cumulative >= cumulative[:, -1:]).to(torch.int8).argmax(dim=1).view(-1, 1, 1)
+    shape_u, shape_v = [1, 1, 1], [1, 1, 1]
+    shape_u[u_dim], shape_v[v_dim] = fg.shape[u_dim], fg.shape[v_dim]
+    u = torch.arange(fg.shape[u_dim], device=fg.device).view(shape_u)
+    v = torch.arange(fg.shape[v_dim], device=fg.device).view(shape_v)
+    span = max(fg.shape[v_dim] - 1, 1)                                           # H - 1
+    if line == "paper":
+        # line u(v) = m + s - 2 s v / (H - 1). Beyond it: u (H - 1) > (m + s)(H - 1) - 2 s v, that is
+        # u > floor(numerator / (H - 1)); every other pixel is before it (u < that floor + 1).
+        beyond = torch.div((median + shift) * span - 2 * shift * v, span, rounding_mode="floor")
+        before = beyond + 1
+    else:
+        # official: u(v) = m - 3 s + 2 s v / (H - 1); pixels exactly on the line are in neither half
+        numerator = (median - 3 * shift) * span + 2 * shift * v
+        beyond = torch.div(numerator, span, rounding_mode="floor")
+        before = -torch.div(-numerator, span, rounding_mode="floor")               # ceil
+    # support = beyond the line (u > beyond) unless swapped (u < before). With sign = -1 for swapped items,
+    # both tests become one comparison: sign * u > threshold, computed on [B, 1, U] and [B, V, 1] only.
+    sign = 1 - 2 * swap.to(torch.int64)
+    signed_u = sign * u
+    support = fg & (signed_u > torch.where(swap, -before, beyond))
+    query = fg & (-signed_u > torch.where(swap, beyond, -before))
+    return support, query
+
+
+def split_mask(mask, direction="vertical", shift=0, swap=False, line="paper"):
+    """Deterministic MaskSplit of `mask` ([H, W] or [B, H, W]) -> (support_fg, query_fg), boolean masks of the
+    input's library, shape and device. `shift` (pixels, section 3.2 "slope") and `swap` (section 3.2
+    "alternate") are scalars or, for a batch, one value per item."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if line not in LINES:
+        raise ValueError(f"line must be one of {LINES}, got {line!r}")
+    fg, from_numpy = _as_torch(mask)
+    if fg.dim() not in (2, 3):
+        raise ValueError(f"mask must be [H, W] or [B, H, W], got shape {tuple(fg.shape)}")
+    single = fg.dim() == 2
+    batch = fg.unsqueeze(0) if single else fg
+    shift_t = _per_item(shift, batch.shape[0], "shift", fg.device)
+    swap_t = _per_item(swap, batch.shape[0], "swap", fg.device).bool()
+    support, query = _halves(batch, direction, shift_t, swap_t, line)
+    if single:
+        support, query = support[0], query[0]
+    if from_numpy:
+        return support.numpy(), query.numpy()
+    return support, query
+
+
+def query_target(query_fg, support_fg, ignore_index=255):
+    """Query training target (section 3.2): 1 on the query foreground, `ignore_index` on the support foreground
+    (where the query fg does not also cover it, as in "no split"), 0 elsewhere. int64 for torch, uint8 for numpy."""
+    if isinstance(query_fg, np.ndarray):
+        if not 0 <= ignore_index <= 255:
+            raise ValueError(f"ignore_index {ignore_index} does not fit the uint8 target of a numpy mask")
+        target = np.where(support_fg != 0, ignore_index, 0).astype(np.uint8)
+        target[query_fg != 0] = 1
+        return target
+    target = torch.where(support_fg != 0, ignore_index, 0).to(torch.int64)
+    return target.masked_fill(query_fg != 0, 1)
+
+
+class _Draws:
+    """Uniform draws from a numpy Generator, a torch Generator, or (None) torch's default generator."""
+
+    def __init__(self, generator):
+        if generator is not None and not isinstance(generator, (np.random.Generator, torch.Generator)):
+            raise TypeError(f"generator must be numpy.random.Generator or torch.Generator, got {type(generator)}")
+        self.generator = generator
+
+    def uniform(self):
+        if isinstance(self.generator, np.random.Generator):
+            return float(self.generator.random())
+        return float(torch.rand((), generator=self.generator))
+
+    def integer(self, low, high):
+        """Uniform integer in [low, high] (both included)."""
+        if isinstance(self.generator, np.random.Generator):
+            return int(self.generator.integers(low, high + 1))
+        return int(torch.randint(low, high + 1, (), generator=self.generator))
+
+
+class MaskSplit:
+    """The random episode maker of section 3.2: `ms(mask, generator) -> (support_fg, query_fg)`.
+
+    direction: "vertical" (Vsplit, paper default), "horizontal" (Hsplit) or "mixed" (MixedSplit, 1/2 each).
+    max_shift: the slope; shift is uniform in [-max_shift, max_shift] pixels (paper: 40; 0 = "without slope").
+    alternate: a fair coin picks which side is the support (paper: on); off = support is always right/bottom.
+    prob: probability of splitting at all; otherwise support = query = whole mask (Table 1's "prob").
+    min_pixels: both halves need this many pixels; otherwise redraw up to `max_tries` times, then no split.
+    line: "paper" or "official" (the authors' code; see the module docstring).
+    """
+
+    def __init__(self, direction="vertical", max_shift=40, alternate=True, prob=1.0, min_pixels=512,
+                 line="paper", max_tries=10):
+        if direction not in DIRECTIONS + ("mixed",):
+            raise ValueError(f"direction must be vertical, horizontal or mixed, got {direction!r}")
+        if line not in LINES:
+            raise ValueError(f"line must be one of {LINES}, got {line!r}")
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"prob must be in [0, 1], got {prob}")
+        if max_shift < 0 or min_pixels < 0 or max_tries < 1:
+            raise ValueError("max_shift and min_pixels must be >= 0 and max_tries >= 1")
+        self.direction, self.max_shift, self.alternate = direction, int(max_shift), bool(alternate)
+        self.prob, self.min_pixels, self.line, self.max_tries = float(prob), int(min_pixels), line, int(max_tries)
+
+    def __repr__(self):
+        return (f"MaskSplit(direction={self.direction!r}, max_shift={self.max_shift}, alternate={self.alternate}, "
+                f"prob={self.prob}, min_pixels={self.min_pixels}, line={self.line!r})")
+
+    def __call__(self, mask, generator=None):
+        support, query, _ = self.sample(mask, generator)
+        return support, query
+
+    def sample(self, mask, generator=None):
+        """Like calling the object, and also returns what was drawn: a dict {"direction", "shift", "swap"}
+        (None when the mask was not split), or a list of them for a batch."""
+        fg, _ = _as_torch(mask)
+        if fg.dim() == 3:
+            items = [self.sample(m, generator) for m in mask]
+            stack = np.stack if isinstance(mask, np.ndarray) else torch.stack
+            return stack([s for s, _, _ in items]), stack([q for _, q, _ in items]), [p for _, _, p in items]
+        if fg.dim() != 2:
+            raise ValueError(f"mask must be [H, W] or [B, H, W], got shape {tuple(fg.shape)}")
+        if not bool(fg.any()):
+            raise ValueError("MaskSplit got an all-empty mask: there is no foreground to split")
+        draws = _Draws(generator)
+        if draws.uniform() < self.prob:
+            for _ in range(self.max_tries):
+                params = {
+                    "direction": self.direction if self.direction != "mixed"
+                    else DIRECTIONS[int(draws.uniform() < 0.5)],
+                    "shift": draws.integer(-self.max_shift, self.max_shift),
+                    "swap": self.alternate and draws.uniform() < 0.5,
+                }
+                support, query = split_mask(mask, line=self.line, **params)
+                if min(int(support.sum()), int(query.sum())) >= self.min_pixels:
+                    return support, query, params
+        whole = mask != 0
+        return whole, whole.copy() if isinstance(whole, np.ndarray) else whole.clone(), None
+
