@@ -1,0 +1,975 @@
+"""Data: file I/O, real dataset layouts, MaskSplit training pairs, one-shot test episodes, demo data.
+
+Everything that reads images and masks lives here; the scripts only choose. Items are dicts with named keys.
+
+Layouts read (the real ones):
+- PASCAL VOC 2012   VOCdevkit/VOC2012/{JPEGImages, SegmentationClassAug | SegmentationClass,
+                    ImageSets/Segmentation/<split>.txt}; masks: palette or gray PNG, 0 bg, 1..20, 255 ignore.
+- COCO              <root>/<split>/*.jpg + <root>/annotations/instances_<split>.json (pycocotools, lazily
+                    imported); class masks are rendered once into a cache folder (categories -> 1..80 in
+                    sorted category-id order, crowd regions -> 255).
+- Salient objects   an image folder and a mask folder with the same stems (MSRA-B, ECSSD, DUTS, SOD).
+- Pseudo-masks      a folder of 0/255 single-channel PNGs named like the images (MaskContrast's released
+                    `saliency_unsupervised_model` folder has this format).
+
+    pairs = MaskSplitPairs("VOC2012/JPEGImages", "pseudo_masks/", list_file="train.txt")   # section 3.2
+    episodes = FewShotEpisodes("pascal", "VOCdevkit", fold=0, episodes=1000, seed=0)       # section 4
+"""
+import hashlib
+import json
+import os
+import pathlib
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from masksplit import MaskSplit, query_target
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+IGNORE = 255
+VOC_CLASSES = 20
+COCO_CLASSES = 80
+COCO_FOLD_CONVENTIONS = ("interleaved", "contiguous")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# File I/O
+# ---------------------------------------------------------------------------------------------------------------
+
+def _open(path, what):
+    """Open and fully decode an image file; ValueError naming the file when it is missing or unreadable."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: {what} file not found")
+    try:
+        with Image.open(path) as img:
+            img.load()                                   # truncated files fail here (OSError)
+        return img
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{path}: cannot read {what} ({err})") from None
+
+
+def load_image(path):
+    """PIL RGB image; gray, RGBA, CMYK, palette and 16-bit images are converted. ValueError naming the file
+    when it is missing, unreadable or truncated."""
+    img = _open(path, "image")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):     # 16/32-bit gray: scale to 8 bits
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def load_mask(path):
+    """Class-index mask: np.uint8 [H, W] with the stored values (palette indices or gray levels)."""
+    img = _open(path, "mask")
+    if img.mode not in ("P", "L"):
+        raise ValueError(f"{path}: class mask must be a palette or 8-bit gray PNG, got mode {img.mode!r}")
+    return np.array(img, dtype=np.uint8)
+
+
+def load_binary_mask(path):
+    """Binary (salient-object / pseudo) mask: np.bool_ [H, W]. Mode '1': as stored; 8-bit gray, palette, RGB and
+    RGBA: the displayed gray level (palette colours looked up, alpha ignored) is >= 128; 16-bit gray: >= 32768."""
+    img = _open(path, "mask")
+    if img.mode == "1":
+        return np.array(img, dtype=bool)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return np.asarray(img, dtype=np.int64) >= 32768
+    if img.mode in ("L", "P", "RGB", "RGBA", "LA", "PA", "CMYK"):
+        if img.mode != "L":
+            img = img.convert("RGB").convert("L")
+        return np.asarray(img, dtype=np.uint8) >= 128
+    raise ValueError(f"{path}: unsupported mask mode {img.mode!r}")
+
+
+def _read_list(list_file):
+    """Stems of a list file (first whitespace-separated token per non-empty line; paths reduced to stems)."""
+    list_file = pathlib.Path(list_file)
+    if not list_file.is_file():
+        raise ValueError(f"{list_file}: list file not found")
+    stems = []
+    for line in list_file.read_text().splitlines():
+        token = line.split()[0] if line.strip() else ""
+        if token:
+            stems.append(pathlib.PurePosixPath(token).stem)
+    if not stems:
+        raise ValueError(f"{list_file}: list file is empty")
+    return stems
+
+
+def _stems(list_file):
+    """list_file may be a path to a list file or an iterable of stems."""
+    if list_file is None:
+        return None
+    if isinstance(list_file, (str, os.PathLike)):
+        return _read_list(list_file)
+    return [str(s) for s in list_file]
+
+
+def list_images(folder, list_file=None):
+    """Sorted image paths of `folder` (suffixes .jpg .jpeg .png .bmp, any case), restricted to the stems of
+    `list_file` (a path or a list of stems) when given. ValueError when the folder is missing or empty or a
+    listed stem has no image."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: image folder not found")
+    by_stem = {}
+    for p in folder.iterdir():
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+            by_stem.setdefault(p.stem, p)
+    if not by_stem:
+        raise ValueError(f"{folder}: no images (.jpg .jpeg .png .bmp) in folder")
+    stems = _stems(list_file)
+    if stems is None:
+        return sorted(by_stem.values())
+    missing = [s for s in stems if s not in by_stem]
+    if missing:
+        raise ValueError(f"{list_file if isinstance(list_file, (str, os.PathLike)) else 'list'}: "
+                         f"{len(missing)} listed image(s) missing from {folder}, e.g. {missing[:3]}")
+    return sorted(by_stem[s] for s in dict.fromkeys(stems))
+
+
+def _atomic_write(path, write):
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_png(image, path):
+    """Write a PNG atomically (tmp file + os.replace), creating parent folders. `image`: PIL image, or a uint8 /
+    bool numpy array [H, W] (gray) or [H, W, 3] (RGB)."""
+    if not isinstance(image, Image.Image):
+        arr = np.asarray(image)
+        if arr.dtype == bool:
+            arr = arr.astype(np.uint8) * 255
+        if arr.dtype != np.uint8:
+            raise ValueError(f"{path}: save_png needs uint8 or bool data, got {arr.dtype}")
+        image = Image.fromarray(arr)
+    _atomic_write(path, lambda f: image.save(f, format="PNG"))
+
+
+def write_json(obj, path):
+    """Write JSON atomically."""
+    data = json.dumps(obj, indent=1).encode()
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def image_to_tensor(pil, size):
+    """PIL image -> float tensor [3, size, size], bilinear resize, ImageNet-normalised."""
+    x = TF.pil_to_tensor(pil if pil.mode == "RGB" else pil.convert("RGB"))
+    x = TF.resize(x, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    return TF.normalize(x.float().div_(255.0), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def mask_to_tensor(mask, size):
+    """uint8 / bool mask [H, W] -> int64 tensor [size, size], nearest resize."""
+    m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None]
+    return TF.resize(m, [size, size], interpolation=v2.InterpolationMode.NEAREST_EXACT)[0].long()
+
+
+def _check_same_size(image, image_path, mask, mask_path):
+    if mask.shape != (image.height, image.width):
+        raise ValueError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
+                         f"{image_path} is {image.width}x{image.height}")
+
+
+def union_mask(class_mask):
+    """Ground-truth union of all objects ("groundtruth" mask source of Table 2): every class pixel (1..254)."""
+    return (class_mask > 0) & (class_mask < IGNORE)
+
+
+def _check_classes(mask, path, num_classes):
+    bad = np.unique(mask[(mask > num_classes) & (mask != IGNORE)])
+    if bad.size:
+        raise ValueError(f"{path}: unknown class index {bad.tolist()[:5]} (expected 0..{num_classes} or 255)")
+
+
+def _cache_dir(cache_dir):
+    if cache_dir is not None:
+        return pathlib.Path(cache_dir)
+    return pathlib.Path(os.environ.get("MASKSPLIT_CACHE", pathlib.Path.home() / ".cache" / "masksplit"))
+
+
+def _cached_scan(kind, paths, scan, cache_dir, desc):
+    """{stem: scan(path)} for `paths`, cached as JSON under cache_dir; the key covers the paths, sizes and
+    modification times, so a changed mask folder is rescanned."""
+    h = hashlib.sha1(kind.encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    cache = _cache_dir(cache_dir) / f"{kind}-{h.hexdigest()[:20]}.json"
+    if cache.is_file():
+        try:
+            return json.loads(cache.read_text())
+        except ValueError:
+            pass                                          # unreadable cache: rescan and overwrite
+    from tqdm import tqdm
+    result = {pathlib.Path(p).stem: scan(p) for p in tqdm(paths, desc=desc, leave=False, disable=len(paths) < 200)}
+    try:
+        write_json(result, cache)
+    except OSError as err:
+        warnings.warn(f"could not write cache {cache} ({err}); the scan will be redone next time")
+    return result
+
+
+def _class_counts(num_classes):
+    def scan(path):
+        m = load_mask(path)
+        _check_classes(m, path, num_classes)
+        counts = np.bincount(m.ravel(), minlength=256)
+        return {str(c): int(counts[c]) for c in range(1, num_classes + 1) if counts[c]}
+    return scan
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layouts
+# ---------------------------------------------------------------------------------------------------------------
+
+def voc_paths(root):
+    """Locate a VOC 2012 tree. `root` may be VOC2012 itself, VOCdevkit, or a folder holding VOCdevkit.
+    Returns {"root", "images", "masks", "lists"}; masks = SegmentationClassAug if present, else SegmentationClass."""
+    root = pathlib.Path(root)
+    for cand in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
+        if (cand / "JPEGImages").is_dir():
+            for name in ("SegmentationClassAug", "SegmentationClass"):
+                if (cand / name).is_dir():
+                    return {"root": cand, "images": cand / "JPEGImages", "masks": cand / name,
+                            "lists": cand / "ImageSets" / "Segmentation"}
+            raise ValueError(f"{cand}: no SegmentationClassAug or SegmentationClass folder")
+    raise ValueError(f"{root}: not a PASCAL VOC tree (expected JPEGImages under it, under VOC2012, "
+                     f"or under VOCdevkit/VOC2012)")
+
+
+def voc_split(root, split):
+    """Stems of a VOC split: a name ("train", "val", "train_aug", ...) under ImageSets/Segmentation, or a path."""
+    split_path = pathlib.Path(split)
+    if not split_path.is_file():
+        split_path = voc_paths(root)["lists"] / f"{split}.txt"
+    return _read_list(split_path)
+
+
+def _mask_paths(mask_dir, stems):
+    mask_dir = pathlib.Path(mask_dir)
+    paths = [mask_dir / f"{s}.png" for s in stems]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ValueError(f"{len(missing)} mask(s) missing in {mask_dir}, e.g. {missing[:3]}")
+    return paths
+
+
+def voc_class_counts(root, split="val", cache_dir=None):
+    """{stem: {class_id(str): pixels}} over a VOC split, computed once and cached."""
+    paths = voc_paths(root)
+    stems = voc_split(root, split)
+    return _cached_scan("voc-counts", _mask_paths(paths["masks"], stems), _class_counts(VOC_CLASSES), cache_dir,
+                        "scanning VOC masks")
+
+
+def pascal_fold_classes(fold):
+    """PASCAL-5i: fold i = classes 5i+1..5i+5 (paper section 4)."""
+    if fold not in range(4):
+        raise ValueError(f"PASCAL-5i fold must be 0..3, got {fold}")
+    return list(range(5 * fold + 1, 5 * fold + 6))
+
+
+def coco_fold_classes(fold, convention="interleaved"):
+    """COCO-20i: "interleaved" fold i = {4k+i+1} (HSNet, PFENet, RePRI; default), "contiguous" 20i+1..20i+20
+    (the authors' code default)."""
+    if fold not in range(4):
+        raise ValueError(f"COCO-20i fold must be 0..3, got {fold}")
+    if convention == "interleaved":
+        return [4 * k + fold + 1 for k in range(20)]
+    if convention == "contiguous":
+        return list(range(20 * fold + 1, 20 * fold + 21))
+    raise ValueError(f"coco_folds must be one of {COCO_FOLD_CONVENTIONS}, got {convention!r}")
+
+
+def fold_train_ids(root, fold, split="train", cache_dir=None):
+    """Stems of a VOC split with no pixel of a test-fold class (fold-based training, Table 2's "train: fold")."""
+    test = {str(c) for c in pascal_fold_classes(fold)}
+    counts = voc_class_counts(root, split, cache_dir)
+    return [s for s in voc_split(root, split) if not test & counts[s].keys()]
+
+
+def coco_paths(root, split=None):
+    """Locate a COCO-format split: {"images", "annotations", "split"}. With split=None the unique
+    annotations/instances_<split>.json is used."""
+    root = pathlib.Path(root)
+    ann_dir = root / "annotations"
+    if split is None:
+        found = sorted(ann_dir.glob("instances_*.json")) if ann_dir.is_dir() else []
+        if len(found) != 1:
+            raise ValueError(f"{ann_dir}: expected exactly one instances_<split>.json, found "
+                             f"{[p.name for p in found]}; pass the split name")
+        split = found[0].stem[len("instances_"):]
+    ann = ann_dir / f"instances_{split}.json"
+    if not ann.is_file():
+        raise ValueError(f"{ann}: COCO annotation file not found")
+    if not (root / split).is_dir():
+        raise ValueError(f"{root / split}: COCO image folder not found")
+    return {"images": root / split, "annotations": ann, "split": split}
+
+
+def render_coco_masks(root, split=None, cache_dir=None):
+    """Render per-image class masks of a COCO split into PNGs (once; cached) and return the mask folder.
+    Categories -> 1..80 in sorted category-id order; objects drawn in annotation order (later on top, as
+    the usual label-PNG converters do); crowd regions -> 255 where no object is drawn. Polygons and RLE
+    (compressed or not) are read."""
+    try:
+        from pycocotools.coco import COCO
+    except ImportError:
+        raise ImportError("COCO needs pycocotools: pip install pycocotools") from None
+    paths = coco_paths(root, split)
+    ann = paths["annotations"]
+    st = ann.stat()
+    key = hashlib.sha1(f"{ann.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    out = _cache_dir(cache_dir) / f"coco-masks-{paths['split']}-{key}"
+    if (out / "done.json").is_file():
+        return out
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):            # pycocotools prints progress
+        try:
+            coco = COCO(str(ann))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{ann}: not a valid COCO annotation file ({err})") from None
+    cat_ids = sorted(coco.getCatIds())
+    if len(cat_ids) > 254:
+        raise ValueError(f"{ann}: {len(cat_ids)} categories do not fit a uint8 mask")
+    index = {c: i + 1 for i, c in enumerate(cat_ids)}
+    from tqdm import tqdm
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)     # pycocotools vs numpy 2, harmless
+        for img_id in tqdm(sorted(coco.getImgIds()), desc="rendering COCO masks", leave=False):
+            _render_coco_image(coco, img_id, index, ann, out)
+    write_json({"annotations": str(ann), "categories": cat_ids}, out / "done.json")
+    return out
+
+
+def _render_coco_image(coco, img_id, index, ann, out):
+    info = coco.loadImgs(img_id)[0]
+    target = out / f"{pathlib.Path(info['file_name']).stem}.png"
+    if target.is_file():
+        return
+    mask = np.zeros((info["height"], info["width"]), np.uint8)
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=img_id, iscrowd=None))
+    for a in (a for a in anns if not a.get("iscrowd", 0)):        # annotation order, later on top
+        if a["category_id"] not in index:
+            raise ValueError(f"{ann}: annotation {a.get('id')} has unknown category {a['category_id']}")
+        mask[coco.annToMask(a) > 0] = index[a["category_id"]]
+    for a in (a for a in anns if a.get("iscrowd", 0)):
+        mask[(coco.annToMask(a) > 0) & (mask == 0)] = IGNORE
+    save_png(mask, target)
+
+
+def load_pseudo_mask(masks_dir, image_id, size=None):
+    """The pseudo-mask (0/255 PNG) of `image_id` as np.bool_ [H, W]; `size` = (H, W) it must have. Used by the
+    saliency baseline of Table 3 (the query's own pseudo-mask is the prediction)."""
+    path = pathlib.Path(masks_dir) / f"{image_id}.png"
+    mask = load_binary_mask(path)
+    if size is not None and tuple(mask.shape) != tuple(size):
+        raise ValueError(f"{path}: pseudo-mask is {mask.shape[1]}x{mask.shape[0]} (WxH), its image is "
+                         f"{size[1]}x{size[0]}")
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Augmentation (paper section 3.2; parameters of the authors' code)
+# ---------------------------------------------------------------------------------------------------------------
+
+def build_augmentation(image_size=400, augment=True, scale=(0.5, 1.2), flip_p=0.5, jitter=0.2, jitter_p=0.5,
+                       blur_kernels=(3, 5, 7), blur_p=0.5, gray_p=0.4, rotation=90.0, rotation_p=0.5):
+    """The one augmentation pipeline (section 3.2: SimCLR-style grayscale, colour jitter, flips, rotation, random
+    resize). Input: (tv_tensors.Image uint8, tv_tensors.Mask uint8); masks move with the image (nearest) and
+    pixels outside the rotated image get 255 in every mask (callers map it: ignore in the query target,
+    background in the support mask). Output image: float, ImageNet-normalised. augment=False: resize only."""
+    finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if not augment:
+        return v2.Compose([v2.Resize([image_size, image_size], antialias=True)] + finish)
+    fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE}
+    return v2.Compose([
+        # scale up to 1.2 as in the authors' code: draws above 1.0 cannot fit and are redrawn (torchvision)
+        v2.RandomResizedCrop(image_size, scale=scale, antialias=True),
+        v2.RandomHorizontalFlip(flip_p),
+        v2.RandomVerticalFlip(flip_p),
+        v2.RandomApply([v2.RandomRotation(rotation, interpolation=v2.InterpolationMode.BILINEAR, fill=fill)],
+                       p=rotation_p),
+        v2.RandomApply([v2.ColorJitter(jitter, jitter, jitter, jitter)], p=jitter_p),
+        v2.RandomApply([v2.RandomChoice([v2.GaussianBlur(k) for k in blur_kernels])], p=blur_p),
+        v2.RandomGrayscale(gray_p),
+    ] + finish)
+
+
+def _view(transform, image, mask, rng):
+    """One augmented view. `image` uint8 tensor [3,H,W], `mask` uint8 [H,W]; torch draws come from a generator
+    seeded by `rng`, so a view is a pure function of the item seed (also in DataLoader workers)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(int(rng.integers(2 ** 62)))
+        img, m = transform(tv_tensors.Image(image), tv_tensors.Mask(torch.from_numpy(mask)[None]))
+    return img.as_subclass(torch.Tensor), m.as_subclass(torch.Tensor)[0]
+
+
+def _pair(transform, query_image, query_tgt, support_image, support_fg, rng):
+    """Two independent views (PIL images): query target 0/1/255 (its 255 kept, and 255 outside the rotated
+    image) and support mask 0/1 (0 outside the rotated image)."""
+    query_img, q = _view(transform, TF.pil_to_tensor(query_image), query_tgt, rng)
+    support_img, s = _view(transform, TF.pil_to_tensor(support_image), support_fg.astype(np.uint8), rng)
+    return {"query_img": query_img, "query_target": q.long(),
+            "support_img": support_img, "support_mask": (s == 1).float()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Self-supervised training pairs (paper section 3.2)
+# ---------------------------------------------------------------------------------------------------------------
+
+class MaskSplitPairs(torch.utils.data.Dataset):
+    """One training episode per image: MaskSplit on the mask at original resolution, then two independent
+    augmentations (support view, query view).
+
+    images: image folder. masks: mask folder with the same stems (.png).
+    mask_source: "pseudo" (0/255 pseudo-masks, load_binary_mask) or "groundtruth" (class-index masks, e.g.
+        SegmentationClassAug: the union of all objects, Table 2's "groundtruth" source).
+    split: a MaskSplit (default: the paper's Vsplit, slope 40, alternate, prob 1); prob=0.0 = no split.
+    augment: Table 1's "aug" switch. seed / set_epoch(e): item i of epoch e is a pure function of (seed, e, i).
+    min_pixels: images whose mask has fewer foreground pixels are left out (scanned once and cached).
+    skip_bad: leave out unreadable masks (warning at construction) and replace an unreadable image by the next
+        one (warning); item["skipped"] counts the replaced ones, so a trainer can sum and report them.
+    Items: query_img [3,S,S], query_target [S,S] int64 (1 query fg, 255 support fg / outside image, 0 bg),
+    support_img [3,S,S], support_mask [S,S] float, image_id str, skipped int.
+    """
+
+    def __init__(self, images, masks=None, list_file=None, image_size=400, split=None, augment=True, seed=0,
+                 mask_source="pseudo", min_pixels=1, skip_bad=False, cache_dir=None, **augment_args):
+        if masks is None:
+            raise ValueError("MaskSplitPairs needs a mask folder (pseudo-masks, or class masks with "
+                             "mask_source='groundtruth')")
+        if mask_source not in ("pseudo", "groundtruth"):
+            raise ValueError(f"mask_source must be 'pseudo' or 'groundtruth', got {mask_source!r}")
+        self.mask_source, self.image_size, self.seed = mask_source, image_size, seed
+        self.split = split if split is not None else MaskSplit()
+        self.transform = build_augmentation(image_size, augment, **augment_args)
+        self.skip_bad, self.epoch = skip_bad, 0
+        image_paths = list_images(images, list_file)
+        mask_paths = _mask_paths(masks, [p.stem for p in image_paths])
+        counts = _cached_scan(f"fg-{mask_source}", mask_paths, self._count, cache_dir, "scanning masks")
+        keep = [i for i, p in enumerate(mask_paths) if counts[p.stem] >= max(min_pixels, 1)]
+        self.dropped = sorted({p.stem for p in image_paths} - {image_paths[i].stem for i in keep})
+        if self.dropped:
+            warnings.warn(f"{masks}: {len(self.dropped)} of {len(image_paths)} masks are unreadable or have fewer "
+                          f"than {max(min_pixels, 1)} foreground pixels and are left out, e.g. {self.dropped[:3]}")
+        if not keep:
+            raise ValueError(f"{masks}: no mask has foreground pixels")
+        self.images = [image_paths[i] for i in keep]
+        self.masks = [mask_paths[i] for i in keep]
+
+    def _load_fg(self, path):
+        if self.mask_source == "pseudo":
+            return load_binary_mask(path)
+        return union_mask(load_mask(path))              # VOC 255 boundaries count as background here
+
+    def _count(self, path):
+        try:
+            return int(self._load_fg(path).sum())
+        except ValueError as err:
+            if not self.skip_bad:
+                raise
+            warnings.warn(f"skipping: {err}")
+            return -1                                     # left out below, with the empty masks
+
+    def set_epoch(self, epoch):
+        """Call before each epoch (before creating the DataLoader iterator) for new draws every epoch."""
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.images)
+
+    def _load(self, i):
+        image = load_image(self.images[i])
+        fg = self._load_fg(self.masks[i])
+        _check_same_size(image, self.images[i], fg, self.masks[i])
+        return image, fg
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        skipped, i = 0, index
+        while True:
+            try:
+                image, fg = self._load(i)
+                break
+            except ValueError as err:
+                if not self.skip_bad or skipped + 1 >= len(self):
+                    raise
+                warnings.warn(f"skipping: {err}")
+                skipped, i = skipped + 1, (i + 1) % len(self)
+        support_fg, query_fg = self.split(fg, generator=rng)
+        item = _pair(self.transform, image, query_target(query_fg, support_fg), image, support_fg, rng)
+        item.update(image_id=self.images[i].stem, skipped=skipped)
+        return item
+
+
+class SupervisedPairs(torch.utils.data.Dataset):
+    """Supervised fold-based pairs (Table 2's "Supervised" row): query and support of the same training class
+    from two different images, with ground-truth class masks; test-fold classes are never a target (their pixels
+    are background). One item per (train image, train class) with >= min_pixels of the class; the support is a
+    random other image holding the class with >= min_pixels. Same augmentation as MaskSplitPairs.
+    Items: as MaskSplitPairs (query_target 255 = VOC boundary / outside image) plus class_id, support_id."""
+
+    def __init__(self, voc_root, fold, image_size=400, seed=0, split="train", augment=True, min_pixels=2048,
+                 cache_dir=None, **augment_args):
+        paths = voc_paths(voc_root)
+        self.images, self.masks = paths["images"], paths["masks"]
+        self.image_size, self.seed, self.epoch = image_size, seed, 0
+        self.transform = build_augmentation(image_size, augment, **augment_args)
+        test = set(pascal_fold_classes(fold))
+        self.classes = [c for c in range(1, VOC_CLASSES + 1) if c not in test]
+        counts = voc_class_counts(voc_root, split, cache_dir)
+        self.holders = {c: sorted(s for s, cnt in counts.items() if cnt.get(str(c), 0) >= min_pixels)
+                        for c in self.classes}
+        self.items = [(s, c) for c in self.classes for s in self.holders[c] if len(self.holders[c]) >= 2]
+        if not self.items:
+            raise ValueError(f"{voc_root}: no training class of fold {fold} has two images with >= "
+                             f"{min_pixels} pixels in split {split!r}")
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.items)
+
+    def _load(self, stem):
+        image_path, mask_path = self.images / f"{stem}.jpg", self.masks / f"{stem}.png"
+        image, mask = load_image(image_path), load_mask(mask_path)
+        _check_same_size(image, image_path, mask, mask_path)
+        _check_classes(mask, mask_path, VOC_CLASSES)
+        return image, mask
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        query_id, c = self.items[index]
+        others = [s for s in self.holders[c] if s != query_id]
+        support_id = others[int(rng.integers(len(others)))]
+        q_img, q_mask = self._load(query_id)
+        s_img, s_mask = self._load(support_id)
+        target = np.where(q_mask == IGNORE, IGNORE, q_mask == c).astype(np.uint8)
+        item = _pair(self.transform, q_img, target, s_img, s_mask == c, rng)
+        item.update(class_id=c, image_id=query_id, support_id=support_id)
+        return item
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One-shot test episodes (paper section 4)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _hsnet_list(split_list, fold):
+    """HSNet-style split list: a file, or a folder holding fold<i>.txt; lines `<id>__<cc>`."""
+    path = pathlib.Path(split_list)
+    if path.is_dir():
+        path = path / f"fold{fold}.txt"
+    if not path.is_file():
+        raise ValueError(f"{path}: split list not found")
+    pairs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        stem, sep, cls = line.strip().rpartition("__")
+        if not sep or not cls.isdigit():
+            raise ValueError(f"{path}:{n}: expected '<image id>__<class>', got {line.strip()!r}")
+        pairs.append((stem, int(cls)))
+    return path, pairs
+
+
+class FewShotEpisodes(torch.utils.data.Dataset):
+    """k-shot test episodes of PASCAL-5i or COCO-20i (paper section 4).
+
+    Query candidates: every (image, fold class) with >= min_pixels pixels of the class at original resolution;
+    the supports are k other distinct images holding the class with >= min_pixels pixels. The candidate index is
+    computed once by scanning the masks and cached (or read from an HSNet-style split list: split_list = a
+    fold<i>.txt file or its folder; entries whose image is absent are dropped with a warning). Episode i is a
+    pure function of (dataset, fold, shots, seed, i): query candidate drawn uniformly, then supports.
+
+    pascal: root = VOC tree, split = "val". coco: root holds <split>/ and annotations/instances_<split>.json,
+    split=None picks the only one; coco_folds = "interleaved" | "contiguous".
+    pseudo_masks: a pseudo-mask folder; items then also have "query_pseudo_mask" [H,W] int64 0/1 (Table 3's
+    saliency baseline: the query's own pseudo-mask is the prediction).
+    Items: query_img [3,S,S], query_mask [S,S] int64 (0/1/255), query_mask_orig [H,W] int64, support_imgs
+    [k,3,S,S], support_masks [k,S,S] float, class_id int, query_id str, support_ids list[str], episode int.
+    """
+
+    def __init__(self, dataset, root, fold, shots=1, episodes=1000, seed=0, image_size=400,
+                 coco_folds="interleaved", min_pixels=2048, split_list=None, split=None, cache_dir=None,
+                 pseudo_masks=None):
+        if dataset not in ("pascal", "coco"):
+            raise ValueError(f"dataset must be 'pascal' or 'coco', got {dataset!r}")
+        if shots < 1 or episodes < 1:
+            raise ValueError("shots and episodes must be >= 1")
+        self.dataset, self.fold, self.shots, self.seed = dataset, fold, shots, seed
+        self.image_size, self.min_pixels, self.pseudo_masks = image_size, min_pixels, pseudo_masks
+        if dataset == "pascal":
+            paths = voc_paths(root)
+            self.image_dir, self.mask_dir, self.num_classes = paths["images"], paths["masks"], VOC_CLASSES
+            self.classes = pascal_fold_classes(fold)
+            stems = voc_split(root, split or "val")
+        else:
+            if split_list is not None:
+                raise ValueError("split_list is for pascal (HSNet lists); COCO candidates are scanned")
+            paths = coco_paths(root, split)
+            self.image_dir, self.num_classes = paths["images"], COCO_CLASSES
+            self.mask_dir = render_coco_masks(root, split, cache_dir)
+            self.classes = coco_fold_classes(fold, coco_folds)
+            stems = sorted(p.stem for p in self.mask_dir.glob("*.png"))
+        self.suffix = {p.stem: p.suffix for p in list_images(self.image_dir)}
+        if split_list is not None:
+            list_path, pairs = _hsnet_list(split_list, fold)
+            kept = [(s, c) for s, c in pairs if s in self.suffix and (self.mask_dir / f"{s}.png").is_file()]
+            if len(kept) < len(pairs):
+                warnings.warn(f"{list_path}: {len(pairs) - len(kept)} of {len(pairs)} entries have no image "
+                              f"or mask under {self.image_dir.parent} and are dropped")
+            outside = sorted({c for _, c in kept} - set(self.classes))
+            if outside:
+                raise ValueError(f"{list_path}: classes {outside} are not in fold {fold} ({self.classes})")
+            candidates = sorted(kept, key=lambda sc: (sc[1], sc[0]))
+        else:
+            missing = [s for s in stems if s not in self.suffix]
+            if missing:
+                raise ValueError(f"{self.image_dir}: {len(missing)} image(s) of the list missing, e.g. {missing[:3]}")
+            kind = {"pascal": "voc-counts", "coco": "coco-counts"}[dataset]      # shared with voc_class_counts
+            counts = _cached_scan(kind, _mask_paths(self.mask_dir, stems), _class_counts(self.num_classes),
+                                  cache_dir, "scanning masks")
+            candidates = [(s, c) for c in self.classes for s in stems if counts[s].get(str(c), 0) >= min_pixels]
+        holders = {}
+        for s, c in candidates:
+            holders.setdefault(c, []).append(s)
+        self.holders = {c: sorted(set(v)) for c, v in holders.items()}
+        self.candidates = [(s, c) for s, c in candidates if len(self.holders[c]) > shots]
+        thin = sorted(c for c in self.classes if len(self.holders.get(c, [])) <= shots)
+        if thin:
+            warnings.warn(f"{dataset} fold {fold}: classes {thin} have <= {shots} images with >= {min_pixels} "
+                          f"pixels and give no episodes")
+        if not self.candidates:
+            raise ValueError(f"{dataset} fold {fold} under {root}: no class has {shots + 1} images with >= "
+                             f"{min_pixels} pixels, so there is no {shots}-shot episode")
+        self._episodes = [self._draw(i) for i in range(episodes)]
+
+    def _draw(self, i):
+        rng = np.random.default_rng([self.seed, i])
+        query_id, c = self.candidates[int(rng.integers(len(self.candidates)))]
+        others = [s for s in self.holders[c] if s != query_id]
+        support_ids = [others[j] for j in rng.choice(len(others), self.shots, replace=False)]
+        return query_id, support_ids, c
+
+    def __len__(self):
+        return len(self._episodes)
+
+    def episode_ids(self, i):
+        """(query_id, [support_ids], class_id) of episode i, without decoding any image."""
+        query_id, support_ids, c = self._episodes[i]
+        return query_id, list(support_ids), c
+
+    def image_path(self, image_id):
+        return self.image_dir / f"{image_id}{self.suffix[image_id]}"
+
+    def load(self, image_id, class_id):
+        """(PIL image, mask [H,W] uint8: 1 class, 255 ignore, 0 other) at original resolution."""
+        image_path, mask_path = self.image_path(image_id), self.mask_dir / f"{image_id}.png"
+        image, mask = load_image(image_path), load_mask(mask_path)
+        _check_same_size(image, image_path, mask, mask_path)
+        _check_classes(mask, mask_path, self.num_classes)
+        return image, np.where(mask == IGNORE, IGNORE, mask == class_id).astype(np.uint8)
+
+    def __getitem__(self, i):
+        query_id, support_ids, c = self.episode_ids(i)
+        S = self.image_size
+        image, mask = self.load(query_id, c)
+        item = {"query_img": image_to_tensor(image, S), "query_mask": mask_to_tensor(mask, S),
+                "query_mask_orig": torch.from_numpy(mask.astype(np.int64))}
+        support = [self.load(s, c) for s in support_ids]
+        item["support_imgs"] = torch.stack([image_to_tensor(img, S) for img, _ in support])
+        item["support_masks"] = torch.stack([mask_to_tensor(m == 1, S).float() for _, m in support])
+        item.update(class_id=c, query_id=query_id, support_ids=support_ids, episode=i)
+        if self.pseudo_masks is not None:
+            pm = load_pseudo_mask(self.pseudo_masks, query_id, size=mask.shape)
+            item["query_pseudo_mask"] = torch.from_numpy(pm.astype(np.int64))
+        return item
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Salient-object folders
+# ---------------------------------------------------------------------------------------------------------------
+
+class SalientObjects(torch.utils.data.Dataset):
+    """Image folder (+ optional mask folder with the same stems; masks via load_binary_mask), e.g. MSRA-B, ECSSD,
+    DUTS, SOD, or images + pseudo-masks. Items: image [3,S,S] (ImageNet-normalised), image_id str, orig_size
+    tensor [2] (H, W); with masks also mask [S,S] float 0/1 (nearest)."""
+
+    def __init__(self, images_dir, masks_dir=None, list_file=None, image_size=400):
+        self.images = list_images(images_dir, list_file)
+        self.masks = None if masks_dir is None else _mask_paths(masks_dir, [p.stem for p in self.images])
+        self.image_size = image_size
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        image = load_image(self.images[i])
+        item = {"image": image_to_tensor(image, self.image_size), "image_id": self.images[i].stem,
+                "orig_size": torch.tensor([image.height, image.width])}
+        if self.masks is not None:
+            mask = load_binary_mask(self.masks[i])
+            _check_same_size(image, self.images[i], mask, self.masks[i])
+            item["mask"] = mask_to_tensor(mask, self.image_size).float()
+        return item
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Demo data (synthetic; the embedded default of the quick start; never a benchmark)
+# ---------------------------------------------------------------------------------------------------------------
+
+DEMO_SHAPES = ("disc", "square", "triangle", "star", "cross")
+DEMO_TEXTURES = ("stripes", "checker", "dots", "blotches")
+# real COCO category ids (1..90 with gaps), so the demo split is mapped to 1..80 like the real one
+COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+
+
+def voc_palette():
+    """The PASCAL VOC colour map (256 RGB entries, flattened)."""
+    palette = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def _demo_polygon(shape, rng, area, center, angle):
+    """Vertices [(x, y)] of a demo shape with about `area` pixels."""
+    if shape == "disc":
+        t = np.linspace(0, 2 * np.pi, 32, endpoint=False)
+        unit = np.stack([np.cos(t), np.sin(t)], 1)
+    elif shape == "square":
+        unit = np.array([[1, 1], [-1, 1], [-1, -1], [1, -1]], float) / np.sqrt(2)
+    elif shape == "triangle":
+        t = np.pi / 2 + np.arange(3) * 2 * np.pi / 3
+        unit = np.stack([np.cos(t), np.sin(t)], 1)
+    elif shape == "star":
+        t = np.pi / 2 + np.arange(10) * np.pi / 5
+        radius = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
+        unit = np.stack([radius * np.cos(t), radius * np.sin(t)], 1)
+    else:                                                          # cross
+        a = 1 / 3
+        unit = np.array([[a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a], [-a, -a], [-a, -1], [a, -1], [a, -a],
+                         [1, -a], [1, a], [a, a]], float)
+    x, y = unit[:, 0], unit[:, 1]
+    unit_area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    pts = unit @ rot.T * np.sqrt(area / unit_area) + np.asarray(center)
+    return [(float(px), float(py)) for px, py in pts]
+
+
+def _demo_texture(klass, rng, h, w):
+    """Float RGB [h, w, 3] in 0..1: the texture (k // 5) in the two colours of demo class k."""
+    hue = klass / VOC_CLASSES
+    base = np.array([0.5 + 0.45 * np.cos(2 * np.pi * (hue + s)) for s in (0, 1 / 3, 2 / 3)])
+    other = 1.0 - 0.8 * base
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    angle, period = rng.uniform(0, np.pi), rng.uniform(7, 11)
+    kind = DEMO_TEXTURES[klass // len(DEMO_SHAPES) % len(DEMO_TEXTURES)]
+    if kind == "stripes":
+        t = np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period) > 0
+    elif kind == "checker":
+        t = ((xx // (period * 0.8)).astype(int) + (yy // (period * 0.8)).astype(int)) % 2 == 0
+    elif kind == "dots":
+        t = (np.sin(2 * np.pi * xx / period) * np.sin(2 * np.pi * yy / period)) > 0.45
+    else:                                                          # blotches: smooth random field
+        coarse = rng.random((h // 12 + 2, w // 12 + 2))
+        t = np.kron(coarse, np.ones((12, 12)))[:h, :w] > 0.5
+    tex = np.where(t[..., None], base, other).astype(np.float32)
+    return np.clip(tex + rng.normal(0, 0.03, (h, w, 3)), 0, 1)
+
+
+def _demo_background(rng, h, w):
+    """Cluttered background: a colour gradient, noise and many small random polygons and lines."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    c0, c1 = rng.uniform(0.15, 0.85, 3), rng.uniform(0.15, 0.85, 3)
+    t = ((xx / w) * rng.uniform(-1, 1) + (yy / h) * rng.uniform(-1, 1))[..., None]
+    img = np.clip(c0 + (c1 - c0) * (t - t.min()) / (np.ptp(t) + 1e-6) + rng.normal(0, 0.04, (h, w, 3)), 0, 1)
+    pil = Image.fromarray((img * 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    for _ in range(int(rng.integers(12, 25))):
+        color = tuple(int(v) for v in rng.integers(0, 256, 3))
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+        if rng.random() < 0.3:
+            draw.line([(cx, cy), (cx + rng.uniform(-40, 40), cy + rng.uniform(-40, 40))], fill=color,
+                      width=int(rng.integers(1, 4)))
+        else:
+            n, r = int(rng.integers(3, 7)), rng.uniform(4, 12)
+            t0 = rng.uniform(0, 2 * np.pi)
+            draw.polygon([(cx + r * np.cos(t0 + 2 * np.pi * i / n), cy + r * np.sin(t0 + 2 * np.pi * i / n))
+                          for i in range(n)], fill=color)
+    return pil
+
+
+def _demo_scene(rng, classes, size_range=(160, 240), area_range=(3500, 6000)):
+    """One demo image: objects of `classes` (demo class ids 0..19) on clutter, the last on top.
+    Returns (PIL RGB, label [H,W] uint8 with k+1 per object, polygons [(klass, vertices)])."""
+    h, w = (int(rng.integers(size_range[0], size_range[1] + 1)) for _ in range(2))
+    image = np.asarray(_demo_background(rng, h, w), dtype=np.float32) / 255.0
+    label = np.zeros((h, w), np.uint8)
+    polygons = []
+    for klass in classes:
+        shape = DEMO_SHAPES[klass % len(DEMO_SHAPES)]
+        area = min(rng.uniform(*area_range), 0.3 * h * w)
+        margin = np.sqrt(area) * 0.8
+        center = (rng.uniform(margin, w - margin), rng.uniform(margin, h - margin))
+        verts = _demo_polygon(shape, rng, area, center, rng.uniform(0, 2 * np.pi))
+        region = Image.new("L", (w, h), 0)
+        ImageDraw.Draw(region).polygon(verts, fill=1)
+        inside = np.asarray(region, dtype=bool)
+        image = np.where(inside[..., None], _demo_texture(klass, rng, h, w), image)
+        label[inside] = klass + 1
+        polygons.append((klass, verts))
+    return Image.fromarray((image * 255 + 0.5).astype(np.uint8)), label, polygons
+
+
+def _boundary(label, width=2):
+    """Pixels within `width` of a label change (VOC marks object boundaries 255)."""
+    edge = np.zeros(label.shape, bool)
+    for d in range(1, width + 1):
+        edge[:, d:] |= label[:, d:] != label[:, :-d]
+        edge[:, :-d] |= label[:, d:] != label[:, :-d]
+        edge[d:] |= label[d:] != label[:-d]
+        edge[:-d] |= label[d:] != label[:-d]
+    return edge
+
+
+def _rle_uncompressed(mask):
+    """COCO uncompressed RLE (column-major run lengths, starting with a run of zeros)."""
+    flat = mask.T.ravel().astype(np.int8)
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], changes, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    if flat[0]:
+        runs = [0] + runs
+    return {"counts": runs, "size": list(mask.shape)}
+
+
+def _save_jpeg(image, path):
+    _atomic_write(path, lambda f: image.save(f, format="JPEG", quality=92))
+
+
+def make_demo_data(root, seed=0, train_images=120, val_images=60, salient_images=40, coco_images=48,
+                   size_range=(160, 240)):
+    """Write small synthetic DEMO data (not a benchmark) in the real layouts, deterministically:
+    - VOCdevkit/VOC2012: JPEGImages, SegmentationClass (VOC palette PNG: 20 shape x texture classes, 255 on
+      object boundaries), ImageSets/Segmentation/{train,val}.txt. Image j's main object is of class j % 20, drawn
+      last, so every class has >= 3 val images with > 2048 pixels (one-shot episodes in every PASCAL-5i fold).
+    - salient/{images,masks}: one object per image, 0/255 gray PNG masks (a salient-object folder pair).
+    - coco/val2014 + coco/annotations/instances_val2014.json: polygons, one crowd RLE per 8 images; objects of
+      16 categories spread so that every COCO-20i fold has classes in both fold conventions.
+    Returns {"root", "voc", "voc_images", "voc_masks", "train_list", "val_list", "salient_images",
+    "salient_masks", "coco", "coco_split"}. A finished tree with the same arguments is reused."""
+    root = pathlib.Path(root)
+    config = {"seed": seed, "train_images": train_images, "val_images": val_images,
+              "salient_images": salient_images, "coco_images": coco_images, "size_range": list(size_range),
+              "version": 1}
+    voc = root / "VOCdevkit" / "VOC2012"
+    paths = {"root": root, "voc": voc, "voc_images": voc / "JPEGImages", "voc_masks": voc / "SegmentationClass",
+             "train_list": voc / "ImageSets" / "Segmentation" / "train.txt",
+             "val_list": voc / "ImageSets" / "Segmentation" / "val.txt",
+             "salient_images": root / "salient" / "images", "salient_masks": root / "salient" / "masks",
+             "coco": root / "coco", "coco_split": "val2014"}
+    marker = root / "DEMO_DATA.json"
+    if marker.is_file():
+        try:
+            if json.loads(marker.read_text()).get("config") == config:
+                return paths
+        except ValueError:
+            pass
+    rng = np.random.default_rng(seed)
+    palette = voc_palette()
+    lists = {}
+    for split, count in (("train", train_images), ("val", val_images)):
+        stems = []
+        for j in range(count):
+            stem = f"demo_{split}_{j:04d}"
+            classes = [j % VOC_CLASSES]
+            if rng.random() < 0.5:
+                classes.insert(0, int(rng.integers(VOC_CLASSES)))
+            image, label, _ = _demo_scene(rng, classes, size_range)
+            label[_boundary(label)] = IGNORE
+            mask = Image.fromarray(label, "P")
+            mask.putpalette(palette)
+            _save_jpeg(image, paths["voc_images"] / f"{stem}.jpg")
+            save_png(mask, paths["voc_masks"] / f"{stem}.png")
+            stems.append(stem)
+        lists[split] = stems
+        _atomic_write(paths[f"{split}_list"], lambda f, s=stems: f.write(("\n".join(s) + "\n").encode()))
+    for j in range(salient_images):
+        image, label, _ = _demo_scene(rng, [int(rng.integers(VOC_CLASSES))], size_range)
+        _save_jpeg(image, paths["salient_images"] / f"demo_salient_{j:04d}.jpg")
+        save_png(label > 0, paths["salient_masks"] / f"demo_salient_{j:04d}.png")
+    # COCO: category index idx (1..80) = 20 i + j + 1, j = 0..3: each contiguous fold i gets 4 of them and each
+    # interleaved fold (idx - 1) % 4 gets 4; demo class for the texture/shape: (idx - 1) % 20
+    indices = [20 * i + j + 1 for i in range(4) for j in range(4)]
+    coco = {"info": {"description": "masksplit DEMO data (synthetic shapes), not a benchmark", "version": "1"},
+            "licenses": [], "images": [], "annotations": [],
+            "categories": [{"id": c, "name": f"demo_{k + 1:02d}", "supercategory": "demo"}
+                           for k, c in enumerate(COCO_CATEGORY_IDS)]}
+    for j in range(coco_images):
+        idx = [indices[j % len(indices)]]
+        if rng.random() < 0.5:
+            idx.insert(0, indices[int(rng.integers(len(indices)))])
+        image, label, polygons = _demo_scene(rng, [(i - 1) % VOC_CLASSES for i in idx], size_range)
+        image_id = j + 1
+        name = f"COCO_val2014_{image_id:012d}.jpg"
+        _save_jpeg(image, paths["coco"] / "val2014" / name)
+        coco["images"].append({"id": image_id, "file_name": name, "height": image.height, "width": image.width})
+        for i, (_, verts) in zip(idx, polygons):
+            xs, ys = [v[0] for v in verts], [v[1] for v in verts]
+            area = 0.5 * abs(float(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))    # shoelace
+            coco["annotations"].append({
+                "id": len(coco["annotations"]) + 1, "image_id": image_id, "category_id": COCO_CATEGORY_IDS[i - 1],
+                "segmentation": [[round(c, 2) for v in verts for c in v]], "iscrowd": 0, "area": area,
+                "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]})
+        if j % 8 == 7:                                              # a crowd region (RLE) in a free corner
+            crowd = np.zeros((image.height, image.width), bool)
+            crowd[:12, :30] = True
+            crowd &= label == 0
+            rows, cols = np.nonzero(crowd)
+            if rows.size:
+                coco["annotations"].append({
+                    "id": len(coco["annotations"]) + 1, "image_id": image_id,
+                    "category_id": COCO_CATEGORY_IDS[indices[0] - 1], "segmentation": _rle_uncompressed(crowd),
+                    "iscrowd": 1, "area": float(crowd.sum()),
+                    "bbox": [float(cols.min()), float(rows.min()), float(np.ptp(cols) + 1), float(np.ptp(rows) + 1)]})
+    write_json(coco, paths["coco"] / "annotations" / "instances_val2014.json")
+    _atomic_write(root / "README.txt", lambda f: f.write(b"masksplit DEMO data: synthetic textured shapes written "
+                                                          b"by datasets.make_demo_data. Not a benchmark.\n"))
+    write_json({"config": config, "note": "DEMO data, synthetic, not a benchmark",
+                "paths": {k: str(v) for k, v in paths.items()}}, marker)
+    return paths
