@@ -1,0 +1,150 @@
+"""Stage 2: BAS-Net (Qin et al., CVPR 2019) trained on the DeepUSPS saliency labels (paper section 3.2).
+
+    python basnet_train.py --images DIR --labels DIR [--list FILE] --out DIR --iters N [--weights imagenet|none|PATH]
+
+Labels are the 0/255 maps of saliency_train.py (OUT/labels): no human annotation. Training as in the original:
+resize 256, random crop 224, horizontal flip, Adam lr 1e-3, batch 8, hybrid loss on all 8 outputs.
+Writes OUT/last.pt (atomic, every --save-every iterations and at the end; --resume continues exactly) and
+OUT/log.jsonl. A non-finite loss stops the run before any checkpoint is written.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from datasets import SalientObjects
+from model import BASNet, capture_rng, hybrid_loss, load_checkpoint, pick_device, restore_rng, save_checkpoint
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", required=True, help="folder of training images")
+    p.add_argument("--labels", required=True, help="folder of 0/255 saliency labels named like the images")
+    p.add_argument("--list", default=None, help="optional file of image stems to use")
+    p.add_argument("--out", required=True, help="output folder (last.pt, log.jsonl)")
+    p.add_argument("--iters", type=int, default=400000, help="training iterations (BAS-Net: 400k)")
+    p.add_argument("--size", type=int, default=256, help="resize before cropping, and test-time size (BAS-Net 256)")
+    p.add_argument("--crop", type=int, default=224, help="random crop (BAS-Net 224)")
+    p.add_argument("--no-flip", action="store_true", help="disable the random horizontal flip")
+    p.add_argument("--batch-size", type=int, default=8, help="BAS-Net: 8")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (BAS-Net: 1e-3)")
+    p.add_argument("--weights", default="imagenet", help="ResNet-34 encoder: imagenet (BAS-Net) | none | PATH")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N iterations")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    args = p.parse_args(argv)
+    if args.crop > args.size:
+        p.error(f"--crop {args.crop} is larger than --size {args.size}")
+    return args
+
+
+def batch_indices(n, batch_size, step, seed):
+    """Image indices of iteration `step`: a fresh seeded permutation per pass over the data, so the batches depend
+    only on (seed, step) and a resumed run sees exactly the batches of an uninterrupted one."""
+    per_epoch = max(1, n // batch_size)  # drop the last incomplete batch
+    epoch, pos = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    if n < batch_size:
+        return order
+    return order[pos * batch_size:(pos + 1) * batch_size]
+
+
+class StepBatches:
+    """Batch sampler yielding batch_indices(...) for iterations start .. iters-1 (lazily), for a DataLoader."""
+
+    def __init__(self, n, batch_size, start, iters, seed):
+        self.n, self.batch_size, self.start, self.iters, self.seed = n, batch_size, start, iters, seed
+
+    def __iter__(self):
+        for step in range(self.start, self.iters):
+            yield batch_indices(self.n, self.batch_size, step, self.seed).tolist()
+
+    def __len__(self):
+        return max(0, self.iters - self.start)
+
+
+def crop_and_flip(images, masks, crop, flip, generator):
+    """Random crop (crop x crop) and horizontal flip, per item, from a seeded generator. New tensors."""
+    size = images.shape[-1]
+    out_i, out_m = [], []
+    for img, msk in zip(images, masks):
+        y, x = (torch.randint(0, size - crop + 1, (2,), generator=generator)).tolist()
+        img, msk = img[:, y:y + crop, x:x + crop], msk[y:y + crop, x:x + crop]
+        if flip and torch.rand((), generator=generator) < 0.5:
+            img, msk = img.flip(-1), msk.flip(-1)
+        out_i.append(img)
+        out_m.append(msk)
+    return torch.stack(out_i), torch.stack(out_m)[:, None]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    out = Path(args.out)
+    data = SalientObjects(args.images, args.labels, args.list, image_size=args.size)
+    torch.manual_seed(args.seed)
+    net = BASNet(args.weights).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
+    config = {**net.config, "image_size": args.size}
+    step = 0
+    if args.resume and (out / "last.pt").is_file():
+        ck = load_checkpoint(out / "last.pt", map_location=device)
+        if ck["kind"] != "basnet":
+            raise SystemExit(f"error: {out / 'last.pt'} is a {ck['kind']!r} checkpoint, not 'basnet'")
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        restore_rng(ck["rng"])
+        step = ck["step"]
+    log_path = out / "log.jsonl"
+    if log_path.is_file():  # drop log lines written after the checkpoint we continue from
+        lines = [l for l in log_path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
+        log_path.write_text("".join(l + "\n" for l in lines))
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        save_checkpoint(out / "last.pt", kind="basnet", config=config, model=net.state_dict(),
+                        optimizer=opt.state_dict(), step=step, epoch=step // max(1, len(data) // args.batch_size),
+                        rng=capture_rng(), args=vars(args))
+
+    net.train()
+    bar = tqdm(range(step, args.iters), initial=step, total=args.iters, desc="basnet")
+    loader = torch.utils.data.DataLoader(data, batch_sampler=StepBatches(len(data), args.batch_size, step,
+                                                                         args.iters, args.seed),
+                                         num_workers=args.workers)
+    running, logged = 0.0, step
+    for it, batch in zip(bar, loader):
+        gen = torch.Generator().manual_seed(args.seed * 100003 + it)
+        images, masks = crop_and_flip(batch["image"], batch["mask"], args.crop, not args.no_flip, gen)
+        images, masks = images.to(device), masks.to(device)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            outputs = net(images)
+        loss = hybrid_loss(outputs, masks)
+        if not torch.isfinite(loss):
+            raise SystemExit(f"error: loss is {loss.item()} at iteration {it + 1}; stopping without writing a "
+                             f"checkpoint (last good one: {out / 'last.pt'}, step {step})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step = it + 1
+        running += loss.item()
+        if step % args.log_every == 0 or step == args.iters:
+            n = step - logged
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step, "loss": running / n, "lr": args.lr}) + "\n")
+            bar.set_postfix(loss=f"{running / n:.4f}")
+            running, logged = 0.0, step
+        if step % args.save_every == 0 or step == args.iters:
+            save()
+    print(f"BAS-Net: {step} iterations, checkpoint {out / 'last.pt'}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input (unreadable image, missing file): one clear line
+        raise SystemExit(f"error: {e}")

@@ -1,0 +1,430 @@
+"""Stage 5: evaluation.
+
+    python evaluate.py fss --checkpoint last.pt --dataset pascal --root DIR --fold all   # few-shot mIoU (paper section 4)
+    python evaluate.py saliency --pred DIR --gt DIR                                      # saliency quality
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from datasets import IMAGENET_MEAN, IMAGENET_STD, FewShotEpisodes, save_png, write_json
+from model import FSSNet, load_checkpoint, pick_device
+
+
+# ---- fss: one-shot / k-shot evaluation (paper section 4) ----
+
+
+class FewShotMetric:
+    """The one implementation of the few-shot numbers, fed one episode at a time (255 = ignored pixels).
+
+    miou: standard mIoU: per class, intersection summed over the episodes / union summed over the episodes,
+          averaged over the fold's classes that had episodes.
+    fbiou: foreground-background IoU: mean of the foreground IoU and the background IoU, each summed over all
+          episodes.
+    miou_episode_mean: the authors' variant: mean of the per-episode foreground IoU per class, then over classes.
+    """
+
+    def __init__(self):
+        self.inter = {}  # class -> summed foreground intersection
+        self.union = {}
+        self.episode_iou = {}  # class -> list of per-episode foreground IoU
+        self.fb_inter = np.zeros(2)  # [background, foreground]
+        self.fb_union = np.zeros(2)
+
+    def update(self, class_id, pred, target):
+        """pred: int [H,W] in {0,1}; target: int [H,W] in {0,1,255}. Returns (intersection, union) of the
+        foreground as ints."""
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+        valid = target != 255
+        fb = []
+        for value in (0, 1):
+            p, t = (pred == value) & valid, (target == value) & valid
+            fb.append((int((p & t).sum()), int((p | t).sum())))
+        self.fb_inter += [fb[0][0], fb[1][0]]
+        self.fb_union += [fb[0][1], fb[1][1]]
+        inter, union = fb[1]
+        c = int(class_id)
+        self.inter[c] = self.inter.get(c, 0) + inter
+        self.union[c] = self.union.get(c, 0) + union
+        if union > 0:  # an episode without foreground in query nor prediction has no IoU
+            self.episode_iou.setdefault(c, []).append(inter / union)
+        return inter, union
+
+    def summary(self):
+        classes = sorted(self.union)
+        per_class = {c: self.inter[c] / self.union[c] if self.union[c] else float("nan") for c in classes}
+        episode_mean = [float(np.mean(self.episode_iou[c])) for c in classes if c in self.episode_iou]
+        fb = self.fb_inter / np.maximum(self.fb_union, 1)
+        return {
+            "miou": float(np.nanmean(list(per_class.values()))) if classes else float("nan"),
+            "fbiou": float(fb.mean()),
+            "miou_episode_mean": float(np.mean(episode_mean)) if episode_mean else float("nan"),
+            "per_class": {str(c): v for c, v in per_class.items()},
+        }
+
+
+def parse_folds(text, dataset):
+    if text == "all":
+        return [0, 1, 2, 3]
+    try:
+        folds = [int(f) for f in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --fold must be 0..3, 'all' or a list like 1,2,3, got {text!r}") from None
+    if any(f not in (0, 1, 2, 3) for f in folds):
+        raise SystemExit(f"error: {dataset} has folds 0..3, got --fold {text}")
+    return folds
+
+
+def add_fss_args(p):
+    p.add_argument("--checkpoint", help="train_fss.py checkpoint (last.pt); not needed with --baseline saliency")
+    p.add_argument("--dataset", choices=["pascal", "coco"], default="pascal")
+    p.add_argument("--root", required=True, help="VOC2012 folder (pascal) or COCO root (coco)")
+    p.add_argument("--fold", default="all", help="0, 1, 2, 3, all, or a list like 1,2,3")
+    p.add_argument("--shots", type=int, default=1, help="support images per episode (paper: one-shot)")
+    p.add_argument("--runs", type=int, default=5, help="runs; run r uses seed + r (paper section 4: 5 runs)")
+    p.add_argument("--episodes", type=int, default=2500, help="episodes per run (paper section 4: 2500 tasks)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--coco-folds", choices=["interleaved", "contiguous"], default="interleaved")
+    p.add_argument("--split", help="image set: pascal ImageSets/Segmentation name or file (default val); coco "
+                                   "split name, e.g. val2014 (default: the only annotations/instances_*.json)")
+    p.add_argument("--split-list", help="file of '<image id>__<class>' lines restricting the episodes "
+                                         "(e.g. HSNet's splits/pascal/val/fold1.txt)")
+    p.add_argument("--image-size", type=int, default=400, help="query/support side (paper section 4: 400)")
+    p.add_argument("--eval-resolution", choices=["resized", "original"], default="resized",
+                   help="resized: compare at image-size, as the paper's code; original: logits upsampled to the "
+                        "original mask")
+    p.add_argument("--baseline", choices=["saliency", "foreground"],
+                   help="no network: saliency = the query's own pseudo-mask is the prediction (Table 3's Saliency* "
+                        "row; needs --masks); foreground = every pixel is foreground (a sanity floor, ours)")
+    p.add_argument("--masks", help="pseudo-mask folder (0/255 PNG named like the images): the saliency "
+                                   "baseline's predictions, and a column of --figure")
+    p.add_argument("--no-feature-cache", action="store_true",
+                   help="run the backbone on both images of every episode (for timing the cache)")
+    p.add_argument("--save-episodes", help="JSON-lines file: one line per episode to recompute the metric")
+    p.add_argument("--figure", help="PNG: a grid of a few episodes like the paper's Figure 5")
+    p.add_argument("--figure-episodes", type=int, default=6)
+    p.add_argument("--workers", type=int, default=2, help="data loading processes")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="results.json")
+
+
+class FeatureCache:
+    """Within one run each distinct image goes through the backbone once: its projected features are kept
+    until the last episode that uses it (the episode list is known in advance), then dropped."""
+
+    def __init__(self, net, last_use):
+        self.net, self.last_use, self.store, self.forwards = net, last_use, {}, 0
+
+    def get(self, image_id, image):
+        if image_id not in self.store:
+            self.store[image_id] = self.net.project_features(self.net.extract(image[None]))
+            self.forwards += 1
+        return self.store[image_id]
+
+    def release(self, episode):
+        for image_id in [i for i in self.store if self.last_use[i] <= episode]:
+            del self.store[image_id]
+
+
+def predict_episode(net, item, device, cache=None, episode=0):
+    """Logits [1,2,S,S] of one episode, with or without the feature cache; returns (logits, backbone forwards)."""
+    query = item["query_img"].to(device)
+    supports = item["support_imgs"].to(device)
+    masks = item["support_masks"].to(device)[None]
+    if cache is None:
+        return net(query[None], supports[None], masks), 1 + len(supports)
+    before = cache.forwards
+    query_proj = cache.get(item["query_id"], query)
+    support_proj = [cache.get(sid, img) for sid, img in zip(item["support_ids"], supports)]
+    support_proj = [torch.cat(level) for level in zip(*support_proj)]
+    prototypes = [p.mean(0, keepdim=True) for p in net.prototypes(support_proj, masks[0])]
+    logits = net.decode(query_proj, prototypes, query.shape[-2:])
+    cache.release(episode)
+    return logits, cache.forwards - before
+
+
+def resize_nearest(mask, size):
+    """int mask [H,W] -> [size] (nearest), e.g. the query's pseudo-mask at the resized evaluation size."""
+    if tuple(mask.shape) == tuple(size):
+        return mask
+    return F.interpolate(mask[None, None].float(), size=tuple(size), mode="nearest")[0, 0].long()
+
+
+def run_episodes(net, ds, args, device, run, log_file, figure_rows):
+    """One run over ds's episodes -> (metric summary, backbone forwards)."""
+    ids = [ds.episode_ids(i) for i in range(len(ds))]
+    last_use = {}
+    for i, (query_id, support_ids, _) in enumerate(ids):
+        for image_id in [query_id, *support_ids]:
+            last_use[image_id] = i
+    cache = None if (net is None or args.no_feature_cache) else FeatureCache(net, last_use)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=args.workers)
+    metric, forwards = FewShotMetric(), 0
+    for i, item in enumerate(tqdm(loader, desc=f"fold {ds.fold} run {run}", leave=False)):
+        original = args.eval_resolution == "original"
+        target = item["query_mask_orig"] if original else item["query_mask"]
+        if args.baseline == "foreground":
+            pred, pred_small = torch.ones_like(target), torch.ones_like(item["query_mask"])
+        elif args.baseline == "saliency":  # Saliency* baseline: the query's own pseudo-mask is the prediction
+            pred = resize_nearest(item["query_pseudo_mask"], target.shape)
+            pred_small = resize_nearest(item["query_pseudo_mask"], item["query_mask"].shape)
+        else:
+            with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
+                logits, n = predict_episode(net, item, device, cache, i)
+            forwards += n
+            pred_small = logits[0].argmax(0).cpu()
+            if original:
+                logits = F.interpolate(logits.float(), size=tuple(target.shape), mode="bilinear", align_corners=False)
+            pred = logits[0].argmax(0).cpu()
+        inter, union = metric.update(item["class_id"], pred, target)
+        if log_file is not None:
+            log_file.write(json.dumps({"run": run, "fold": ds.fold, "episode": i, "query": item["query_id"],
+                                       "supports": list(item["support_ids"]), "class": int(item["class_id"]),
+                                       "intersection": inter, "union": union}) + "\n")
+        if len(figure_rows) < args.figure_episodes and args.figure:
+            figure_rows.append((item, pred_small))
+    return metric.summary(), forwards
+
+
+def figure_grid(rows, path):
+    """Figure 5 style grid: query | support with its mask | saliency mask (with --masks) | prediction | truth."""
+    from torchvision.utils import draw_segmentation_masks, make_grid
+
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    to_uint8 = lambda x: (x * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)  # noqa: E731
+    tiles = []
+    for item, pred in rows:
+        query = to_uint8(item["query_img"])
+        overlay = lambda img, m, color: draw_segmentation_masks(img, m.bool(), alpha=0.5, colors=color)  # noqa
+        tiles.append(query)
+        tiles.append(overlay(to_uint8(item["support_imgs"][0]), item["support_masks"][0] > 0.5, "blue"))
+        if "query_pseudo_mask" in item:
+            tiles.append(overlay(query, resize_nearest(item["query_pseudo_mask"], pred.shape) == 1, "yellow"))
+        tiles.append(overlay(query, pred == 1, "red"))
+        tiles.append(overlay(query, item["query_mask"] == 1, "green"))
+    grid = make_grid(tiles, nrow=len(tiles) // len(rows), padding=4, pad_value=255)
+    save_png(grid.permute(1, 2, 0).numpy(), path)
+
+
+def load_fss_model(path, device):
+    try:
+        state = load_checkpoint(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if state["kind"] != "fss":
+        raise SystemExit(f"error: {path} is a {state['kind']!r} checkpoint, not a train_fss.py one")
+    net = FSSNet.from_config(state["config"])
+    net.load_state_dict(state["model"])
+    return net.to(device).eval()
+
+
+def mean_std(values):
+    return float(np.mean(values)), float(np.std(values))
+
+
+def run_fss(args):
+    if args.baseline == "saliency" and not args.masks:
+        raise SystemExit("error: --baseline saliency needs --masks DIR (the pseudo-mask folder)")
+    if args.baseline is None and not args.checkpoint:
+        raise SystemExit("error: pass --checkpoint last.pt (or --baseline saliency --masks DIR)")
+    folds = parse_folds(args.fold, args.dataset)
+    device = pick_device(args.device)
+    net = None if args.baseline else load_fss_model(args.checkpoint, device)
+    log_file = open(args.save_episodes + ".tmp", "w") if args.save_episodes else None
+    results, figure_rows, forwards, episodes, start = {}, [], 0, 0, time.time()
+    for fold in folds:
+        runs = []
+        for run in range(args.runs):
+            try:
+                ds = FewShotEpisodes(dataset=args.dataset, root=args.root, fold=fold, shots=args.shots,
+                                     episodes=args.episodes, seed=args.seed + run, image_size=args.image_size,
+                                     coco_folds=args.coco_folds, split_list=args.split_list, pseudo_masks=args.masks,
+                                     split=args.split)
+            except ValueError as e:  # missing folder, bad file, or no episode possible: named in the message
+                raise SystemExit(f"error: {e}") from None
+            try:
+                summary, n = run_episodes(net, ds, args, device, run, log_file, figure_rows)
+            except ValueError as e:  # an unreadable image or mask (in a worker: the last line names it)
+                raise SystemExit(f"error: {str(e).strip().splitlines()[-1]}") from None
+            runs.append(summary)
+            forwards += n
+            episodes += len(ds)
+        entry = {}
+        for key in ("miou", "fbiou", "miou_episode_mean"):
+            entry[key], entry[f"{key}_std"] = mean_std([r[key] for r in runs])
+        entry["per_class"] = {c: float(np.mean([r["per_class"][c] for r in runs if c in r["per_class"]]))
+                              for c in sorted({c for r in runs for c in r["per_class"]}, key=int)}
+        entry["runs"] = runs
+        results[f"fold{fold}"] = entry
+    results["mean"] = {key: float(np.mean([results[f"fold{f}"][key] for f in folds]))
+                       for key in ("miou", "miou_std", "fbiou", "miou_episode_mean")}
+    results["backbone_forwards"] = forwards
+    results["episodes_per_s"] = episodes / (time.time() - start)
+    results["config"] = {k: v for k, v in vars(args).items() if k != "command"}
+    if log_file is not None:
+        log_file.close()
+        os.replace(args.save_episodes + ".tmp", args.save_episodes)
+    write_json(results, args.out)
+    if args.figure:
+        figure_grid(figure_rows, args.figure)
+    print_table(results, folds)
+
+
+def print_table(results, folds):
+    header = ["fold", "mIoU", "std", "FB-IoU", "mIoU(ep.mean)"]
+    print(" ".join(f"{h:>13}" for h in header))
+    for name in [f"fold{f}" for f in folds] + ["mean"]:
+        r = results[name]
+        print(" ".join(f"{x:>13}" for x in [name, f"{100 * r['miou']:.1f}", f"{100 * r['miou_std']:.1f}",
+                                                f"{100 * r['fbiou']:.1f}", f"{100 * r['miou_episode_mean']:.1f}"]))
+    print(f"backbone forwards {results['backbone_forwards']}, {results['episodes_per_s']:.2f} episodes/s")
+
+
+# ---- saliency: MAE, F-beta, S-measure ----
+
+from PIL import Image  # noqa: E402  (the saliency section's own I/O)
+
+from datasets import list_images, load_binary_mask, load_image  # noqa: E402
+
+BETA2 = 0.3  # F-beta weight of precision, beta^2 = 0.3 (Achanta et al. 2009, the saliency convention)
+
+
+def precision_recall(pred, gt):
+    """pred uint8 [H,W] (0..255), gt bool [H,W] -> (precision, recall) float64 arrays [256], one per threshold t
+    (salient = pred >= t, t = 0..255). An empty prediction has precision 0; an empty ground truth recall 0."""
+    pred = np.asarray(pred, dtype=np.uint8)
+    fg = np.bincount(pred[gt], minlength=256)[::-1].cumsum()[::-1]  # ground-truth pixels with pred >= t
+    bg = np.bincount(pred[~gt], minlength=256)[::-1].cumsum()[::-1]
+    detected = fg + bg
+    precision = np.divide(fg, detected, out=np.zeros(256), where=detected > 0)
+    recall = fg / gt.sum() if gt.any() else np.zeros(256)
+    return precision, recall
+
+
+def f_beta_curve(precision, recall, beta2=BETA2):
+    """F-beta per threshold from (dataset-mean) precision and recall arrays."""
+    num = (1 + beta2) * precision * recall
+    den = beta2 * precision + recall
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+def _matlab_round(v):
+    return int(np.floor(v + 0.5))
+
+
+def _object_score(values):
+    if values.size == 0:
+        return 0.0
+    mu = values.mean()
+    sigma = values.std(ddof=1) if values.size > 1 else 0.0
+    return 2 * mu / (mu * mu + 1 + sigma + 1e-12)
+
+
+def _region_ssim(pred, gt):
+    n = pred.size
+    if n == 0:
+        return 0.0
+    x, y = pred.mean(), gt.mean()
+    sx = ((pred - x) ** 2).sum() / (n - 1 + 1e-12)
+    sy = ((gt - y) ** 2).sum() / (n - 1 + 1e-12)
+    sxy = ((pred - x) * (gt - y)).sum() / (n - 1 + 1e-12)
+    alpha, beta = 4 * x * y * sxy, (x * x + y * y) * (sx + sy)
+    if alpha != 0:
+        return alpha / (beta + 1e-12)
+    return 1.0 if beta == 0 else 0.0
+
+
+def s_measure(pred, gt, alpha=0.5):
+    """Structure measure (Fan et al., ICCV 2017): alpha * object-aware + (1 - alpha) * region-aware similarity.
+    pred float [H,W] in [0,1], gt bool [H,W]."""
+    pred = np.asarray(pred, dtype=np.float64)
+    y = gt.mean()
+    if y == 0:
+        return float(1 - pred.mean())
+    if y == 1:
+        return float(pred.mean())
+    s_object = y * _object_score(pred[gt]) + (1 - y) * _object_score(1 - pred[~gt])
+    h, w = gt.shape
+    total = gt.sum()
+    cx = _matlab_round((np.arange(1, w + 1) * gt.sum(0)).sum() / total)  # centroid, 1-based as in the reference
+    cy = _matlab_round((np.arange(1, h + 1) * gt.sum(1)).sum() / total)
+    g = gt.astype(np.float64)
+    s_region = 0.0
+    for rows, cols, weight in ((slice(0, cy), slice(0, cx), cx * cy), (slice(0, cy), slice(cx, w), (w - cx) * cy),
+                               (slice(cy, h), slice(0, cx), cx * (h - cy)),
+                               (slice(cy, h), slice(cx, w), (w - cx) * (h - cy))):
+        s_region += weight / (h * w) * _region_ssim(pred[rows, cols], g[rows, cols])
+    return float(max(alpha * s_object + (1 - alpha) * s_region, 0.0))
+
+
+def saliency_metrics(pairs):
+    """pairs: iterable of (uint8 [H,W] prediction, bool [H,W] ground truth) of the same size -> dict with MAE, max and
+    mean F-beta (F-beta of the dataset-mean precision / recall at 256 thresholds; max and mean over thresholds),
+    S-measure (mean over images) and the image count."""
+    mae, s, precision, recall, n = 0.0, 0.0, np.zeros(256), np.zeros(256), 0
+    for pred, gt in pairs:
+        p, r = precision_recall(pred, gt)
+        precision, recall = precision + p, recall + r
+        prob = np.asarray(pred, dtype=np.float64) / 255
+        mae += np.abs(prob - gt).mean()
+        s += s_measure(prob, gt)
+        n += 1
+    if n == 0:
+        raise ValueError("saliency_metrics: no images")
+    f = f_beta_curve(precision / n, recall / n)
+    return {"mae": mae / n, "max_fbeta": float(f.max()), "mean_fbeta": float(f.mean()), "s_measure": s / n,
+            "images": n}
+
+
+def add_saliency_args(p):
+    p.add_argument("--pred", required=True, help="folder of predicted saliency maps (8-bit PNG, 0..255)")
+    p.add_argument("--gt", required=True, help="folder of ground-truth masks (1-bit, palette or 8-bit PNG)")
+    p.add_argument("--list", default=None, help="optional file of stems to evaluate")
+    p.add_argument("--out", default=None, help="metrics JSON (default PRED/saliency_metrics.json)")
+
+
+def _read_prediction(path, size):
+    """8-bit map at the ground truth's size (bilinear when the sizes differ) -> uint8 [H,W]."""
+    pil = load_image(path).convert("L")
+    if pil.size != (size[1], size[0]):
+        pil = pil.resize((size[1], size[0]), Image.BILINEAR)
+    return np.asarray(pil, dtype=np.uint8)
+
+
+def run_saliency(args):
+    gts = list_images(args.gt, args.list)
+    preds = {p.stem: p for p in list_images(args.pred)}
+    missing = [g.stem for g in gts if g.stem not in preds]
+    if missing:
+        raise SystemExit(f"error: {len(missing)} prediction(s) missing in {args.pred}, e.g. {missing[:3]}")
+    masks = (load_binary_mask(g) for g in gts)
+    pairs = ((_read_prediction(preds[g.stem], m.shape), m) for g, m in zip(gts, masks))
+    pairs = tqdm(pairs, total=len(gts), desc="saliency")
+    metrics = saliency_metrics(pairs)
+    metrics.update(pred=os.fspath(args.pred), gt=os.fspath(args.gt))
+    out = args.out or os.path.join(args.pred, "saliency_metrics.json")
+    write_json(metrics, out)
+    print(f"{metrics['images']} images  MAE {metrics['mae']:.4f}  max F-beta {metrics['max_fbeta']:.4f}  "
+          f"mean F-beta {metrics['mean_fbeta']:.4f}  S-measure {metrics['s_measure']:.4f}  -> {out}")
+    return metrics
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_fss_args(commands.add_parser("fss", help="few-shot segmentation mIoU / FB-IoU"))
+    add_saliency_args(commands.add_parser("saliency", help="saliency metrics against ground truth"))
+    args = parser.parse_args(argv)
+    {"fss": run_fss, "saliency": run_saliency}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

