@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The five MaskSplit stages chained (paper section 3.2 -> 4), each stage's command echoed before it runs.
+#
+#   bash pipeline.sh                      # demo: writes built-in DEMO data, small settings, CPU is fine (~10 min)
+#   MSRA=... VOC=... COCO=... bash pipeline.sh full     # the paper's recipe on one CUDA GPU (see README)
+#
+# Variables (all optional in demo mode):
+#   RUN   run folder, every intermediate lands here (default runs/demo or runs/full)
+#   MSRA  folder of MSRA-B images (stage 1-2 training images; no masks are read)
+#   VOC   PASCAL VOC 2012 tree (VOCdevkit/VOC2012 with SegmentationClassAug)
+#   COCO  COCO 2014 root (train2014/, val2014/, annotations/instances_{train,val}2014.json); empty = skip COCO
+#   BACKBONE (default resnet101), WEIGHTS (imagenet | PATH), DEVICE (auto)
+# A stage whose output is complete is skipped (RUN/done/<stage>); an interrupted training stage resumes from its
+# last.pt and make_pseudomasks.py skips the masks it already wrote, so rerunning after a crash continues.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+mode=${1:-demo}
+case $mode in demo|full) ;; *) echo "usage: bash pipeline.sh [demo|full]" >&2; exit 2 ;; esac
+RUN=${RUN:-runs/$mode}
+DEVICE=${DEVICE:-auto}
+mkdir -p "$RUN/done"
+
+# stage NAME COMMAND...: run COMMAND unless RUN/done/NAME exists, echoing it first
+stage() {
+  local name=$1; shift
+  if [[ -f $RUN/done/$name ]]; then echo "[skip] $name: complete in $RUN"; return; fi
+  echo "+ $*"
+  "$@"
+  touch "$RUN/done/$name"
+}
+# resume_flag DIR: --resume when DIR/last.pt exists (an interrupted training stage)
+resume_flag() { [[ -f $1/last.pt ]] && echo --resume || true; }
+
+if [[ $mode == demo ]]; then
+  stage demo_data python -c "import datasets; datasets.make_demo_data('$RUN/data')"
+  data=$RUN/data
+  SAL_IMAGES=$data/salient/images
+  VOC=$data/VOCdevkit/VOC2012
+  BACKBONE=${BACKBONE:-efficientnet_lite0}
+  WEIGHTS=${WEIGHTS:-imagenet}
+  # small settings: a CPU finishes the whole demo in minutes; the numbers are demo numbers, not the paper's
+  saliency_flags=(--prior-size 128 --image-size 128 --rounds 2 --epochs 3 --batch-size 8)
+  basnet_flags=(--iters 60 --size 64 --crop 56 --weights none --save-every 20)
+  fss_flags=(--image-size 160 --batch-size 8 --epochs 8 --workers 1)
+  eval_flags=(--image-size 160 --runs 1 --episodes 300 --workers 1)
+else
+  : "${MSRA:?set MSRA to the MSRA-B image folder}" "${VOC:?set VOC to VOCdevkit/VOC2012}"
+  SAL_IMAGES=$MSRA
+  BACKBONE=${BACKBONE:-resnet101}
+  WEIGHTS=${WEIGHTS:-imagenet}
+  saliency_flags=()
+  basnet_flags=()
+  fss_flags=()
+  eval_flags=()
+fi
+VOC_LIST=$VOC/ImageSets/Segmentation/train.txt
+
+# 1. unsupervised saliency (DeepUSPS style), 2. BAS-Net on its labels
+stage saliency python saliency_train.py --images "$SAL_IMAGES" --out "$RUN/deepusps" --backbone "$BACKBONE" \
+  --weights "$WEIGHTS" --device "$DEVICE" "${saliency_flags[@]}" $(resume_flag "$RUN/deepusps")
+stage basnet python basnet_train.py --images "$SAL_IMAGES" --labels "$RUN/deepusps/labels" --out "$RUN/basnet" \
+  --device "$DEVICE" "${basnet_flags[@]}" $(resume_flag "$RUN/basnet")
+
+# 3. pseudo-masks over every PASCAL image (train images for stage 4; val images for the Saliency* baseline)
+stage pseudomasks_voc python make_pseudomasks.py --checkpoint "$RUN/basnet/last.pt" --images "$VOC/JPEGImages" \
+  --out "$RUN/pseudomasks/voc" --device "$DEVICE"
+
+# 4. MaskSplit training on the PASCAL train images (all folds: Table 1 / Table 3 "Ours"), 5. one-shot evaluation
+stage fss_voc python train_fss.py --images "$VOC/JPEGImages" --masks "$RUN/pseudomasks/voc" --list "$VOC_LIST" \
+  --backbone "$BACKBONE" --weights "$WEIGHTS" --device "$DEVICE" --out "$RUN/fss_voc" "${fss_flags[@]}" \
+  $(resume_flag "$RUN/fss_voc")
+stage eval_voc python evaluate.py fss --checkpoint "$RUN/fss_voc/last.pt" --dataset pascal --root "$VOC" \
+  --fold all --device "$DEVICE" --out "$RUN/results_voc.json" "${eval_flags[@]}"
+stage eval_voc_saliency python evaluate.py fss --baseline saliency --masks "$RUN/pseudomasks/voc" --dataset pascal \
+  --root "$VOC" --fold all --out "$RUN/results_voc_saliency.json" "${eval_flags[@]}"
+stage eval_voc_foreground python evaluate.py fss --baseline foreground --dataset pascal --root "$VOC" \
+  --fold all --out "$RUN/results_voc_foreground.json" "${eval_flags[@]}"
+
+if [[ $mode == full && -n ${COCO:-} ]]; then
+  stage pseudomasks_coco python make_pseudomasks.py --checkpoint "$RUN/basnet/last.pt" \
+    --images "$COCO/train2014" --out "$RUN/pseudomasks/coco_train" --device "$DEVICE"
+  stage pseudomasks_coco_val python make_pseudomasks.py --checkpoint "$RUN/basnet/last.pt" \
+    --images "$COCO/val2014" --out "$RUN/pseudomasks/coco_val" --device "$DEVICE"
+  stage fss_coco python train_fss.py --images "$COCO/train2014" --masks "$RUN/pseudomasks/coco_train" \
+    --epochs 20 --backbone "$BACKBONE" --weights "$WEIGHTS" --device "$DEVICE" --out "$RUN/fss_coco" \
+    $(resume_flag "$RUN/fss_coco")
+  stage eval_coco python evaluate.py fss --checkpoint "$RUN/fss_coco/last.pt" --dataset coco --root "$COCO" \
+    --fold all --device "$DEVICE" --out "$RUN/results_coco.json"
+  stage eval_coco_saliency python evaluate.py fss --baseline saliency --masks "$RUN/pseudomasks/coco_val" \
+    --dataset coco --root "$COCO" --fold all --out "$RUN/results_coco_saliency.json"
+fi
+
+python - "$RUN" <<'PY'
+import json, sys
+run = sys.argv[1]
+rows = [("MaskSplit (ours)", "results_voc.json"), ("Saliency* baseline", "results_voc_saliency.json"),
+        ("all-foreground", "results_voc_foreground.json")]
+print(f"\nPASCAL-5i one-shot mIoU, mean over folds ({run}):")
+for name, file in rows:
+    mean = json.load(open(f"{run}/{file}"))["mean"]
+    print(f"  {name:20s} {100 * mean['miou']:5.1f}")
+PY
