@@ -86,9 +86,9 @@ if [[ $mode == full && -n ${COCO:-} ]]; then
     --epochs 20 --backbone "$BACKBONE" --weights "$WEIGHTS" --device "$DEVICE" --out "$RUN/fss_coco" \
     $(resume_flag "$RUN/fss_coco")
   stage eval_coco python evaluate.py fss --checkpoint "$RUN/fss_coco/last.pt" --dataset coco --root "$COCO" \
-    --fold all --device "$DEVICE" --out "$RUN/results_coco.json"
+    --split val2014 --fold all --device "$DEVICE" --out "$RUN/results_coco.json"
   stage eval_coco_saliency python evaluate.py fss --baseline saliency --masks "$RUN/pseudomasks/coco_val" \
-    --dataset coco --root "$COCO" --fold all --out "$RUN/results_coco_saliency.json"
+    --dataset coco --root "$COCO" --split val2014 --fold all --out "$RUN/results_coco_saliency.json"
 fi
 
 python - "$RUN" <<'PY'
