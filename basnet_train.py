@@ -147,4 +147,4 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, FileNotFoundError) as e:  # bad input (unreadable image, missing file): one clear line
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {str(e).strip().splitlines()[-1]}")  # from a worker: its last line

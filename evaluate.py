@@ -423,7 +423,10 @@ def main(argv=None):
     add_fss_args(commands.add_parser("fss", help="few-shot segmentation mIoU / FB-IoU"))
     add_saliency_args(commands.add_parser("saliency", help="saliency metrics against ground truth"))
     args = parser.parse_args(argv)
-    {"fss": run_fss, "saliency": run_saliency}[args.command](args)
+    try:
+        {"fss": run_fss, "saliency": run_saliency}[args.command](args)
+    except ValueError as e:  # an unreadable or missing image / mask file, named in the message
+        raise SystemExit(f"error: {str(e).strip().splitlines()[-1]}") from None
 
 
 if __name__ == "__main__":

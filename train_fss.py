@@ -129,7 +129,7 @@ def train_step(model, optimizer, batch, device, scaler):
 
 
 def trim_log(path, step):
-    """On resume keep only the log lines of steps already in the checkpoint."""
+    """Keep only the log lines of steps already in the checkpoint (step 0: none)."""
     if not os.path.isfile(path):
         return
     with open(path) as f:
@@ -165,7 +165,11 @@ def main(argv=None):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    state = resume_state(ckpt_path, args, device) if args.resume else None
+    state = None
+    if args.resume and os.path.isfile(ckpt_path):
+        state = resume_state(ckpt_path, args, device)
+    elif args.resume:  # killed before its first checkpoint: nothing to continue, start afresh
+        print(f"--resume: no {ckpt_path} yet, starting from step 0")
     try:
         dataset = build_dataset(args)
     except ValueError as e:  # a missing folder or an unreadable / inconsistent file, named in the message
@@ -183,7 +187,7 @@ def main(argv=None):
             scaler.load_state_dict(state["scaler"])
         step = state["step"]
         restore_rng(state["rng"])
-        trim_log(log_path, step)
+    trim_log(log_path, step)  # drop log lines of steps after the checkpoint (all of them when starting afresh)
     write_json(vars(args), os.path.join(args.out, "args.json"))
 
     steps_per_epoch = len(epoch_batches(len(dataset), args.batch_size, args.seed, 0))

@@ -162,8 +162,10 @@ def test_other_training_sources_and_flag_errors(demo, checkpoint, tmp_path):
     with pytest.raises(SystemExit, match="different flags: --lr"):
         train(demo, checkpoint[0] / "straight", "--list", str(checkpoint[0] / "six.txt"), "--max-steps", "6",
               "--lr", "0.5", "--resume")
-    with pytest.raises(SystemExit, match="cannot --resume"):
-        train(demo, tmp_path / "fresh", "--resume")
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "log.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # a run killed before its 1st save
+    fresh = train(demo, tmp_path / "fresh", "--list", str(checkpoint[0] / "six.txt"), "--max-steps", "5", "--resume")
+    assert [x["loss"] for x in fresh] == [x["loss"] for x in checkpoint[1]]   # starts afresh, same as straight
     with pytest.raises(SystemExit, match="absent.pt"):
         evaluate_json(demo, tmp_path / "absent.pt", tmp_path / "r.json")
 

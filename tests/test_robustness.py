@@ -1,0 +1,167 @@
+"""Nothing lost, clear errors (issue 6): SIGKILL + rerun of make_pseudomasks.py, and bad inputs given to the
+scripts' command lines: either correct output or one line `error: ...` naming the file, never a traceback."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import make_pseudomasks
+from datasets import MaskSplitPairs, load_image
+from model import SaliencyNet, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_folder(root, n=4, size=(40, 48), seed=0):
+    """n JPEG images with a bright box and their 0/255 masks: root/images, root/masks."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        img = (rng.random((*size, 3)) * 60 + 60).astype(np.uint8)
+        mask = np.zeros(size, dtype=np.uint8)
+        mask[5 + i % 7:30, 8:34 + i % 9] = 255
+        img[mask > 0] = (230, 200, 40)
+        Image.fromarray(img).save(root / "images" / f"im{i:02d}.jpg")
+        Image.fromarray(mask).save(root / "masks" / f"im{i:02d}.png")
+    return root
+
+
+def saliency_checkpoint(path, size=32):
+    """A small untrained saliency network in the checkpoint format make_pseudomasks.py reads."""
+    torch.manual_seed(0)
+    net = SaliencyNet("efficientnet_lite0", weights="none", channels=8)
+    save_checkpoint(path, kind="saliency", config={**net.config, "image_size": size}, model=net.state_dict())
+    return path
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def assert_one_line_error(proc, name):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    last = last[last.index("error:"):]  # a tqdm bar may share the line
+    assert name in last, last
+
+
+def decodes(path):
+    with Image.open(path) as im:
+        im.load()
+    return True
+
+
+def test_make_pseudomasks_sigkill_leaves_no_truncated_png_and_rerun_completes(tmp_path):
+    data = write_folder(tmp_path / "data", n=40, size=(96, 112))
+    ckpt = saliency_checkpoint(tmp_path / "sal.pt")
+    args = ["--checkpoint", str(ckpt), "--images", str(data / "images"), "--batch-size", "1", "--threshold", "0.5",
+            "--min-fraction", "0"]
+    make_pseudomasks.main(args + ["--out", str(tmp_path / "full"), "--save-prob", str(tmp_path / "full_prob")])
+    out, prob = tmp_path / "part", tmp_path / "part_prob"
+    proc = subprocess.Popen([sys.executable, "make_pseudomasks.py", *args, "--out", str(out), "--save-prob", str(prob)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while proc.poll() is None and time.time() < deadline and len(list(prob.glob("*.png"))) < 3:
+        time.sleep(0.002)
+    assert proc.poll() is None, "finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(prob.glob("*.png"))
+    assert 3 <= len(done) < 40
+    assert all(decodes(p) for p in [*done, *out.glob("*.png")])  # no truncated PNG left behind
+    make_pseudomasks.main(args + ["--out", str(out), "--save-prob", str(prob)])
+    for a_dir, b_dir in ((tmp_path / "full", out), (tmp_path / "full_prob", prob)):
+        names = sorted(p.name for p in a_dir.glob("*.png"))
+        assert len(names) > 0 and names == sorted(p.name for p in b_dir.glob("*.png"))
+        for n in names:
+            assert np.array_equal(np.asarray(Image.open(a_dir / n)), np.asarray(Image.open(b_dir / n))), n
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_train_fss_bad_image_is_one_line_error(tmp_path):
+    data = write_folder(tmp_path / "data")
+    bad = data / "images" / "im01.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])  # truncated JPEG
+    proc = run("train_fss.py", "--images", str(data / "images"), "--masks", str(data / "masks"), "--backbone",
+               "efficientnet_lite0", "--weights", "none", "--image-size", "32", "--batch-size", "4", "--workers", "0",
+               "--max-steps", "1", "--out", str(tmp_path / "run"))
+    assert_one_line_error(proc, str(bad))
+
+
+def test_make_pseudomasks_unreadable_png_in_a_worker_is_one_line_error(tmp_path):
+    data = write_folder(tmp_path / "data")
+    bad = data / "images" / "im02.png"
+    (data / "images" / "im02.jpg").unlink()
+    bad.write_bytes(np.random.default_rng(0).bytes(500))  # a PNG that is not an image
+    proc = run("make_pseudomasks.py", "--checkpoint", str(saliency_checkpoint(tmp_path / "sal.pt")), "--images",
+               str(data / "images"), "--workers", "1", "--out", str(tmp_path / "masks"))
+    assert_one_line_error(proc, str(bad))
+
+
+def test_evaluate_saliency_folder_without_images_is_one_line_error(tmp_path):
+    data = write_folder(tmp_path / "data")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    proc = run("evaluate.py", "saliency", "--pred", str(empty), "--gt", str(data / "masks"))
+    assert_one_line_error(proc, str(empty))
+    with pytest.raises(SystemExit, match="nowhere"):  # a missing path
+        evaluate.main(["saliency", "--pred", str(tmp_path / "nowhere"), "--gt", str(data / "masks")])
+    (data / "masks" / "im03.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match="im03.png"):
+        evaluate.main(["saliency", "--pred", str(data / "masks"), "--gt", str(data / "masks")])
+
+
+def test_checkpoint_of_another_kind_is_refused(tmp_path):
+    ckpt = saliency_checkpoint(tmp_path / "sal.pt")
+    with pytest.raises(SystemExit, match="sal.pt is a 'saliency' checkpoint"):
+        evaluate.main(["fss", "--checkpoint", str(ckpt), "--root", str(tmp_path), "--out", str(tmp_path / "r.json")])
+    save_checkpoint(tmp_path / "fss.pt", kind="fss", config={}, model={})
+    with pytest.raises(SystemExit, match="fss.pt is a 'fss' checkpoint"):
+        make_pseudomasks.main(["--checkpoint", str(tmp_path / "fss.pt"), "--images", str(tmp_path), "--out",
+                               str(tmp_path / "m")])
+    # a saliency checkpoint whose config names another backbone than its weights
+    state = torch.load(ckpt, weights_only=False)
+    state["config"]["backbone"] = "resnet50"
+    torch.save(state, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="other.pt: weights do not fit"):
+        make_pseudomasks.main(["--checkpoint", str(tmp_path / "other.pt"), "--images", str(tmp_path), "--out",
+                               str(tmp_path / "m")])
+
+
+def test_image_and_mask_variants_give_correct_pairs_or_named_errors(tmp_path):
+    data = write_folder(tmp_path / "data", n=6)
+    images, masks = data / "images", data / "masks"
+    rgb = np.asarray(load_image(images / "im00.jpg"))
+    Image.open(images / "im00.jpg").convert("L").save(images / "im00.jpg")  # grayscale JPEG
+    Image.open(images / "im01.jpg").convert("CMYK").save(images / "im01.jpg")  # CMYK JPEG
+    Image.open(masks / "im02.png").convert("1").save(masks / "im02.png")  # 1-bit mask
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(masks / "im03.png")  # empty pseudo-mask
+    gray = np.asarray(load_image(images / "im00.jpg"))
+    assert gray.shape == rgb.shape and (gray[..., 0] == gray[..., 2]).all()
+    cmyk = np.asarray(load_image(images / "im01.jpg"), dtype=int)
+    assert cmyk.shape == rgb.shape and abs(cmyk[20, 20] - (230, 200, 40)).max() < 40  # still the yellow box
+    with pytest.warns(UserWarning, match="left out"):
+        pairs = MaskSplitPairs(images, masks, image_size=32, cache_dir=tmp_path / "cache")
+    assert pairs.dropped == ["im03"] and len(pairs) == 5
+    for i in range(len(pairs)):
+        item = pairs[i]
+        assert item["query_img"].shape == (3, 32, 32) and (item["query_target"] == 1).any()
+    assert pairs[2]["image_id"] == "im02"  # the 1-bit mask reads as foreground where set
+    Image.fromarray(np.zeros((40, 50), np.uint8) + 255).save(masks / "im04.png")  # wrong size
+    with pytest.raises(ValueError, match="im04.png: mask is 50x40"):
+        MaskSplitPairs(images, masks, image_size=32, cache_dir=tmp_path / "cache2")[3]
+    (masks / "im05.png").unlink()  # an image without mask
+    with pytest.raises(ValueError, match="im05.png"):
+        MaskSplitPairs(images, masks, image_size=32, cache_dir=tmp_path / "cache3")
