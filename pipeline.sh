@@ -10,8 +10,9 @@
 #   VOC   PASCAL VOC 2012 tree (VOCdevkit/VOC2012 with SegmentationClassAug)
 #   COCO  COCO 2014 root (train2014/, val2014/, annotations/instances_{train,val}2014.json); empty = skip COCO
 #   BACKBONE (default resnet101), WEIGHTS (imagenet | PATH), DEVICE (auto)
-# A stage whose output is complete is skipped (RUN/done/<stage>); an interrupted training stage resumes from its
-# last.pt and make_pseudomasks.py skips the masks it already wrote, so rerunning after a crash continues.
+# A stage whose output is complete is skipped (RUN/done/<stage>); the training stages always run with --resume
+# (from their last.pt if there is one) and make_pseudomasks.py skips the masks it already wrote, so rerunning
+# after a crash continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -29,8 +30,6 @@ stage() {
   "$@"
   touch "$RUN/done/$name"
 }
-# resume_flag DIR: --resume when DIR/last.pt exists (an interrupted training stage)
-resume_flag() { [[ -f $1/last.pt ]] && echo --resume || true; }
 
 if [[ $mode == demo ]]; then
   stage demo_data python -c "import datasets; datasets.make_demo_data('$RUN/data')"
@@ -58,9 +57,9 @@ VOC_LIST=$VOC/ImageSets/Segmentation/train.txt
 
 # 1. unsupervised saliency (DeepUSPS style), 2. BAS-Net on its labels
 stage saliency python saliency_train.py --images "$SAL_IMAGES" --out "$RUN/deepusps" --backbone "$BACKBONE" \
-  --weights "$WEIGHTS" --device "$DEVICE" "${saliency_flags[@]}" $(resume_flag "$RUN/deepusps")
+  --weights "$WEIGHTS" --device "$DEVICE" "${saliency_flags[@]}" --resume
 stage basnet python basnet_train.py --images "$SAL_IMAGES" --labels "$RUN/deepusps/labels" --out "$RUN/basnet" \
-  --device "$DEVICE" "${basnet_flags[@]}" $(resume_flag "$RUN/basnet")
+  --device "$DEVICE" "${basnet_flags[@]}" --resume
 
 # 3. pseudo-masks over every PASCAL image (train images for stage 4; val images for the Saliency* baseline)
 stage pseudomasks_voc python make_pseudomasks.py --checkpoint "$RUN/basnet/last.pt" --images "$VOC/JPEGImages" \
@@ -69,7 +68,7 @@ stage pseudomasks_voc python make_pseudomasks.py --checkpoint "$RUN/basnet/last.
 # 4. MaskSplit training on the PASCAL train images (all folds: Table 1 / Table 3 "Ours"), 5. one-shot evaluation
 stage fss_voc python train_fss.py --images "$VOC/JPEGImages" --masks "$RUN/pseudomasks/voc" --list "$VOC_LIST" \
   --backbone "$BACKBONE" --weights "$WEIGHTS" --device "$DEVICE" --out "$RUN/fss_voc" "${fss_flags[@]}" \
-  $(resume_flag "$RUN/fss_voc")
+  --resume
 stage eval_voc python evaluate.py fss --checkpoint "$RUN/fss_voc/last.pt" --dataset pascal --root "$VOC" \
   --fold all --device "$DEVICE" --out "$RUN/results_voc.json" "${eval_flags[@]}"
 stage eval_voc_saliency python evaluate.py fss --baseline saliency --masks "$RUN/pseudomasks/voc" --dataset pascal \
@@ -84,7 +83,7 @@ if [[ $mode == full && -n ${COCO:-} ]]; then
     --images "$COCO/val2014" --out "$RUN/pseudomasks/coco_val" --device "$DEVICE"
   stage fss_coco python train_fss.py --images "$COCO/train2014" --masks "$RUN/pseudomasks/coco_train" \
     --epochs 20 --backbone "$BACKBONE" --weights "$WEIGHTS" --device "$DEVICE" --out "$RUN/fss_coco" \
-    $(resume_flag "$RUN/fss_coco")
+    --resume
   stage eval_coco python evaluate.py fss --checkpoint "$RUN/fss_coco/last.pt" --dataset coco --root "$COCO" \
     --split val2014 --fold all --device "$DEVICE" --out "$RUN/results_coco.json"
   stage eval_coco_saliency python evaluate.py fss --baseline saliency --masks "$RUN/pseudomasks/coco_val" \
