@@ -422,8 +422,8 @@ def main(argv=None):
     config = {**net.config, "image_size": size}
     priors = {n: load_prior_maps(paths, out, n, size) for n in args.priors}
     tasks = [(n, r) for n in args.priors for r in range(args.rounds)] + [("fusion", 0)]
-    state = {"task": 0, "epoch": 0, "targets": None, "refined": {}, "optimizer": None}
-    ckpt_path = out / "last.pt"
+    state = {"task": 0, "epoch": 0, "targets": None, "refined": {}, "optimizer": None, "log_lines": 0}
+    ckpt_path, log_path = out / "last.pt", out / "log.jsonl"
     if args.resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
         if ck["kind"] != "saliency" or ck.get("stems") != [p.stem for p in paths] or ck["config"] != config:
@@ -432,6 +432,10 @@ def main(argv=None):
         state = ck["state"]
         restore_rng(ck["rng"])
         net.load_state_dict(ck["model"], strict=False)  # the decoder of the interrupted task (or the fused one)
+    # keep only the log lines of epochs in the checkpoint (a kill between a log line and its checkpoint)
+    lines = log_path.read_text().splitlines(keepends=True) if log_path.is_file() else []
+    with open(log_path, "w") as f:
+        f.writelines(lines[:state.get("log_lines", len(lines))])
     feats = Features(net, paths, size, args.batch_size, device, cache=not args.no_cache)
 
     while state["task"] < len(tasks):
@@ -457,9 +461,9 @@ def main(argv=None):
             if name != "fusion":  # DeepUSPS self-supervised refinement of the targets, after every epoch
                 pred = predict(net, feats, size, args.batch_size)[None]
                 state["targets"] = refine_targets(state["targets"], pred, args.momentum)
-            with open(out / "log.jsonl", "a") as f:
+            with open(log_path, "a") as f:
                 f.write(json.dumps({"task": name, "round": rnd + 1, "epoch": epoch + 1, "loss": loss}) + "\n")
-            state.update(epoch=epoch + 1, optimizer=opt.state_dict())
+            state.update(epoch=epoch + 1, optimizer=opt.state_dict(), log_lines=state.get("log_lines", 0) + 1)
             if epoch + 1 == args.epochs:  # task done
                 if name != "fusion":
                     state["refined"][name] = state["targets"][0]

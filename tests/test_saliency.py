@@ -102,8 +102,11 @@ def test_saliency_train_outputs_and_exact_resume(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _run([], tmp_path, tmp_path / "b")
     monkeypatch.setattr(st, "train_epoch", real_epoch)
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:  # as if killed between a log line and its checkpoint
+        f.write('{"task": "killed", "epoch": 0}\n')
     _run(["--resume"], tmp_path, tmp_path / "b")
-    assert len((tmp_path / "b" / "log.jsonl").read_text().splitlines()) == len(logs)  # continued, not restarted
+    resumed = [json.loads(l) for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert resumed == logs  # continued, not restarted, and no line of an epoch the checkpoint does not hold
     for sub in ("labels", "prob"):
         for f in (tmp_path / "a" / sub).iterdir():
             assert np.array_equal(np.asarray(Image.open(f)), np.asarray(Image.open(tmp_path / "b" / sub / f.name)))
