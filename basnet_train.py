@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from datasets import SalientObjects
+from datasets import SalientObjects, trim_log
 from model import BASNet, capture_rng, hybrid_loss, load_checkpoint, pick_device, restore_rng, save_checkpoint
 
 
@@ -101,9 +101,7 @@ def main(argv=None):
         restore_rng(ck["rng"])
         step = ck["step"]
     log_path = out / "log.jsonl"
-    if log_path.is_file():  # drop log lines written after the checkpoint we continue from
-        lines = [l for l in log_path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
-        log_path.write_text("".join(l + "\n" for l in lines))
+    trim_log(log_path, step)  # drop log lines written after the checkpoint we continue from
     out.mkdir(parents=True, exist_ok=True)
 
     def save():

@@ -175,6 +175,17 @@ def write_json(obj, path):
     _atomic_write(path, lambda f: f.write(data))
 
 
+def trim_log(path, step):
+    """On resume: keep only the lines of a training log.jsonl whose "step" the checkpoint already holds (step 0:
+    none), atomically, so an interrupted run never logs a step twice."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines(keepends=True)
+             if line.strip() and json.loads(line)["step"] <= step]
+    _atomic_write(path, lambda f: f.write("".join(lines).encode()))
+
+
 def image_to_tensor(pil, size):
     """PIL image -> float tensor [3, size, size], bilinear resize, ImageNet-normalised."""
     x = TF.pil_to_tensor(pil if pil.mode == "RGB" else pil.convert("RGB"))

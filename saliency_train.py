@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from datasets import image_to_tensor, list_images, load_image, save_png
+from datasets import image_to_tensor, list_images, load_image, save_png, trim_log
 from model import BACKBONES, SaliencyNet, capture_rng, load_checkpoint, pick_device, restore_rng, save_checkpoint
 
 # DeepUSPS's per-prior binarisation thresholds for the first round (Nguyen et al. 2019).
@@ -432,10 +432,7 @@ def main(argv=None):
         state = ck["state"]
         restore_rng(ck["rng"])
         net.load_state_dict(ck["model"], strict=False)  # the decoder of the interrupted task (or the fused one)
-    # keep only the log lines of epochs in the checkpoint (a kill between a log line and its checkpoint)
-    lines = log_path.read_text().splitlines(keepends=True) if log_path.is_file() else []
-    with open(log_path, "w") as f:
-        f.writelines(lines[:state.get("log_lines", len(lines))])
+    trim_log(log_path, state["log_lines"])  # drop epochs logged after the checkpoint (a kill between the two)
     feats = Features(net, paths, size, args.batch_size, device, cache=not args.no_cache)
 
     while state["task"] < len(tasks):
@@ -462,8 +459,9 @@ def main(argv=None):
                 pred = predict(net, feats, size, args.batch_size)[None]
                 state["targets"] = refine_targets(state["targets"], pred, args.momentum)
             with open(log_path, "a") as f:
-                f.write(json.dumps({"task": name, "round": rnd + 1, "epoch": epoch + 1, "loss": loss}) + "\n")
-            state.update(epoch=epoch + 1, optimizer=opt.state_dict(), log_lines=state.get("log_lines", 0) + 1)
+                f.write(json.dumps({"step": state["log_lines"] + 1, "task": name, "round": rnd + 1,
+                                    "epoch": epoch + 1, "loss": loss}) + "\n")
+            state.update(epoch=epoch + 1, optimizer=opt.state_dict(), log_lines=state["log_lines"] + 1)
             if epoch + 1 == args.epochs:  # task done
                 if name != "fusion":
                     state["refined"][name] = state["targets"][0]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets import MaskSplitPairs, SupervisedPairs, fold_train_ids, voc_paths, write_json
+from datasets import MaskSplitPairs, SupervisedPairs, fold_train_ids, trim_log, voc_paths, write_json
 from masksplit import MaskSplit
 from model import BACKBONES, FSSNet, capture_rng, load_checkpoint, pick_device, restore_rng, save_checkpoint
 
@@ -126,17 +126,6 @@ def train_step(model, optimizer, batch, device, scaler):
     scaler.step(optimizer)
     scaler.update()
     return loss.item()
-
-
-def trim_log(path, step):
-    """Keep only the log lines of steps already in the checkpoint (step 0: none)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
 
 
 # flags that may change on --resume; every other flag must match the checkpoint's run

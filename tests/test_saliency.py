@@ -103,7 +103,7 @@ def test_saliency_train_outputs_and_exact_resume(tmp_path, monkeypatch):
         _run([], tmp_path, tmp_path / "b")
     monkeypatch.setattr(st, "train_epoch", real_epoch)
     with open(tmp_path / "b" / "log.jsonl", "a") as f:  # as if killed between a log line and its checkpoint
-        f.write('{"task": "killed", "epoch": 0}\n')
+        f.write('{"step": 999, "task": "killed", "epoch": 0}\n')
     _run(["--resume"], tmp_path, tmp_path / "b")
     resumed = [json.loads(l) for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert resumed == logs  # continued, not restarted, and no line of an epoch the checkpoint does not hold
