@@ -10,7 +10,8 @@ Layouts read (the real ones):
                     sorted category-id order, crowd regions -> 255).
 - Salient objects   an image folder and a mask folder with the same stems (MSRA-B, ECSSD, DUTS, SOD).
 - Pseudo-masks      a folder of 0/255 single-channel PNGs named like the images (MaskContrast's released
-                    `saliency_unsupervised_model` folder has this format).
+                    `saliency_unsupervised_model` folder has this format); make_pseudomasks.py's log_shard*.jsonl
+                    there records the images it wrote no mask for (images_without_mask).
 
     pairs = MaskSplitPairs("VOC2012/JPEGImages", "pseudo_masks/", list_file="train.txt")   # section 3.2
     episodes = FewShotEpisodes("pascal", "VOCdevkit", fold=0, episodes=1000, seed=0)       # section 4
@@ -273,10 +274,22 @@ def voc_paths(root):
 
 
 def voc_split(root, split):
-    """Stems of a VOC split: a name ("train", "val", "train_aug", ...) under ImageSets/Segmentation, or a path."""
+    """Stems of a VOC split: a name ("train", "val", "train_aug", ...) under ImageSets/Segmentation, or a path.
+    "train_aug" without its list file is derived: every image with a class mask that is not in val.txt. With
+    SegmentationClassAug that is the SBD-augmented training set of PASCAL-5i (paper section 4: VOC 2012 plus the
+    extra annotations of Hariharan et al.; 10582 images in the standard download); with only VOC's own
+    SegmentationClass it is VOC's train split."""
     split_path = pathlib.Path(split)
-    if not split_path.is_file():
-        split_path = voc_paths(root)["lists"] / f"{split}.txt"
+    if split_path.is_file():
+        return _read_list(split_path)
+    paths = voc_paths(root)
+    split_path = paths["lists"] / f"{split}.txt"
+    if split == "train_aug" and not split_path.is_file():
+        if not (paths["lists"] / "val.txt").is_file():
+            raise ValueError(f"{paths['lists'] / 'val.txt'}: not found, and train_aug (every masked image not in "
+                             f"val.txt) needs it; pass a list file of training image ids instead")
+        val = set(_read_list(paths["lists"] / "val.txt"))
+        return sorted(p.stem for p in paths["masks"].glob("*.png") if p.stem not in val)
     return _read_list(split_path)
 
 
@@ -394,6 +407,22 @@ def _render_coco_image(coco, img_id, index, ann, out):
     save_png(mask, target)
 
 
+def images_without_mask(masks_dir):
+    """Stems that make_pseudomasks.py recorded in `masks_dir`'s log_shard*.jsonl as having no pseudo-mask (under
+    its --min-fraction salient; MaskContrast leaves such images out). Empty for a folder without such logs. A
+    line cut short by a kill is ignored: that image was not finished and has no record."""
+    stems = set()
+    for log in sorted(pathlib.Path(masks_dir).glob("log_shard*.jsonl")):
+        for line in log.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not record["written"]:
+                stems.add(record["image"])
+    return stems
+
+
 def load_pseudo_mask(masks_dir, image_id, size=None):
     """The pseudo-mask (0/255 PNG) of `image_id` as np.bool_ [H, W]; `size` = (H, W) it must have. Used by the
     saliency baseline of Table 3 (the query's own pseudo-mask is the prediction)."""
@@ -482,16 +511,19 @@ class MaskSplitPairs(torch.utils.data.Dataset):
         self.transform = build_augmentation(image_size, augment, **augment_args)
         self.skip_bad, self.epoch = skip_bad, 0
         image_paths = list_images(images, list_file)
-        mask_paths = _mask_paths(masks, [p.stem for p in image_paths])
+        no_mask = images_without_mask(masks) if mask_source == "pseudo" else set()
+        with_mask = [p for p in image_paths if p.stem not in no_mask]
+        mask_paths = _mask_paths(masks, [p.stem for p in with_mask])
         counts = _cached_scan(f"fg-{mask_source}", mask_paths, self._count, cache_dir, "scanning masks")
         keep = [i for i, p in enumerate(mask_paths) if counts[p.stem] >= max(min_pixels, 1)]
-        self.dropped = sorted({p.stem for p in image_paths} - {image_paths[i].stem for i in keep})
+        self.dropped = sorted({p.stem for p in image_paths} - {with_mask[i].stem for i in keep})
         if self.dropped:
-            warnings.warn(f"{masks}: {len(self.dropped)} of {len(image_paths)} masks are unreadable or have fewer "
-                          f"than {max(min_pixels, 1)} foreground pixels and are left out, e.g. {self.dropped[:3]}")
+            warnings.warn(f"{masks}: {len(self.dropped)} of {len(image_paths)} images are left out (no mask written "
+                          f"by make_pseudomasks.py, or an unreadable mask, or fewer than {max(min_pixels, 1)} "
+                          f"foreground pixels), e.g. {self.dropped[:3]}")
         if not keep:
             raise ValueError(f"{masks}: no mask has foreground pixels")
-        self.images = [image_paths[i] for i in keep]
+        self.images = [with_mask[i] for i in keep]
         self.masks = [mask_paths[i] for i in keep]
 
     def _load_fg(self, path):
@@ -546,7 +578,7 @@ class SupervisedPairs(torch.utils.data.Dataset):
     random other image holding the class with >= min_pixels. Same augmentation as MaskSplitPairs.
     Items: as MaskSplitPairs (query_target 255 = VOC boundary / outside image) plus class_id, support_id."""
 
-    def __init__(self, voc_root, fold, image_size=400, seed=0, split="train", augment=True, min_pixels=2048,
+    def __init__(self, voc_root, fold, image_size=400, seed=0, split="train_aug", augment=True, min_pixels=2048,
                  cache_dir=None, **augment_args):
         paths = voc_paths(voc_root)
         self.images, self.masks = paths["images"], paths["masks"]
@@ -622,7 +654,8 @@ class FewShotEpisodes(torch.utils.data.Dataset):
     pascal: root = VOC tree, split = "val". coco: root holds <split>/ and annotations/instances_<split>.json,
     split=None picks the only one; coco_folds = "interleaved" | "contiguous".
     pseudo_masks: a pseudo-mask folder; items then also have "query_pseudo_mask" [H,W] int64 0/1 (Table 3's
-    saliency baseline: the query's own pseudo-mask is the prediction).
+    saliency baseline: the query's own pseudo-mask is the prediction; all background for an image that
+    make_pseudomasks.py recorded as having no mask).
     Items: query_img [3,S,S], query_mask [S,S] int64 (0/1/255), query_mask_orig [H,W] int64, support_imgs
     [k,3,S,S], support_masks [k,S,S] float, class_id int, query_id str, support_ids list[str], episode int.
     """
@@ -636,6 +669,7 @@ class FewShotEpisodes(torch.utils.data.Dataset):
             raise ValueError("shots and episodes must be >= 1")
         self.dataset, self.fold, self.shots, self.seed = dataset, fold, shots, seed
         self.image_size, self.min_pixels, self.pseudo_masks = image_size, min_pixels, pseudo_masks
+        self.without_pseudo_mask = images_without_mask(pseudo_masks) if pseudo_masks is not None else set()
         if dataset == "pascal":
             paths = voc_paths(root)
             self.image_dir, self.mask_dir, self.num_classes = paths["images"], paths["masks"], VOC_CLASSES
@@ -719,7 +753,10 @@ class FewShotEpisodes(torch.utils.data.Dataset):
         item["support_masks"] = torch.stack([mask_to_tensor(m == 1, S).float() for _, m in support])
         item.update(class_id=c, query_id=query_id, support_ids=support_ids, episode=i)
         if self.pseudo_masks is not None:
-            pm = load_pseudo_mask(self.pseudo_masks, query_id, size=mask.shape)
+            if query_id in self.without_pseudo_mask:
+                pm = np.zeros(mask.shape, bool)
+            else:
+                pm = load_pseudo_mask(self.pseudo_masks, query_id, size=mask.shape)
             item["query_pseudo_mask"] = torch.from_numpy(pm.astype(np.int64))
         return item
 

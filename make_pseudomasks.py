@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets import SalientObjects, save_png
+from datasets import SalientObjects, images_without_mask, save_png
 from model import BASNet, SaliencyNet, load_checkpoint, pick_device
 
 
@@ -121,9 +121,7 @@ def main(argv=None):
     data = SalientObjects(args.images, list_file=args.list, image_size=size)
     k, n = args.shard
     log_path = out / f"log_shard{k}of{n}.jsonl"
-    no_mask = set()
-    if log_path.is_file():
-        no_mask = {r["image"] for r in map(json.loads, log_path.read_text().splitlines()) if not r["written"]}
+    no_mask = images_without_mask(out)
     todo = [i for i in range(k, len(data), n) if data.images[i].stem not in no_mask
             and not (out / f"{data.images[i].stem}.png").is_file()]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, todo), batch_size=args.batch_size,

@@ -1,6 +1,6 @@
 """Stage 4: episodic training of the prototype network (paper sections 3.2, 3.3, 4 "Implementation Details").
 
-    python train_fss.py --images VOC2012/JPEGImages --masks pseudo_masks --list train_aug.txt --out runs/fss
+    python train_fss.py --images VOC2012/JPEGImages --masks pseudo_masks --voc-root VOC2012 --out runs/fss  # train_aug
     python train_fss.py --mask-source gt --voc-root VOCdevkit/VOC2012 --out runs/gt       # Table 2 "groundtruth"
     python train_fss.py --supervised --voc-root VOCdevkit/VOC2012 --fold 0 --out runs/sup  # Table 2 "Supervised"
     python train_fss.py ... --resume                                                       # continue exactly
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets import MaskSplitPairs, SupervisedPairs, fold_train_ids, trim_log, voc_paths, write_json
+from datasets import MaskSplitPairs, SupervisedPairs, fold_train_ids, trim_log, voc_paths, voc_split, write_json
 from masksplit import MaskSplit
 from model import BACKBONES, FSSNet, capture_rng, load_checkpoint, pick_device, restore_rng, save_checkpoint
 
@@ -31,10 +31,11 @@ def get_args(argv=None):
     data.add_argument("--images", help="image folder (self-supervised training on pseudo-masks)")
     data.add_argument("--masks", help="pseudo-mask folder: 0/255 PNGs named like the images")
     data.add_argument("--list", help="file of image ids to train on (default: every image of --images; with "
-                                     "--voc-root: ImageSets/Segmentation/train.txt)")
+                                     "--voc-root: train_aug, VOC 2012 + SBD training images, see datasets.voc_split)")
     data.add_argument("--mask-source", choices=["pseudo", "gt"], default="pseudo",
                       help="gt: union of the VOC ground-truth class masks (Table 2's 'groundtruth' rows)")
-    data.add_argument("--voc-root", help="PASCAL VOC 2012 tree, for --mask-source gt and --supervised")
+    data.add_argument("--voc-root", help="PASCAL VOC 2012 tree: for --mask-source gt, --supervised and --fold; "
+                                         "with pseudo-masks it sets the default --list")
     data.add_argument("--supervised", action="store_true",
                       help="standard fold-based supervised pairs (Table 2's 'Supervised' row); needs --fold")
     data.add_argument("--fold", type=int, choices=[0, 1, 2, 3],
@@ -85,7 +86,7 @@ def get_args(argv=None):
 def build_dataset(args):
     augment = dict(image_size=args.image_size, augment=not args.no_aug, seed=args.seed)
     if args.supervised:
-        return SupervisedPairs(args.voc_root, args.fold, **augment)
+        return SupervisedPairs(args.voc_root, args.fold, split=args.list or "train_aug", **augment)
     if args.split == "none":  # Table 1's first row: only augmentations, the whole mask is support and query
         split = MaskSplit(prob=0.0)
     else:
@@ -94,9 +95,11 @@ def build_dataset(args):
     list_file = args.list
     if args.voc_root is not None:
         voc = voc_paths(args.voc_root)
-        list_file = list_file or voc["lists"] / "train.txt"
+        split_name = list_file or "train_aug"  # section 4: VOC 2012 plus SBD's extra annotations (PASCAL-5i)
         if args.fold is not None:  # fold-based self-supervised training (Table 2): no image with a test class
-            list_file = fold_train_ids(args.voc_root, args.fold, split=list_file)
+            list_file = fold_train_ids(args.voc_root, args.fold, split=split_name)
+        else:
+            list_file = voc_split(args.voc_root, split_name)
     if args.mask_source == "gt":
         return MaskSplitPairs(voc["images"], voc["masks"], list_file=list_file, split=split,
                               mask_source="groundtruth", **augment)

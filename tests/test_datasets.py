@@ -329,6 +329,49 @@ def test_dataloader_workers_give_the_same_pairs(tmp_path):
     assert torch.equal(a["query_img"], b["query_img"]) and torch.equal(a["query_target"], b["query_target"])
 
 
+def test_train_aug_is_every_masked_image_not_in_val(tmp_path):
+    labels = {f"t{i}": block(40, 40, 3, 400) for i in range(5)}
+    voc = write_voc(tmp_path, labels, split="val")
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("t1\nt3\n")
+    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("t0\n")     # VOC's own, smaller train split
+    assert D.voc_split(voc, "train_aug") == ["t0", "t2", "t4"] and D.voc_split(voc, "train") == ["t0"]
+    assert D.fold_train_ids(voc, 1, split="train_aug", cache_dir=tmp_path / "c") == ["t0", "t2", "t4"]
+    (voc / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("t4\nt2\n")  # a list file wins
+    assert D.voc_split(voc, "train_aug") == ["t4", "t2"]
+    (voc / "SegmentationClassAug").rename(voc / "SegmentationClass")         # plain VOC 2012: still derived
+    (voc / "ImageSets" / "Segmentation" / "train_aug.txt").unlink()
+    assert D.voc_split(voc, "train_aug") == ["t0", "t2", "t4"]
+    (voc / "ImageSets" / "Segmentation" / "val.txt").unlink()
+    with pytest.raises(ValueError, match="val.txt"):
+        D.voc_split(voc, "train_aug")
+
+
+@pytest.mark.filterwarnings("ignore:.*give no episodes")
+def test_images_make_pseudomasks_left_without_mask(tmp_path):
+    """make_pseudomasks.py writes no mask for an image under 1% salient and records it in its log: training
+    leaves such images out, the Saliency* baseline predicts all background for them; any other missing mask is
+    still an error, and a log line cut short by a kill is ignored."""
+    labels = {f"im{i}": block(60, 60, 6, 2500) for i in range(4)}
+    voc = write_voc(tmp_path, labels)
+    pseudo = tmp_path / "pseudo"
+    for stem in ("im0", "im2", "im3"):
+        D.save_png(labels[stem] > 0, pseudo / f"{stem}.png")
+    log = [{"image": "im0", "written": True}, {"image": "im1", "written": False}]
+    (pseudo / "log_shard0of2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log) + '{"image": "im2", "wr')
+    (pseudo / "log_shard1of2.jsonl").write_text(json.dumps({"image": "im3", "written": True}) + "\n")
+    assert D.images_without_mask(pseudo) == {"im1"} and D.images_without_mask(tmp_path) == set()
+    with pytest.warns(UserWarning, match="1 of 4 images are left out"):
+        pairs = D.MaskSplitPairs(voc / "JPEGImages", pseudo, image_size=32, cache_dir=tmp_path / "c")
+    assert pairs.dropped == ["im1"] and [p.stem for p in pairs.images] == ["im0", "im2", "im3"]
+    episodes = D.FewShotEpisodes("pascal", voc, 1, episodes=8, image_size=32, cache_dir=tmp_path / "c",
+                                 pseudo_masks=pseudo)
+    predicted = {item["query_id"]: int(item["query_pseudo_mask"].sum()) for item in episodes}
+    assert predicted["im1"] == 0 and all(v == 2500 for k, v in predicted.items() if k != "im1")
+    (pseudo / "im3.png").unlink()                                  # missing, and not recorded as without mask
+    with pytest.raises(ValueError, match="im3.png"):
+        D.MaskSplitPairs(voc / "JPEGImages", pseudo, image_size=32, cache_dir=tmp_path / "c2")
+
+
 def test_groundtruth_union_source_and_fold_training_ids(tmp_path):
     label = np.zeros((70, 70), np.uint8)
     label[5:30, 5:60] = 3
@@ -349,15 +392,17 @@ def test_supervised_pairs_exclude_test_fold(tmp_path):
     labels = {f"s{i}": block(64, 64, [2, 2, 9, 9, 9][i], 2500) for i in range(5)}
     labels["s0"][50:, :] = 255
     voc = write_voc(tmp_path, labels, split="train")
-    ds = D.SupervisedPairs(voc, fold=1, image_size=48, cache_dir=tmp_path / "c")       # fold 1 = 6..10
+    with pytest.raises(ValueError, match="val.txt"):        # the default train_aug cannot be derived without val
+        D.SupervisedPairs(voc, fold=1, cache_dir=tmp_path / "c")
+    ds = D.SupervisedPairs(voc, fold=1, image_size=48, split="train", cache_dir=tmp_path / "c")  # fold 1 = 6..10
     assert ds.classes == [c for c in range(1, 21) if c not in range(6, 11)]
     assert len(ds) == 2 and {c for _, c in ds.items} == {2}
     item = ds[0]
     assert item["class_id"] == 2 and item["support_id"] != item["image_id"]
     assert set(torch.unique(item["query_target"]).tolist()) <= {0, 1, 255} and item["support_mask"].sum() > 0
-    assert {c for _, c in D.SupervisedPairs(voc, fold=0, cache_dir=tmp_path / "c").items} == {9}
+    assert {c for _, c in D.SupervisedPairs(voc, fold=0, split="train", cache_dir=tmp_path / "c").items} == {9}
     with pytest.raises(ValueError, match="fold 1"):
-        D.SupervisedPairs(voc, fold=1, min_pixels=2501, cache_dir=tmp_path / "c")
+        D.SupervisedPairs(voc, fold=1, split="train", min_pixels=2501, cache_dir=tmp_path / "c")
 
 
 def test_salient_objects(tmp_path):
