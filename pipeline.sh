@@ -6,10 +6,15 @@
 #
 # Variables (all optional in demo mode):
 #   RUN   run folder, every intermediate lands here (default runs/demo or runs/full)
-#   MSRA  folder of MSRA-B images (stage 1-2 training images; no masks are read)
-#   VOC   PASCAL VOC 2012 tree (VOCdevkit/VOC2012 with SegmentationClassAug)
-#   COCO  COCO 2014 root (train2014/, val2014/, annotations/instances_{train,val}2014.json); empty = skip COCO
+#   MSRA  folder of MSRA-B images (stage 1-2 training images; no masks are read); MSRA_LIST: optional id list
+#         (DeepUSPS trained on the 2500 images of MSRA-B's train split)
+#   VOC   PASCAL VOC 2012 tree (VOCdevkit/VOC2012 with SegmentationClassAug); stage 4 trains on its train_aug
+#         images (VOC 2012 + SBD, 10582), or on the ids of the file VOC_LIST
+#   COCO  COCO 2014 root (train2014/, val2014/, annotations/instances_{train,val}2014.json); empty = skip COCO;
+#         COCO_TRAIN / COCO_VAL name its two splits (default train2014 / val2014)
 #   BACKBONE (default resnet101), WEIGHTS (imagenet | PATH), DEVICE (auto)
+#   SALIENCY_FLAGS BASNET_FLAGS PSEUDO_FLAGS FSS_FLAGS EVAL_FLAGS: extra flags of each stage, appended last so
+#         they override the mode's own, e.g. FSS_FLAGS="--batch-size 8" for a smaller GPU
 # A stage whose output is complete is skipped (RUN/done/<stage>); the training stages always run with --resume
 # (from their last.pt if there is one) and make_pseudomasks.py skips the masks it already wrote, so rerunning
 # after a crash continues where it stopped.
@@ -41,6 +46,7 @@ if [[ $mode == demo ]]; then
   # small settings: a CPU finishes the whole demo in minutes; the numbers are demo numbers, not the paper's
   saliency_flags=(--prior-size 128 --image-size 128 --rounds 2 --epochs 3 --batch-size 8)
   basnet_flags=(--iters 60 --size 64 --crop 56 --weights none --save-every 20)
+  pseudo_flags=()
   fss_flags=(--image-size 160 --batch-size 8 --epochs 8 --workers 1)
   eval_flags=(--image-size 160 --runs 1 --episodes 300 --workers 1)
 else
@@ -50,10 +56,18 @@ else
   WEIGHTS=${WEIGHTS:-imagenet}
   saliency_flags=()
   basnet_flags=()
+  pseudo_flags=()
   fss_flags=()
   eval_flags=()
 fi
-VOC_LIST=$VOC/ImageSets/Segmentation/train.txt
+if [[ -n ${MSRA_LIST:-} ]]; then saliency_flags+=(--list "$MSRA_LIST"); basnet_flags+=(--list "$MSRA_LIST"); fi
+voc_list=()
+if [[ -n ${VOC_LIST:-} ]]; then voc_list=(--list "$VOC_LIST"); fi
+read -ra more <<< "${SALIENCY_FLAGS:-}"; saliency_flags+=("${more[@]}")
+read -ra more <<< "${BASNET_FLAGS:-}"; basnet_flags+=("${more[@]}")
+read -ra more <<< "${PSEUDO_FLAGS:-}"; pseudo_flags+=("${more[@]}")
+read -ra more <<< "${FSS_FLAGS:-}"; fss_flags+=("${more[@]}")
+read -ra more <<< "${EVAL_FLAGS:-}"; eval_flags+=("${more[@]}")
 
 # 1. unsupervised saliency (DeepUSPS style), 2. BAS-Net on its labels
 stage saliency python saliency_train.py --images "$SAL_IMAGES" --out "$RUN/deepusps" --backbone "$BACKBONE" \
@@ -63,12 +77,12 @@ stage basnet python basnet_train.py --images "$SAL_IMAGES" --labels "$RUN/deepus
 
 # 3. pseudo-masks over every PASCAL image (train images for stage 4; val images for the Saliency* baseline)
 stage pseudomasks_voc python make_pseudomasks.py --checkpoint "$RUN/basnet/last.pt" --images "$VOC/JPEGImages" \
-  --out "$RUN/pseudomasks/voc" --device "$DEVICE"
+  --out "$RUN/pseudomasks/voc" --device "$DEVICE" "${pseudo_flags[@]}"
 
-# 4. MaskSplit training on the PASCAL train images (all folds: Table 1 / Table 3 "Ours"), 5. one-shot evaluation
-stage fss_voc python train_fss.py --images "$VOC/JPEGImages" --masks "$RUN/pseudomasks/voc" --list "$VOC_LIST" \
-  --backbone "$BACKBONE" --weights "$WEIGHTS" --device "$DEVICE" --out "$RUN/fss_voc" "${fss_flags[@]}" \
-  --resume
+# 4. MaskSplit training on the PASCAL training images (all folds: Table 1 / Table 3 "Ours"), 5. one-shot evaluation
+stage fss_voc python train_fss.py --images "$VOC/JPEGImages" --masks "$RUN/pseudomasks/voc" --voc-root "$VOC" \
+  "${voc_list[@]}" --backbone "$BACKBONE" --weights "$WEIGHTS" --device "$DEVICE" --out "$RUN/fss_voc" \
+  "${fss_flags[@]}" --resume
 stage eval_voc python evaluate.py fss --checkpoint "$RUN/fss_voc/last.pt" --dataset pascal --root "$VOC" \
   --fold all --device "$DEVICE" --out "$RUN/results_voc.json" "${eval_flags[@]}"
 stage eval_voc_saliency python evaluate.py fss --baseline saliency --masks "$RUN/pseudomasks/voc" --dataset pascal \
@@ -77,26 +91,34 @@ stage eval_voc_foreground python evaluate.py fss --baseline foreground --dataset
   --fold all --out "$RUN/results_voc_foreground.json" "${eval_flags[@]}"
 
 if [[ $mode == full && -n ${COCO:-} ]]; then
+  COCO_TRAIN=${COCO_TRAIN:-train2014}
+  COCO_VAL=${COCO_VAL:-val2014}
   stage pseudomasks_coco python make_pseudomasks.py --checkpoint "$RUN/basnet/last.pt" \
-    --images "$COCO/train2014" --out "$RUN/pseudomasks/coco_train" --device "$DEVICE"
+    --images "$COCO/$COCO_TRAIN" --out "$RUN/pseudomasks/coco_train" --device "$DEVICE" "${pseudo_flags[@]}"
   stage pseudomasks_coco_val python make_pseudomasks.py --checkpoint "$RUN/basnet/last.pt" \
-    --images "$COCO/val2014" --out "$RUN/pseudomasks/coco_val" --device "$DEVICE"
-  stage fss_coco python train_fss.py --images "$COCO/train2014" --masks "$RUN/pseudomasks/coco_train" \
+    --images "$COCO/$COCO_VAL" --out "$RUN/pseudomasks/coco_val" --device "$DEVICE" "${pseudo_flags[@]}"
+  # Table 4: 20 epochs on COCO (section 4); FSS_FLAGS come after, so they override this too
+  stage fss_coco python train_fss.py --images "$COCO/$COCO_TRAIN" --masks "$RUN/pseudomasks/coco_train" \
     --epochs 20 --backbone "$BACKBONE" --weights "$WEIGHTS" --device "$DEVICE" --out "$RUN/fss_coco" \
-    --resume
+    "${fss_flags[@]}" --resume
   stage eval_coco python evaluate.py fss --checkpoint "$RUN/fss_coco/last.pt" --dataset coco --root "$COCO" \
-    --split val2014 --fold all --device "$DEVICE" --out "$RUN/results_coco.json"
+    --split "$COCO_VAL" --fold all --device "$DEVICE" --out "$RUN/results_coco.json" "${eval_flags[@]}"
   stage eval_coco_saliency python evaluate.py fss --baseline saliency --masks "$RUN/pseudomasks/coco_val" \
-    --dataset coco --root "$COCO" --split val2014 --fold all --out "$RUN/results_coco_saliency.json"
+    --dataset coco --root "$COCO" --split "$COCO_VAL" --fold all --out "$RUN/results_coco_saliency.json" \
+    "${eval_flags[@]}"
 fi
 
 python - "$RUN" <<'PY'
-import json, sys
+import json, os, sys
 run = sys.argv[1]
-rows = [("MaskSplit (ours)", "results_voc.json"), ("Saliency* baseline", "results_voc_saliency.json"),
-        ("all-foreground", "results_voc_foreground.json")]
-print(f"\nPASCAL-5i one-shot mIoU, mean over folds ({run}):")
-for name, file in rows:
-    mean = json.load(open(f"{run}/{file}"))["mean"]
-    print(f"  {name:20s} {100 * mean['miou']:5.1f}")
+tables = [("PASCAL-5i", [("MaskSplit (ours)", "results_voc.json"), ("Saliency* baseline", "results_voc_saliency.json"),
+                         ("all-foreground", "results_voc_foreground.json")]),
+          ("COCO-20i", [("MaskSplit (ours)", "results_coco.json"), ("Saliency* baseline", "results_coco_saliency.json")])]
+for dataset, rows in tables:
+    if not os.path.isfile(f"{run}/{rows[0][1]}"):
+        continue
+    print(f"\n{dataset} one-shot mIoU, mean over folds ({run}):")
+    for name, file in rows:
+        mean = json.load(open(f"{run}/{file}"))["mean"]
+        print(f"  {name:20s} {100 * mean['miou']:5.1f}")
 PY

@@ -1,0 +1,59 @@
+"""pipeline.sh full on tiny data written in the real layouts (a salient-image folder for stages 1-2, a VOC 2012
+tree, a COCO split with its instances JSON): every stage runs with the flags given per stage, PASCAL and COCO
+results are written and summarised, and a rerun skips every finished stage."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from datasets import make_demo_data
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["saliency", "basnet", "pseudomasks_voc", "fss_voc", "eval_voc", "eval_voc_saliency", "eval_voc_foreground",
+          "pseudomasks_coco", "pseudomasks_coco_val", "fss_coco", "eval_coco", "eval_coco_saliency"]
+
+
+def run_pipeline(env):
+    out = subprocess.run(["bash", str(ROOT / "pipeline.sh"), "full"], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="pipeline.sh needs bash")
+def test_full_mode_runs_every_stage_and_a_rerun_skips_them(tmp_path):
+    data = make_demo_data(tmp_path / "data", train_images=20, val_images=40, salient_images=8, coco_images=16)
+    run = tmp_path / "run"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               OMP_NUM_THREADS="1", RUN=str(run), MSRA=str(data["salient_images"]), VOC=str(data["voc"]),
+               COCO=str(data["coco"]), COCO_TRAIN=data["coco_split"], COCO_VAL=data["coco_split"],
+               BACKBONE="efficientnet_lite0", WEIGHTS="none", DEVICE="cpu",
+               SALIENCY_FLAGS="--prior-size 48 --superpixels 40 --image-size 32 --rounds 1 --epochs 1",
+               BASNET_FLAGS="--iters 2 --size 32 --crop 24 --batch-size 2 --weights none --save-every 1",
+               PSEUDO_FLAGS="--threshold 0.2",
+               FSS_FLAGS="--image-size 64 --batch-size 4 --epochs 1 --workers 0",
+               EVAL_FLAGS="--image-size 64 --runs 1 --episodes 4 --workers 0 --fold 0")
+    first = run_pipeline(env)
+    assert sorted(p.name for p in (run / "done").iterdir()) == sorted(STAGES)
+    # each stage's command line is echoed, with its own extra flags last (they override the mode's defaults)
+    assert "+ python saliency_train.py" in first and "--rounds 1 --epochs 1 --resume" in first
+    assert "--epochs 20 --backbone efficientnet_lite0" in first and "--epochs 1 --workers 0 --resume" in first
+    voc_images = len(list((data["voc"] / "JPEGImages").glob("*.jpg")))
+    pseudo = run / "pseudomasks" / "voc"
+    records = [json.loads(line) for log in pseudo.glob("log_shard*.jsonl") for line in log.read_text().splitlines()]
+    assert len(records) == voc_images and len(list(pseudo.glob("*.png"))) == sum(r["written"] for r in records)
+    for name in ("results_voc", "results_voc_saliency", "results_voc_foreground", "results_coco",
+                 "results_coco_saliency"):
+        result = json.loads((run / f"{name}.json").read_text())
+        assert 0.0 <= result["mean"]["miou"] <= 1.0 and [k for k in result if k.startswith("fold")] == ["fold0"], name
+    assert "PASCAL-5i one-shot mIoU" in first and "COCO-20i one-shot mIoU" in first
+    summary = first[first.index("PASCAL-5i one-shot mIoU"):]
+
+    second = run_pipeline(env)
+    assert [line for line in second.splitlines() if line.startswith("[skip]")] == \
+        [f"[skip] {name}: complete in {run}" for name in STAGES]
+    assert "+ python" not in second and second[second.index("PASCAL-5i one-shot mIoU"):] == summary
