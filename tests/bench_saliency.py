@@ -1,6 +1,8 @@
 """Speed of the saliency priors and of BAS-Net (run by hand; not collected by pytest).
 
-    python tests/bench_saliency.py [--images DIR] [--size 128] [--batch 16] [--threads 1]
+    python tests/bench_saliency.py [--images DIR] [--size 128] [--batch 16] [--threads 1] [--device cuda]
+
+On the CPU the figures are CPU time of this process; on CUDA, wall time with the device synchronised.
 """
 import argparse
 import sys
@@ -22,36 +24,46 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--superpixels", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--basnet-crop", type=int, default=64)
+    p.add_argument("--basnet-crop", type=int, default=64, help="BAS-Net's own training crop is 224")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    device = model.pick_device(args.device)
+    kind = "CPU" if device.type == "cpu" else "wall"
+
+    def clock():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return time.process_time()
     if args.images:
         x = torch.stack([st._load_rgb(q, args.size)[0] for q in list_images(args.images)[:args.batch]])
     else:
         x = torch.rand(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    x = x.to(device)
     st.compute_priors(x[:2], n_segments=args.superpixels)  # warm-up
     for name in st.PRIORS:
-        t = time.process_time()
+        t = clock()
         st.compute_priors(x, [name], n_segments=args.superpixels)
-        print(f"{name}: {(time.process_time() - t) / len(x) * 1000:.0f} ms CPU/image at {args.size}px "
+        print(f"{name}: {(clock() - t) / len(x) * 1000:.0f} ms {kind}/image at {args.size}px "
               f"(batch {len(x)}, {args.threads} thread(s))")
-    net = model.BASNet(weights="none")
+    net = model.BASNet(weights="none").to(device)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     c = args.basnet_crop
-    xb, yb = torch.randn(8, 3, c, c), (torch.rand(8, 1, c, c) > 0.5).float()
+    xb, yb = torch.randn(8, 3, c, c, device=device), (torch.rand(8, 1, c, c, device=device) > 0.5).float()
     for i in range(3):
-        t = time.process_time()
+        t = clock()
         loss = model.hybrid_loss(net(xb), yb)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if i == 2:
-            print(f"BAS-Net train step, batch 8 at {c}px: {time.process_time() - t:.2f} s CPU")
+            print(f"BAS-Net train step, batch 8 at {c}px: {clock() - t:.2f} s {kind}")
     net.eval()
     with torch.no_grad():
-        t = time.process_time()
-        net(torch.randn(8, 3, 256, 256))
-        print(f"BAS-Net inference at 256px: {(time.process_time() - t) / 8 * 1000:.0f} ms CPU/image")
+        t = clock()
+        net(torch.randn(8, 3, 256, 256, device=device))
+        print(f"BAS-Net inference at 256px: {(clock() - t) / 8 * 1000:.0f} ms {kind}/image")
 
 
 if __name__ == "__main__":
