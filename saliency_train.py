@@ -259,12 +259,89 @@ def compute_priors(rgb, names=PRIORS, n_segments=200, rbd_bg_lambda=1.0):
     return out
 
 
-# ---- DeepUSPS training: per-prior networks with self-supervised target refinement, then fusion ----
+# ---- dense CRF (Krähenbühl & Koltun, NeurIPS 2011), as DeepUSPS applies it to every prediction ----
 
-def refine_targets(targets, prediction, momentum=0.7):
-    """DeepUSPS moving-average refinement after every epoch: momentum * old target + (1 - momentum) * prediction.
-    Returns a new tensor (the caller's targets are not modified)."""
-    return momentum * targets + (1 - momentum) * prediction
+def _symmetric_filter(kernel_apply, q, ones_response):
+    """pydensecrf's NORMALIZE_SYMMETRIC: D^-1/2 K D^-1/2 q with D = K 1 (the pixel itself included)."""
+    norm = ones_response.clamp_min(1e-20).rsqrt()
+    return norm * kernel_apply(norm * q)
+
+
+def _gaussian_blur(x, sigma):
+    """Separable Gaussian filter of [B,H,W] maps (zero outside the image), sigma in pixels."""
+    radius = max(1, math.ceil(3 * sigma))
+    g = torch.exp(-torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device) ** 2 / (2 * sigma ** 2))
+    x = F.conv2d(x[:, None], g.view(1, 1, 1, -1), padding=(0, radius))
+    return F.conv2d(x, g.view(1, 1, -1, 1), padding=(radius, 0))[:, 0]
+
+
+def _bilateral_kernel(feats, src):
+    """exp(-|f_i - f_j|^2 / 2) between every pixel feature feats [N,D] and the sources feats[src] -> [N,S],
+    computed in place (it is the largest array of the CRF)."""
+    k = feats @ feats[src].T
+    k.sub_(0.5 * (feats * feats).sum(1, keepdim=True)).sub_(0.5 * (feats[src] * feats[src]).sum(1)[None])
+    return k.clamp_(-40, 0).exp_()  # below -40 the kernel is 0 to float precision (and exp of it is slow)
+
+
+def dense_crf(prob, rgb, iters=5, gauss_sxy=3.0, gauss_compat=3.0, bil_sxy=80.0, bil_srgb=13.0, bil_compat=10.0,
+              reference_size=432, max_sources=256):
+    """Mean-field inference of the fully connected two-label CRF, DeepUSPS's parameters (Gaussian kernel sxy 3,
+    compat 3; bilateral kernel sxy 80, srgb 13, compat 10; 5 iterations; Potts; symmetric normalisation).
+    prob [B,H,W] saliency in [0,1], rgb [B,3,H,W] in [0,1] -> refined saliency [B,H,W] (a new tensor).
+
+    Unary -log p. Spatial sigmas are in pixels of DeepUSPS's 432 px maps and scaled to this map's size. The
+    bilateral kernel (position + colour) is evaluated exactly between every pixel and a regular grid of at most
+    max_sources source pixels, each standing for its grid cell: O(HW x sources) instead of O((HW)^2)."""
+    b, h, w = prob.shape
+    scale = max(h, w) / reference_size
+    ys, xs = torch.meshgrid(torch.arange(h, device=prob.device, dtype=torch.float32),
+                            torch.arange(w, device=prob.device, dtype=torch.float32), indexing="ij")
+    step = max(1, math.ceil(math.sqrt(h * w / max_sources)))
+    src = ((ys % step == step // 2) & (xs % step == step // 2)).flatten().nonzero()[:, 0]  # grid of sources
+    pos = torch.stack([ys, xs], -1).flatten(0, 1) / (bil_sxy * scale)
+    out = []
+    for p, image in zip(prob.float().clamp(1e-5, 1 - 1e-5), rgb.float()):
+        kernel = _bilateral_kernel(torch.cat([pos, image.flatten(1).T * (255 / bil_srgb)], 1), src) * step ** 2
+
+        def bil(q):  # [1,H,W] -> bilateral filter response [1,H,W]
+            return (kernel @ q.flatten()[src]).view(1, h, w)
+
+        def gauss(q):
+            return _gaussian_blur(q, gauss_sxy * scale)
+
+        ones = torch.ones(1, h, w, device=p.device)
+        ones_bil, ones_gauss = bil(ones), gauss(ones)
+        m_bil1, m_gauss1 = _symmetric_filter(bil, ones, ones_bil), _symmetric_filter(gauss, ones, ones_gauss)
+        unary_logit = (torch.log(p) - torch.log1p(-p))[None]  # -U(fg) + U(bg)
+        q = p[None]
+        for _ in range(iters):
+            # Potts: label l gains compat x (filtered Q of l); fg - bg, with Q(bg) = 1 - Q(fg) and linear filters
+            m_bil = 2 * _symmetric_filter(bil, q, ones_bil) - m_bil1
+            m_gauss = 2 * _symmetric_filter(gauss, q, ones_gauss) - m_gauss1
+            q = torch.sigmoid(unary_logit + gauss_compat * m_gauss + bil_compat * m_bil)
+        out.append(q[0])
+    return torch.stack(out)
+
+
+# ---- DeepUSPS training: per-prior networks with self-supervised label refinement, then fusion ----
+
+def f_measure_loss(prob, target, beta2=1.0, eps=1e-5):
+    """DeepUSPS's continuous F-measure loss: 1 - F_beta from soft TP / FP / FN per image, mean over the batch.
+    prob, target [B,H,W] in [0,1]; beta2 weighs recall (DeepUSPS: 1 per prior, 4 for the fusion)."""
+    tp = (prob * target).flatten(1).sum(1)
+    fp = (prob * (1 - target)).flatten(1).sum(1)
+    fn = ((1 - prob) * target).flatten(1).sum(1)
+    precision, recall = tp / (tp + fp + eps), tp / (tp + fn + eps)
+    return (1 - (1 + beta2) * precision * recall / (beta2 * precision + recall + eps)).mean()
+
+
+def update_moving_average(average, crf_map, momentum, epoch):
+    """DeepUSPS's moving average of the CRF-refined predictions, after epoch `epoch` (1-based):
+    mva <- momentum * mva + (1 - momentum) * crf_map from mva = 0, divided by 1 - momentum^epoch (bias
+    correction, as in Adam) so that a round of few epochs is not pulled towards 0. DeepUSPS's 25 epochs make the
+    two differ by at most 0.7^25 < 2e-4. average is ignored at epoch 1. Returns a new tensor."""
+    keep = momentum * (1 - momentum ** (epoch - 1))
+    return (keep * average + (1 - momentum) * crf_map) / (1 - momentum ** epoch)
 
 
 def _load_rgb(path, size):
@@ -291,27 +368,34 @@ def write_priors(paths, out, names, size, n_segments, batch_size, device, rbd_bg
                 save_png(_to_png_array(m[j], batch[j][1]), out / "priors" / name / f"{p.stem}.png")
 
 
-def load_prior_maps(paths, out, name, size):
-    """The written prior maps resized to the training size -> [N,size,size] float in [0,1]."""
+def read_maps(folder, stems, size):
+    """Saliency maps OUT/.../<stem>.png (0..255) resized to the training size -> [N,size,size] float in [0,1]."""
     maps = []
-    for p in paths:
-        arr = np.asarray(load_image(out / "priors" / name / f"{p.stem}.png").convert("L"), dtype=np.float32) / 255
+    for stem in stems:
+        arr = np.asarray(load_image(folder / f"{stem}.png").convert("L"), dtype=np.float32) / 255
         maps.append(F.interpolate(torch.from_numpy(arr)[None, None], size=(size, size), mode="bilinear",
                                   align_corners=False)[0, 0])
     return torch.stack(maps)
 
 
-class Features:
-    """The frozen backbone's three feature maps per image, by index: computed once and kept in memory (default),
-    or, with cache=False, recomputed for every batch (for datasets whose features do not fit in memory)."""
+def write_maps(maps, folder, stems):
+    """[N,S,S] maps in [0,1] -> folder/<stem>.png (0..255, atomic), at the training size."""
+    for m, stem in zip(maps, stems):
+        save_png((m.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy(), folder / f"{stem}.png")
 
-    def __init__(self, net, paths, size, batch_size, device, cache=True):
+
+class Features:
+    """The frozen backbone's three feature maps per image, by index. The first images' features are kept (fp16,
+    on the device) up to cache_bytes; the others are recomputed for every batch, so memory stays bounded
+    whatever the number of images."""
+
+    def __init__(self, net, paths, size, batch_size, device, cache_bytes):
         self.net, self.paths, self.size, self.device = net, paths, size, device
-        self.cache = None
-        if cache:
-            chunks = [self._compute(range(i, min(i + batch_size, len(paths))))
-                      for i in tqdm(range(0, len(paths), batch_size), desc="features")]
-            self.cache = [torch.cat(level) for level in zip(*chunks)]
+        per_image = sum(f.numel() * 2 for f in self._compute([0]))
+        self.cached = min(len(paths), int(cache_bytes // per_image))
+        chunks = [self._compute(range(i, min(i + batch_size, self.cached)))
+                  for i in tqdm(range(0, self.cached, batch_size), desc="features", disable=not self.cached)]
+        self.cache = [torch.cat(level) for level in zip(*chunks)] if chunks else None
 
     def __len__(self):
         return len(self.paths)
@@ -319,42 +403,67 @@ class Features:
     @torch.no_grad()
     def _compute(self, idx):
         x = torch.stack([image_to_tensor(load_image(self.paths[i]), self.size) for i in idx]).to(self.device)
-        return [f.float().cpu() for f in self.net.backbone(x)]
+        return [f.half() for f in self.net.backbone(x)]
 
     def __getitem__(self, idx):
-        """idx: 1-D index tensor -> list of three [len(idx),C,h,w] tensors on the device."""
-        feats = [f[idx] for f in self.cache] if self.cache is not None else self._compute(idx.tolist())
-        return [f.to(self.device) for f in feats]
+        """idx: list of image indices -> list of three float [len(idx),C,h,w] tensors on the device."""
+        if all(i < self.cached for i in idx):
+            feats = [f[torch.as_tensor(idx, device=f.device)] for f in self.cache]
+        else:
+            feats = self._compute(idx)
+        return [f.float() for f in feats]
+
+
+def batches(n, batch_size, generator=None):
+    """Index batches over n images: a seeded permutation with a generator, in order without."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    return [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
 
 
 @torch.no_grad()
-def predict(net, feats, size, batch_size):
-    """Sigmoid saliency [N,size,size] of every image."""
+def predict(net, feats, idx, size):
+    """Sigmoid saliency [len(idx),size,size] of the images idx."""
     net.eval()
-    order = torch.arange(len(feats))
-    return torch.cat([torch.sigmoid(net.decode(feats[order[i:i + batch_size]], (size, size))).float().cpu()
-                      for i in range(0, len(feats), batch_size)])
+    return torch.sigmoid(net.decode(feats[idx], (size, size)).float())
 
 
-def train_epoch(net, opt, feats, targets, size, batch_size, generator, device):
-    """One epoch over the images' features; targets [P,N,S,S] (P label sets, loss averaged over them). Mean loss."""
+def train_epoch(net, opt, feats, target_dirs, stems, args, beta2, generator):
+    """One epoch over the images on fixed targets: the maps in target_dirs binarised at their threshold (one label
+    set per directory; the loss is averaged over them). target_dirs: list of (folder, threshold). Mean loss."""
     net.train()
-    order = torch.randperm(len(feats), generator=generator)
+    size, device = args.image_size, next(net.parameters()).device
     total = 0.0
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
+    for idx in batches(len(stems), args.batch_size, generator):
+        names = [stems[i] for i in idx]
+        targets = [(read_maps(d, names, size) >= t).float().to(device) for d, t in target_dirs]
         with torch.autocast(device.type, enabled=device.type == "cuda"):
             logits = net.decode(feats[idx], (size, size))
-        tgt = targets[:, idx].to(device)
-        loss = torch.stack([F.binary_cross_entropy_with_logits(logits.float(), t) for t in tgt]).mean()
+        logits = logits.float()
+        if args.loss == "fmeasure":
+            loss = torch.stack([f_measure_loss(torch.sigmoid(logits), t, beta2) for t in targets]).mean()
+        else:
+            loss = torch.stack([F.binary_cross_entropy_with_logits(logits, t) for t in targets]).mean()
         if not torch.isfinite(loss):
-            raise SystemExit(f"error: non-finite loss ({loss.item()}) at batch {i // batch_size}; "
-                             f"stopping without writing a checkpoint")
+            raise SystemExit(f"error: non-finite loss ({loss.item()}); stopping without writing a checkpoint")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         total += loss.item() * len(idx)
-    return total / len(order)
+    return total / len(stems)
+
+
+def refine(net, feats, paths, args, epoch, previous_dir, out_dir):
+    """After an epoch: every image's prediction, through the dense CRF (--crf), updates the moving average
+    (previous_dir -> out_dir, PNG files: the average never lives in memory or in the checkpoint)."""
+    stems = [p.stem for p in paths]
+    for idx in batches(len(paths), args.batch_size):
+        pred = predict(net, feats, idx, args.image_size)
+        if args.crf:
+            rgb = torch.stack([_load_rgb(paths[i], args.image_size)[0] for i in idx]).to(pred.device)
+            pred = dense_crf(pred, rgb)
+        names = [stems[i] for i in idx]
+        previous = read_maps(previous_dir, names, args.image_size).to(pred.device) if epoch > 1 else pred
+        write_maps(update_moving_average(previous, pred, args.momentum, epoch), out_dir, names)
 
 
 def decoder_state(net):
@@ -377,17 +486,25 @@ def parse_args(argv=None):
     p.add_argument("--backbone", default="resnet101", choices=BACKBONES)
     p.add_argument("--weights", default="imagenet", help="imagenet | none | PATH (backbone weights)")
     p.add_argument("--image-size", type=int, default=320, help="square training size of the saliency networks")
-    p.add_argument("--rounds", type=int, default=3, help="DeepUSPS refinement rounds per prior")
-    p.add_argument("--epochs", type=int, default=10, help="epochs per round and for the fusion network")
-    p.add_argument("--momentum", type=float, default=0.7, help="target <- momentum * target + (1-momentum) * pred")
-    p.add_argument("--threshold", type=float, default=0.5, help="binarisation of refined targets (rounds 2+)")
+    p.add_argument("--rounds", type=int, default=3, help="DeepUSPS refinement rounds per prior (DeepUSPS: 3)")
+    p.add_argument("--epochs", type=int, default=25, help="epochs per refinement round (DeepUSPS: 25)")
+    p.add_argument("--fusion-epochs", type=int, default=None,
+                   help="epochs of the fusion network (DeepUSPS: 200; default: --epochs)")
+    p.add_argument("--momentum", type=float, default=0.7, help="moving average: momentum * mva + (1-momentum) * crf")
+    p.add_argument("--threshold", type=float, default=0.5, help="binarisation of the moving averages (rounds 2+)")
+    p.add_argument("--loss", default="fmeasure", choices=("fmeasure", "bce"),
+                   help="DeepUSPS's continuous F-measure loss, or per-pixel BCE")
+    p.add_argument("--beta2", type=float, default=1.0, help="F-measure loss weight of recall per prior (DeepUSPS 1)")
+    p.add_argument("--fusion-beta2", type=float, default=4.0, help="the same for the fusion network (DeepUSPS 4)")
+    p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=True,
+                   help="dense CRF on the predictions before the moving average and on the final maps (DeepUSPS)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--no-cache", action="store_true",
-                   help="recompute backbone features every batch instead of keeping them in memory")
+    p.add_argument("--feature-cache-gb", type=float, default=4.0,
+                   help="keep at most this much of the frozen backbone's features (fp16); recompute the rest")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the decoder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt at its last finished epoch")
     args = p.parse_args(argv)
     args.priors = [n.strip() for n in args.priors.split(",") if n.strip()]
     if not args.priors or set(args.priors) - set(PRIORS):
@@ -401,7 +518,76 @@ def parse_args(argv=None):
             except ValueError:
                 p.error(f"--prior-thresholds: {item!r} is not name=value")
     args.prior_thresholds = thresholds
+    args.fusion_epochs = args.fusion_epochs or args.epochs
     return args
+
+
+class Progress:
+    """Where the run stands: finished (task, epoch) pairs in OUT/last.pt with the decoder and optimizer of the
+    task in progress; a task is one refinement round of one prior, or the fusion. On --resume, finished tasks are
+    skipped (their outputs are files) and the task in progress continues after its last finished epoch."""
+
+    def __init__(self, out, args, paths, config, resume):
+        self.path, self.log_path = out / "last.pt", out / "log.jsonl"
+        self.config, self.args, self.stems = config, args, [p.stem for p in paths]
+        self.task, self.epoch, self.model, self.optimizer, self.log_lines = 0, 0, None, None, 0
+        if resume and self.path.is_file():
+            ck = load_checkpoint(self.path)
+            if ck["kind"] != "saliency" or ck.get("stems") != self.stems or ck["config"] != config:
+                raise SystemExit(f"error: {self.path} belongs to another run (other images or network); "
+                                 f"use another --out or drop --resume")
+            self.task, self.epoch, self.log_lines = ck["task"], ck["epoch"], ck["log_lines"]
+            self.model, self.optimizer = ck["model"], ck["optimizer"]
+            restore_rng(ck["rng"])
+        trim_log(self.log_path, self.log_lines)  # drop epochs logged after the checkpoint (a kill between the two)
+
+    def start(self, task, net, opt, init):
+        """First epoch to run of task number `task` (the decoder and optimizer set accordingly), or None if done."""
+        if task < self.task:
+            return None
+        if task == self.task and self.model is not None:
+            net.load_state_dict(self.model, strict=False)
+            opt.load_state_dict(self.optimizer)
+            return self.epoch
+        net.load_state_dict(init, strict=False)  # every task starts from the same seeded decoder
+        return 0
+
+    def epoch_done(self, task, epoch, net, opt, record):
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps({"step": self.log_lines + 1, **record}) + "\n")
+        self.task, self.epoch, self.log_lines = task, epoch, self.log_lines + 1
+        save_checkpoint(self.path, kind="saliency", config=self.config, model=decoder_state(net),
+                        optimizer=opt.state_dict(), task=task, epoch=epoch, log_lines=self.log_lines,
+                        rng=capture_rng(), args=vars(self.args), stems=self.stems)
+
+
+def mva_dir(out, name, rnd, epoch):
+    """Moving averages of prior `name`'s round rnd (0-based) after `epoch` epochs: two folders used in turn, so that
+    a kill while one is written leaves the other, which the checkpoint points to, intact."""
+    return out / "refine" / name / f"round{rnd + 1}" / f"mva{epoch % 2}"
+
+
+def train_network(net, feats, paths, args, progress, task, init, name, target_dirs, epochs, beta2, refine_to=None):
+    """Train a fresh decoder on fixed targets for `epochs` epochs (resuming where progress says); with refine_to =
+    (out, prior, round), update the moving averages after every epoch (DeepUSPS)."""
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=args.lr)
+    first = progress.start(task, net, opt, init)
+    if first is None:
+        return
+    generator = torch.Generator().manual_seed(args.seed * 100003 + task)
+    for _ in range(first):  # the batch orders of the finished epochs, as in an uninterrupted run
+        torch.randperm(len(paths), generator=generator)
+    stems = [p.stem for p in paths]
+    bar = tqdm(range(first, epochs), desc=name if refine_to is None else f"{name} round {refine_to[2] + 1}")
+    for epoch in bar:
+        loss = train_epoch(net, opt, feats, target_dirs, stems, args, beta2, generator)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if refine_to is not None:
+            out, prior, rnd = refine_to
+            refine(net, feats, paths, args, epoch + 1, mva_dir(out, prior, rnd, epoch), mva_dir(out, prior, rnd,
+                                                                                                 epoch + 1))
+        progress.epoch_done(task, epoch + 1, net, opt, {"task": name, "round": (refine_to or (0, 0, 0))[2] + 1,
+                                                        "epoch": epoch + 1, "loss": loss})
 
 
 def main(argv=None):
@@ -417,66 +603,44 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     net = SaliencyNet(args.backbone, args.weights).to(device)
-    init = decoder_state(net)  # every task starts from the same seeded decoder
-    size = args.image_size
-    config = {**net.config, "image_size": size}
-    priors = {n: load_prior_maps(paths, out, n, size) for n in args.priors}
-    tasks = [(n, r) for n in args.priors for r in range(args.rounds)] + [("fusion", 0)]
-    state = {"task": 0, "epoch": 0, "targets": None, "refined": {}, "optimizer": None, "log_lines": 0}
-    ckpt_path, log_path = out / "last.pt", out / "log.jsonl"
-    if args.resume and ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path)
-        if ck["kind"] != "saliency" or ck.get("stems") != [p.stem for p in paths] or ck["config"] != config:
-            raise SystemExit(f"error: {ckpt_path} belongs to another run (other images or network); "
-                             f"use another --out or drop --resume")
-        state = ck["state"]
-        restore_rng(ck["rng"])
-        net.load_state_dict(ck["model"], strict=False)  # the decoder of the interrupted task (or the fused one)
-    trim_log(log_path, state["log_lines"])  # drop epochs logged after the checkpoint (a kill between the two)
-    feats = Features(net, paths, size, args.batch_size, device, cache=not args.no_cache)
+    init = decoder_state(net)
+    config = {**net.config, "image_size": args.image_size}
+    progress = Progress(out, args, paths, config, args.resume)
+    feats = Features(net, paths, args.image_size, args.batch_size, device, args.feature_cache_gb * 2 ** 30)
 
-    while state["task"] < len(tasks):
-        name, rnd = tasks[state["task"]]
-        if state["targets"] is None:  # a task starts: fresh decoder, its binarised label set(s)
-            net.load_state_dict(init, strict=False)
-            if name == "fusion":
-                state["targets"] = torch.stack([(state["refined"][n] >= args.threshold).float() for n in args.priors])
-            elif rnd == 0:
-                state["targets"] = (priors[name] >= args.prior_thresholds[name]).float()[None]
-            else:
-                state["targets"] = (state["refined"][name] >= args.threshold).float()[None]
-        opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=args.lr)
-        if state["optimizer"] is not None:
-            opt.load_state_dict(state["optimizer"])
-        generator = torch.Generator().manual_seed(args.seed * 1000 + state["task"])
-        for _ in range(state["epoch"]):  # same batch orders as an uninterrupted run
-            torch.randperm(len(paths), generator=generator)
-        bar = tqdm(range(state["epoch"], args.epochs), desc=name if name == "fusion" else f"{name} round {rnd + 1}")
-        for epoch in bar:
-            loss = train_epoch(net, opt, feats, state["targets"], size, args.batch_size, generator, device)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if name != "fusion":  # DeepUSPS self-supervised refinement of the targets, after every epoch
-                pred = predict(net, feats, size, args.batch_size)[None]
-                state["targets"] = refine_targets(state["targets"], pred, args.momentum)
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": state["log_lines"] + 1, "task": name, "round": rnd + 1,
-                                    "epoch": epoch + 1, "loss": loss}) + "\n")
-            state.update(epoch=epoch + 1, optimizer=opt.state_dict(), log_lines=state["log_lines"] + 1)
-            if epoch + 1 == args.epochs:  # task done
-                if name != "fusion":
-                    state["refined"][name] = state["targets"][0]
-                state.update(task=state["task"] + 1, epoch=0, targets=None, optimizer=None)
-            save_checkpoint(ckpt_path, kind="saliency", config=config, model=decoder_state(net), state=state,
-                            rng=capture_rng(), args=vars(args), stems=[p.stem for p in paths])
-
+    # Phase I (DeepUSPS): per prior, rounds of training on fixed targets; each round's moving averages, binarised,
+    # are the next round's targets; the first round's targets are the prior binarised at its own threshold.
+    task, refined = 0, []
+    for name in args.priors:
+        targets = (out / "priors" / name, args.prior_thresholds[name])
+        for rnd in range(args.rounds):
+            train_network(net, feats, paths, args, progress, task, init, name, [targets], args.epochs, args.beta2,
+                          refine_to=(out, name, rnd))
+            targets = (mva_dir(out, name, rnd, args.epochs), args.threshold)
+            task += 1
+        save_network(net, progress, task - 1, config, args, out / f"{name}.pt")
+        refined.append(targets)
+    # Phase II: the fusion network, trained on every prior's refined labels at once (loss averaged over them)
+    train_network(net, feats, paths, args, progress, task, init, "fusion", refined, args.fusion_epochs,
+                  args.fusion_beta2)
     save_checkpoint(out / "saliency.pt", kind="saliency", config=config, model=net.state_dict(), args=vars(args))
-    probs = predict(net, feats, size, args.batch_size)
-    for p, prob in zip(tqdm(paths, desc="write"), probs):
-        image = load_image(p)
-        arr = _to_png_array(prob, (image.height, image.width))
-        save_png(arr, out / "prob" / f"{p.stem}.png")
-        save_png(np.where(arr >= 128, 255, 0).astype(np.uint8), out / "labels" / f"{p.stem}.png")
+    for idx in tqdm(batches(len(paths), args.batch_size), desc="write"):
+        prob = predict(net, feats, idx, args.image_size)
+        if args.crf:
+            prob = dense_crf(prob, torch.stack([_load_rgb(paths[i], args.image_size)[0] for i in idx]).to(device))
+        for i, pr in zip(idx, prob):
+            image = load_image(paths[i])
+            arr = _to_png_array(pr, (image.height, image.width))
+            save_png(arr, out / "prob" / f"{paths[i].stem}.png")
+            save_png(np.where(arr >= 128, 255, 0).astype(np.uint8), out / "labels" / f"{paths[i].stem}.png")
     print(f"wrote {len(paths)} saliency maps to {out / 'prob'} and {out / 'labels'}; network {out / 'saliency.pt'}")
+
+
+def save_network(net, progress, task, config, args, path):
+    """A prior's refined network (its last round) as a 'saliency' checkpoint, for measuring it on other images."""
+    if progress.task > task:  # a resumed run past this prior: its network was saved then
+        return
+    save_checkpoint(path, kind="saliency", config=config, model=net.state_dict(), args=vars(args))
 
 
 if __name__ == "__main__":

@@ -51,16 +51,45 @@ def test_slic_covers_image_with_compact_segments():
     assert 20 <= len(labels.unique()) <= k
 
 
-def test_refine_targets_moving_average():
-    old = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
-    pred = torch.tensor([[0.0, 1.0], [0.5, 0.5]])
-    new = st.refine_targets(old, pred, 0.7)
-    assert torch.allclose(new, torch.tensor([[0.7, 0.3], [0.85, 0.15]]))
-    assert torch.equal(old, torch.tensor([[1.0, 0.0], [1.0, 0.0]]))  # caller's tensor untouched
-    t = old
-    for _ in range(60):  # repeated updates converge to the prediction
-        t = st.refine_targets(t, pred)
-    assert torch.allclose(t, pred, atol=1e-6)
+def test_moving_average_is_deepusps_with_bias_correction():
+    crf = [torch.full((2, 2), v) for v in (1.0, 0.0, 0.5)]
+    avg, raw = None, torch.zeros(2, 2)
+    for epoch, c in enumerate(crf, 1):
+        before = None if avg is None else avg.clone()
+        avg = st.update_moving_average(avg if avg is not None else torch.zeros(2, 2), c, 0.7, epoch)
+        raw = 0.7 * raw + 0.3 * c  # DeepUSPS: from zeros
+        assert torch.allclose(avg, raw / (1 - 0.7 ** epoch))
+        if before is not None:
+            assert not torch.equal(before, avg)  # a new tensor; the caller's is untouched
+    assert torch.allclose(st.update_moving_average(torch.rand(2, 2), crf[0], 0.7, 1), crf[0])  # epoch 1: the map
+
+
+def test_f_measure_loss():
+    target = torch.zeros(1, 8, 8)
+    target[:, 2:6, 2:6] = 1
+    assert st.f_measure_loss(target, target) < 1e-3
+    assert st.f_measure_loss(1 - target, target) > 0.99
+    half = target * 0.5
+    # precision 1, recall 0.5: F_1 = 2/3, F with beta2 4 = 5 * 0.5 / (4 + 0.5) = 5/9
+    assert abs(st.f_measure_loss(half, target, 1.0).item() - 1 / 3) < 1e-3
+    assert abs(st.f_measure_loss(half, target, 4.0).item() - 4 / 9) < 1e-3
+
+
+def test_dense_crf_sharpens_a_blurred_mask_along_a_colour_edge():
+    size = 64
+    rgb = torch.full((1, 3, size, size), 0.2)
+    rgb[:, 0, :, 32:] = 0.9  # a red right half: the colour edge at x = 32
+    truth = torch.zeros(1, size, size)
+    truth[:, :, 32:] = 1
+    xs = torch.arange(size, dtype=torch.float32)
+    blurred = torch.sigmoid((xs - 31.5) / 6).expand(1, size, size).clone()  # the mask, blurred across the edge
+    refined = st.dense_crf(blurred, rgb)
+    assert refined.shape == blurred.shape and 0 <= refined.min() and refined.max() <= 1
+    err_before, err_after = (blurred - truth).abs().mean(), (refined - truth).abs().mean()
+    assert err_after < 0.5 * err_before, (err_before, err_after)
+    assert torch.equal(blurred, torch.sigmoid((xs - 31.5) / 6).expand(1, size, size))  # input untouched
+    flat = torch.full((1, 3, size, size), 0.5)  # without the colour edge nothing is sharpened that much
+    assert (st.dense_crf(blurred, flat) - truth).abs().mean() > err_after
 
 
 def _run(args, tmp_path, out):
@@ -84,7 +113,7 @@ def test_saliency_train_outputs_and_exact_resume(tmp_path, monkeypatch):
     logs = [json.loads(l) for l in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert len(logs) == 3 * 2 * 2 + 2  # priors x rounds x epochs + fusion epochs
 
-    _run(["--no-cache"], tmp_path, tmp_path / "c")  # features recomputed per batch: same maps
+    _run(["--feature-cache-gb", "0"], tmp_path, tmp_path / "c")  # features recomputed per batch: same maps
     for f in (tmp_path / "a" / "prob").iterdir():
         diff = np.asarray(Image.open(f), dtype=int) - np.asarray(Image.open(tmp_path / "c" / "prob" / f.name))
         assert np.abs(diff).max() <= 1
@@ -171,3 +200,50 @@ def test_evaluate_saliency_cli_gt_encodings(tmp_path, capsys):
     (tmp_path / "pred" / "a.png").rename(tmp_path / "pred" / "b.png")
     with pytest.raises(SystemExit, match="missing"):
         evaluate.main(["saliency", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt_L")])
+
+
+def test_targets_fixed_within_a_round_and_next_round_is_binarised_moving_average(tmp_path, monkeypatch):
+    write_images(tmp_path / "images")
+    seen = []
+    real_epoch = st.train_epoch
+
+    def recording(net, opt, feats, target_dirs, stems, args, beta2, generator):
+        seen.append([(d, t, st.read_maps(d, stems, args.image_size)) for d, t in target_dirs])
+        return real_epoch(net, opt, feats, target_dirs, stems, args, beta2, generator)
+
+    monkeypatch.setattr(st, "train_epoch", recording)
+    out = tmp_path / "run"
+    _run(["--priors", "rbd", "--rounds", "2", "--epochs", "3"], tmp_path, out)
+    assert len(seen) == 2 * 3 + 3  # 2 rounds x 3 epochs, 3 fusion epochs
+    round1, round2 = seen[:3], seen[3:6]
+    for epochs, folder, thr in ((round1, out / "priors" / "rbd", st.PRIOR_THRESHOLDS["rbd"]),
+                                (round2, st.mva_dir(out, "rbd", 0, 3), 0.5)):
+        for (d, t, maps), in epochs:  # the same files, the same maps in every epoch of the round
+            assert d == folder and t == thr and torch.equal(maps, epochs[0][0][2])
+    # round 2 trains on round 1's final moving average (after its 3rd epoch), binarised at 0.5
+    final_mva = st.read_maps(st.mva_dir(out, "rbd", 0, 3), [f"im{i}" for i in range(4)], 32)
+    assert torch.equal(round2[0][0][2], final_mva)
+    assert seen[6][0][0] == st.mva_dir(out, "rbd", 1, 3)  # fusion: the last round's averages
+    assert (out / "rbd.pt").is_file() and (out / "saliency.pt").is_file()
+
+
+def test_resume_after_a_kill_while_writing_moving_averages(tmp_path, monkeypatch):
+    write_images(tmp_path / "images")
+    _run(["--priors", "mc", "--rounds", "1", "--epochs", "3"], tmp_path, tmp_path / "a")
+    calls = {"n": 0}
+    real_write = st.write_maps
+
+    def killed(maps, folder, stems):  # dies after 3 batches of an epoch's averages were written
+        calls["n"] += 1
+        real_write(maps, folder, stems)
+        if calls["n"] == 2 * 2 + 1:  # 2 batches per epoch: epoch 3, after its first batch
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(st, "write_maps", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _run(["--priors", "mc", "--rounds", "1", "--epochs", "3"], tmp_path, tmp_path / "b")
+    monkeypatch.setattr(st, "write_maps", real_write)
+    _run(["--priors", "mc", "--rounds", "1", "--epochs", "3", "--resume"], tmp_path, tmp_path / "b")
+    for sub in ("labels", "prob", "refine/mc/round1/mva1"):
+        for f in (tmp_path / "a" / sub).iterdir():
+            assert np.array_equal(np.asarray(Image.open(f)), np.asarray(Image.open(tmp_path / "b" / sub / f.name)))
