@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from datasets import SalientObjects, trim_log
-from model import BASNet, capture_rng, hybrid_loss, load_checkpoint, pick_device, restore_rng, save_checkpoint
+from model import BASNET_ENCODERS, BASNet, capture_rng, hybrid_loss, load_checkpoint, pick_device, restore_rng, save_checkpoint
 
 
 def parse_args(argv=None):
@@ -30,7 +30,10 @@ def parse_args(argv=None):
     p.add_argument("--no-flip", action="store_true", help="disable the random horizontal flip")
     p.add_argument("--batch-size", type=int, default=8, help="BAS-Net: 8")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (BAS-Net: 1e-3)")
-    p.add_argument("--weights", default="imagenet", help="ResNet-34 encoder: imagenet (BAS-Net) | none | PATH")
+    p.add_argument("--weights", default="imagenet", help="encoder weights: imagenet (BAS-Net) | none | PATH")
+    p.add_argument("--encoder", default="resnet34", choices=BASNET_ENCODERS,
+                   help="resnet34 (BAS-Net); efficientnet_lite0: the encoder whose ImageNet weights work offline "
+                        "(CPU recipe; not in the paper)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N iterations")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -88,7 +91,7 @@ def main(argv=None):
     out = Path(args.out)
     data = SalientObjects(args.images, args.labels, args.list, image_size=args.size)
     torch.manual_seed(args.seed)
-    net = BASNet(args.weights).to(device)
+    net = BASNet(args.weights, args.encoder).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
     config = {**net.config, "image_size": args.size}
     step = 0

@@ -66,7 +66,7 @@ def load_network(path, device):
     """A 'basnet' or 'saliency' checkpoint -> (network in eval mode, input size, kind)."""
     ck = load_checkpoint(path, map_location="cpu")
     if ck["kind"] == "basnet":
-        net = BASNet(weights="none")
+        net = BASNet(weights="none", encoder=ck["config"].get("encoder", "resnet34"))
     elif ck["kind"] == "saliency":
         net = SaliencyNet(ck["config"]["backbone"], weights="none", channels=ck["config"]["channels"])
     else:

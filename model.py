@@ -508,6 +508,38 @@ def _resnet34_imagenet_state():
                              f"or --weights none (random init)") from None
 
 
+BASNET_ENCODERS = ("resnet34", "efficientnet_lite0")
+
+
+class Lite0Encoder(nn.Module):
+    """EfficientNet-Lite0 (undilated, ImageNet weights of the package, trainable) as a BAS-Net encoder: the ends of
+    its stages at 1/2 (16 ch), 1/4 (24), 1/8 (40), 1/16 (112) and 1/32 (320), each mapped by a 1x1 conv-BN-ReLU to
+    the channels of the ResNet-34 stage BAS-Net's decoder expects at that scale (128, 256, 512, 512, 512)."""
+
+    def __init__(self, weights="imagenet"):
+        super().__init__()
+        self.net = EfficientNetLite0Backbone(dilated=False)
+        if weights != "none":
+            state, source = (_imagenet_state("efficientnet_lite0") if weights == "imagenet"
+                             else (_read_weights_file(weights), weights))
+            self.net.load_package_state(state, source)
+        ends = torch.tensor([r for r, *_ in LITE0_STAGES]).cumsum(0) - 1
+        self.ends = [int(ends[i]) for i in (0, 1, 2, 4, 6)]  # stage ends at 1/2, 1/4, 1/8, 1/16, 1/32
+        self.adapt = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(LITE0_STAGES[i][4], cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True))
+            for i, cout in zip((0, 1, 2, 4, 6), (128, 256, 512, 512, 512)))
+
+    def forward(self, x):
+        """ImageNet-normalised x [B,3,H,W] -> five maps at 1/2 .. 1/32 of x."""
+        h = F.relu6(self.net._bn0(self.net._conv_stem(x * self.net.in_scale + self.net.in_shift)))
+        out = []
+        for i, block in enumerate(self.net._blocks):
+            h = block(h)
+            if i in self.ends:
+                out.append(self.adapt[len(out)](h))
+        return out
+
+
 class BASNet(nn.Module):
     """BAS-Net (Qin et al., CVPR 2019), as published: ResNet-34 encoder behind a stride-1 3x3 input conv (no 7x7
     stem, no max-pool) plus two extra 512-channel stages (max-pool + 3 basic blocks each), a bridge of three
@@ -515,29 +547,37 @@ class BASNet(nn.Module):
     decoder stage, and the residual refinement module.
 
     forward(x [B,3,H,W]) -> 8 logit maps [B,1,H,W]: refined, decoder stages 1..6, bridge (sigmoid of the first
-    is the prediction). weights: 'imagenet' | 'none' | path to a torchvision resnet34 state dict (encoder)."""
+    is the prediction). weights: 'imagenet' | 'none' | path to a state dict of the encoder (torchvision resnet34,
+    or the Lite0 package's). encoder='efficientnet_lite0' (not in the paper) replaces the ResNet-34 stages and
+    the two extra stages by Lite0 (Lite0Encoder), keeping the input conv as the full-resolution skip and the
+    decoder unchanged: the encoder whose ImageNet weights work offline, for the CPU recipe."""
 
     DECODER = ((1024, 512, 512, 2), (1024, 512, 512, 1), (1024, 512, 256, 1), (512, 256, 128, 1),
                (256, 128, 64, 1), (128, 64, 64, 1))  # (in, mid, out, dilation) for decoder stages 6..1
 
-    def __init__(self, weights="imagenet"):
+    def __init__(self, weights="imagenet", encoder="resnet34"):
         super().__init__()
         import torchvision
         from torchvision.models.resnet import BasicBlock
 
-        self.config = {}
-        resnet = torchvision.models.resnet34()
-        if weights != "none":
-            state = _resnet34_imagenet_state() if weights == "imagenet" else _read_weights_file(weights)
-            try:
-                resnet.load_state_dict(state)
-            except RuntimeError as e:
-                raise ValueError(f"weights {weights}: not a torchvision resnet34 state dict ({e})") from None
+        if encoder not in BASNET_ENCODERS:
+            raise ValueError(f"unknown BAS-Net encoder {encoder!r}; choose from {BASNET_ENCODERS}")
+        self.config = {"encoder": encoder}
         self.inconv = conv_bn_relu(3, 64)
-        self.encoder = nn.ModuleList([resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4])
-        self.extra = nn.ModuleList(
-            nn.Sequential(nn.MaxPool2d(2, 2, ceil_mode=True), *[BasicBlock(512, 512) for _ in range(3)])
-            for _ in range(2))
+        if encoder == "efficientnet_lite0":
+            self.lite0 = Lite0Encoder(weights)
+        else:
+            resnet = torchvision.models.resnet34()
+            if weights != "none":
+                state = _resnet34_imagenet_state() if weights == "imagenet" else _read_weights_file(weights)
+                try:
+                    resnet.load_state_dict(state)
+                except RuntimeError as e:
+                    raise ValueError(f"weights {weights}: not a torchvision resnet34 state dict ({e})") from None
+            self.encoder = nn.ModuleList([resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4])
+            self.extra = nn.ModuleList(
+                nn.Sequential(nn.MaxPool2d(2, 2, ceil_mode=True), *[BasicBlock(512, 512) for _ in range(3)])
+                for _ in range(2))
         self.bridge = nn.Sequential(*[conv_bn_relu(512, 512, dilation=2) for _ in range(3)])
         self.decoder = nn.ModuleList(
             nn.Sequential(conv_bn_relu(cin, mid), conv_bn_relu(mid, mid, d), conv_bn_relu(mid, cout, d))
@@ -545,13 +585,20 @@ class BASNet(nn.Module):
         self.side = nn.ModuleList(nn.Conv2d(c, 1, 3, padding=1) for c in (512, 512, 512, 256, 128, 64, 64))
         self.refine = RefineModule(64)
 
-    def forward(self, x):
+    def encode(self, x):
+        """x -> the 6 skips of the decoder, at 1, 1/2, ..., 1/32 of the input (64, 128, 256, 512, 512, 512 ch)."""
         h = self.inconv(x)
+        if self.config["encoder"] == "efficientnet_lite0":
+            return [h, *self.lite0(x)]
         skips = []
         for stage in [*self.encoder, *self.extra]:
             h = stage(h)
-            skips.append(h)  # 6 encoder outputs, 1 .. 1/32 of the input
-        bridge = self.bridge(h)
+            skips.append(h)
+        return skips
+
+    def forward(self, x):
+        skips = self.encode(x)
+        bridge = self.bridge(skips[-1])
         sides = [self.side[0](bridge)]
         h = bridge
         for block, side, skip in zip(self.decoder, self.side[1:], reversed(skips)):

