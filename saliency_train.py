@@ -4,7 +4,8 @@
                              --rounds 3 --epochs N --image-size N]
     python saliency_train.py --images DIR --out DIR --priors-only
 
-1. Hand-crafted priors (torch, batched) -> OUT/priors/<prior>/<stem>.png (0..255).
+1. Hand-crafted priors (torch, batched) on SLIC superpixels (scikit-image, per image on the CPU)
+   -> OUT/priors/<prior>/<stem>.png (0..255).
 2. Per prior: a saliency network trained on the prior binarised at its DeepUSPS threshold (round 1) or at 0.5
    (later rounds); after every epoch each image's target becomes 0.7 * target + 0.3 * prediction.
 3. Fusion: one network trained on all refined label sets (loss averaged over them); its predictions on the
@@ -18,6 +19,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import skimage.segmentation
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -52,36 +54,26 @@ def segment_mean(values, labels, k):
     return sums / counts.clamp_min(1)[..., None], counts
 
 
-def slic(lab, n_segments=200, compactness=10.0, iters=10):
-    """SLIC superpixels (Achanta et al., TPAMI 2012) for a batch: lab [B,3,H,W] -> (labels [B,H,W] int64, k).
+def slic_labels(rgb, n_segments=200, compactness=10.0):
+    """SLIC superpixels (Achanta et al., TPAMI 2012), scikit-image's implementation, one image at a time on the CPU:
+    [0,1] images [B,3,H,W] -> (labels [B,H,W] int64 on the input's device, k).
 
-    Centres start on a regular grid; each pixel compares itself with the 3x3 grid neighbourhood of centres around
-    its own grid cell (the 2S x 2S search window of SLIC), distance d_lab^2 + (m/S)^2 d_xy^2. Unlike the original,
-    no connectivity enforcement step: a superpixel may be split into fragments (the graph code copes with it).
-    """
-    b, _, h, w = lab.shape
-    step = math.sqrt(h * w / n_segments)
-    gh, gw = max(1, round(h / step)), max(1, round(w / step))
-    k = gh * gw
-    dev = lab.device
-    ys = torch.arange(h, device=dev, dtype=lab.dtype)
-    xs = torch.arange(w, device=dev, dtype=lab.dtype)
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    feats = torch.cat([lab, yy.expand(b, 1, h, w), xx.expand(b, 1, h, w)], 1).flatten(2).transpose(1, 2)
-    weight = torch.tensor([1, 1, 1, compactness / step, compactness / step], dtype=lab.dtype, device=dev)
-    feats = feats * weight  # Euclidean distance on these = SLIC distance
-    cell_y = (torch.arange(h, device=dev) * gh // h).clamp(max=gh - 1)
-    cell_x = (torch.arange(w, device=dev) * gw // w).clamp(max=gw - 1)
-    cand = torch.stack([((cell_y[:, None] + dy).clamp(0, gh - 1) * gw + (cell_x[None, :] + dx).clamp(0, gw - 1))
-                        .flatten() for dy in (-1, 0, 1) for dx in (-1, 0, 1)])  # [9, HW]
-    labels = cand[4].expand(b, -1)  # own grid cell
-    centres, _ = segment_mean(feats, labels, k)
-    for _ in range(iters):
-        dist = ((centres[:, cand] - feats[:, None]) ** 2).sum(-1)  # [B, 9, HW]
-        labels = torch.gather(cand.expand(b, -1, -1), 1, dist.argmin(1, keepdim=True)).squeeze(1)
-        new, counts = segment_mean(feats, labels, k)
-        centres = torch.where(counts[..., None] > 0, new, centres)
-    return labels.view(b, h, w), k
+    Distance d_lab^2 + (m/S)^2 d_xy^2 in CIE Lab with m = compactness, 10 iterations, and SLIC's connectivity step:
+    every superpixel is one 4-connected piece. Labels are consecutive 0..k_i-1 per image; k is the largest k_i of
+    the batch (labels k_i..k-1 of an image are empty). The connectivity step merges pieces under half a
+    superpixel's size into a neighbour, so k_i can fall below n_segments (115 to 179 of 200 on five 256 px SOD images);
+    an image with fewer pixels than n_segments gets at most one superpixel per pixel. For the priors of section 3.2."""
+    if n_segments < 1:
+        raise ValueError(f"superpixels per image (--superpixels) must be at least 1, got {n_segments}")
+    images = rgb.detach().float().permute(0, 2, 3, 1).cpu().numpy()
+    labels = []
+    for image in images:
+        raw = skimage.segmentation.slic(image, n_segments=n_segments, compactness=compactness, max_num_iter=10,
+                                        enforce_connectivity=True, convert2lab=True, start_label=0, channel_axis=-1)
+        present = np.bincount(raw.ravel()) > 0
+        labels.append((np.cumsum(present) - 1)[raw])  # consecutive 0..k_i-1
+    labels = torch.from_numpy(np.stack(labels)).to(rgb.device, torch.int64)
+    return labels, int(labels.max()) + 1
 
 
 def superpixel_graph(rgb, n_segments=200, compactness=10.0):
@@ -90,7 +82,7 @@ def superpixel_graph(rgb, n_segments=200, compactness=10.0):
     adj [B,K,K] (4-neighbour touching, no self loops), boundary [B,K] (touches the image border)."""
     b, _, h, w = rgb.shape
     lab = rgb_to_lab(rgb)
-    labels, k = slic(lab, n_segments, compactness)
+    labels, k = slic_labels(rgb, n_segments, compactness)
     flat = labels.flatten(1)
     ys = torch.linspace(0, 1, h, device=rgb.device).view(h, 1).expand(h, w)
     xs = torch.linspace(0, 1, w, device=rgb.device).view(1, w).expand(h, w)

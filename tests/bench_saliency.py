@@ -1,8 +1,10 @@
 """Speed of the saliency priors and of BAS-Net (run by hand; not collected by pytest).
 
     python tests/bench_saliency.py [--images DIR] [--size 128] [--batch 16] [--threads 1] [--device cuda]
+                                   [--priors-only]
 
 On the CPU the figures are CPU time of this process; on CUDA, wall time with the device synchronised.
+Without --images: smooth random images (SLIC's connectivity step merges the superpixels of pixel noise into a few).
 """
 import argparse
 import sys
@@ -10,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model  # noqa: E402
@@ -19,13 +22,14 @@ from datasets import list_images  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--images", default=None, help="real images (default: random noise images)")
+    p.add_argument("--images", default=None, help="real images (default: smooth random images)")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--superpixels", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--basnet-crop", type=int, default=64, help="BAS-Net's own training crop is 224")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--priors-only", action="store_true", help="skip the BAS-Net timings")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = model.pick_device(args.device)
@@ -39,7 +43,8 @@ def main():
     if args.images:
         x = torch.stack([st._load_rgb(q, args.size)[0] for q in list_images(args.images)[:args.batch]])
     else:
-        x = torch.rand(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+        x = F.interpolate(torch.rand(args.batch, 3, 16, 16, generator=torch.Generator().manual_seed(0)),
+                          size=(args.size, args.size), mode="bilinear", align_corners=False)
     x = x.to(device)
     st.compute_priors(x[:2], n_segments=args.superpixels)  # warm-up
     for name in st.PRIORS:
@@ -47,6 +52,8 @@ def main():
         st.compute_priors(x, [name], n_segments=args.superpixels)
         print(f"{name}: {(clock() - t) / len(x) * 1000:.0f} ms {kind}/image at {args.size}px "
               f"(batch {len(x)}, {args.threads} thread(s))")
+    if args.priors_only:
+        return
     net = model.BASNet(weights="none").to(device)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     c = args.basnet_crop

@@ -1,4 +1,5 @@
 """BAS-Net (model.py), hybrid loss, basnet_train.py (resume, NaN stop), make_pseudomasks.py (issue 5)."""
+import collections
 import json
 
 import numpy as np
@@ -67,23 +68,67 @@ def test_connected_component_filter():
     mask[15:17, 15:17] = True  # 4 px
     mask[12, 2:9] = True  # 7 px line, not touching the square (row 11 empty)
     mask[10:12, 12] = True  # 2 px, diagonal neighbour of nothing
-    labels = mp.connected_components(mask)
-    assert len(labels[mask].unique()) == 4 and (labels[~mask] == 0).all()
+    before = mask.clone()
     kept = mp.remove_small_regions(mask, 5)
     expected = torch.zeros_like(mask)
     expected[2:10, 2:10] = True
     expected[12, 2:9] = True
-    assert torch.equal(kept, expected)
-    # a U shape is one component (needs propagation around the bend)
+    assert torch.equal(kept, expected) and kept.dtype == torch.bool and torch.equal(mask, before)
+    # a U shape (22 px) is one region, diagonal touches are not (4-connectivity)
     u = torch.zeros(10, 10, dtype=torch.bool)
     u[1:9, 1] = u[8, 1:9] = u[1:9, 8] = True
-    assert len(mp.connected_components(u)[u].unique()) == 1
+    assert torch.equal(mp.remove_small_regions(u, 22), u)
+    diagonal = torch.eye(6, dtype=torch.bool)
+    assert not mp.remove_small_regions(diagonal, 2).any()
     prob = torch.zeros(100, 100)
     prob[:5, :5] = 0.9  # 25 px < 1 % of 10000
     assert mp.postprocess(prob) is None
     prob[50:70, 50:70] = 0.8
     out = mp.postprocess(prob)
     assert out.sum() == 400 and not out[:5, :5].any()
+
+
+def reference_postprocess(prob, threshold, min_fraction):
+    """MaskContrast's post-processing written plainly: breadth-first flood fill over the 4 neighbours, regions under
+    min_fraction of the image dropped, None when under min_fraction remains."""
+    h, w = prob.shape
+    on = (prob >= threshold).tolist()
+    min_pixels = min_fraction * h * w
+    kept = [[False] * w for _ in range(h)]
+    seen = [[False] * w for _ in range(h)]
+    for y in range(h):
+        for x in range(w):
+            if not on[y][x] or seen[y][x]:
+                continue
+            seen[y][x] = True
+            region, queue = [], collections.deque([(y, x)])
+            while queue:
+                cy, cx = queue.popleft()
+                region.append((cy, cx))
+                for ny, nx in ((cy - 1, cx), (cy + 1, cx), (cy, cx - 1), (cy, cx + 1)):
+                    if 0 <= ny < h and 0 <= nx < w and on[ny][nx] and not seen[ny][nx]:
+                        seen[ny][nx] = True
+                        queue.append((ny, nx))
+            if len(region) >= min_pixels:
+                for cy, cx in region:
+                    kept[cy][cx] = True
+    kept = torch.tensor(kept, dtype=torch.bool)
+    return kept if kept.sum() >= min_pixels else None
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 40), (9, 13), (48, 64)])
+def test_postprocess_matches_flood_fill_reference(shape):
+    g = torch.Generator().manual_seed(shape[0] * 100 + shape[1])
+    for density in (0.05, 0.3, 0.55, 0.6, 0.8, 1.0):
+        for min_fraction in (0.0, 0.01, 0.05, 0.3):
+            prob = torch.rand(shape, generator=g)
+            threshold = 1 - density  # about this share of the pixels at or above it
+            ours, ref = mp.postprocess(prob, threshold, min_fraction), reference_postprocess(prob, threshold,
+                                                                                             min_fraction)
+            assert (ours is None) == (ref is None), (density, min_fraction)
+            if ref is not None:
+                assert torch.equal(ours, ref), (density, min_fraction)
+                assert ours.device == prob.device and ours.dtype == torch.bool
 
 
 def write_pairs(root, n=4, size=40):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 
 import evaluate
 import saliency_train as st
@@ -44,11 +45,43 @@ def test_prior_prefers_bright_object(name):
         assert m[mask].mean() > m[~mask].mean() + 0.4, (name, m[mask].mean(), m[~mask].mean())
 
 
-def test_slic_covers_image_with_compact_segments():
+def test_superpixels_connected_consecutive_and_graph_shapes():
     img, _ = object_image(48)
-    labels, k = st.slic(st.rgb_to_lab(img[None]), n_segments=36)
-    assert labels.shape == (1, 48, 48) and labels.min() >= 0 and labels.max() < k
-    assert 20 <= len(labels.unique()) <= k
+    batch = torch.stack([img, torch.full_like(img, 0.5)])  # the plain image gets more superpixels: padding
+    graph = st.superpixel_graph(batch, n_segments=36)
+    labels, k = graph["labels"], graph["valid"].shape[1]
+    assert labels.shape == (2, 48, 48) and labels.dtype == torch.int64
+    assert graph["lab"].shape == graph["rgb"].shape == (2, k, 3) and graph["pos"].shape == (2, k, 2)
+    assert graph["valid"].shape == graph["boundary"].shape == (2, k) and graph["adj"].shape == (2, k, k)
+    counts = [int(labels[i].max()) + 1 for i in range(2)]
+    assert max(counts) == k and counts[0] < counts[1]
+    for i, k_i in enumerate(counts):
+        assert 18 <= k_i <= 54  # about the 36 asked for
+        assert torch.equal(labels[i].unique(), torch.arange(k_i))  # consecutive 0..k_i-1
+        assert torch.equal(graph["valid"][i], torch.arange(k) < k_i)  # padding labels are empty
+        for label in range(k_i):  # SLIC's connectivity step: each superpixel is one 4-connected piece
+            assert ndimage.label((labels[i] == label).numpy())[1] == 1, (i, label)
+    adj = graph["adj"]
+    assert torch.equal(adj, adj.transpose(1, 2)) and not adj.diagonal(dim1=1, dim2=2).any()
+    assert not (adj.any(2) & ~graph["valid"]).any() and not (graph["boundary"] & ~graph["valid"]).any()
+    assert torch.equal(graph["boundary"][1].nonzero().flatten(),
+                       torch.cat([labels[1, 0], labels[1, -1], labels[1, :, 0], labels[1, :, -1]]).unique())
+
+
+@pytest.mark.parametrize("size", [1, 4, 7])
+def test_image_smaller_than_superpixel_count(size, tmp_path):
+    img = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+    labels, k = st.slic_labels(img, n_segments=200)
+    assert labels.shape == (2, size, size) and 1 <= k <= size * size  # fewer superpixels, at most one per pixel
+    maps = st.compute_priors(img, n_segments=200)
+    for m in maps.values():
+        assert m.shape == (2, size, size) and torch.isfinite(m).all() and m.min() >= 0 and m.max() <= 1
+    with pytest.raises(ValueError, match="at least 1"):
+        st.slic_labels(img, n_segments=0)
+    write_images(tmp_path / "images", n=2)
+    st.main(["--images", str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--priors-only",
+             "--prior-size", str(size), "--superpixels", "200"])
+    assert len(list((tmp_path / "out" / "priors" / "rbd").iterdir())) == 2
 
 
 def test_moving_average_is_deepusps_with_bias_correction():
