@@ -112,11 +112,14 @@ def normalise(maps):
 
 
 def _solve(matrix, rhs, valid):
-    """Solve matrix @ x = rhs per batch item, with the rows / columns of empty superpixels replaced by identity."""
+    """Solve matrix @ x = rhs per batch item, with the rows / columns of empty superpixels replaced by identity.
+    One system at a time: the batched LU of torch's CPU build (MKL) fails on some real batches ("Pivots given to
+    lu_solve must all be greater or equal to 1") whose every system solves alone."""
     pair = valid[:, :, None] & valid[:, None, :]
     eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
     matrix = torch.where(pair, matrix, eye.expand_as(matrix))
-    return torch.linalg.solve(matrix, torch.where(valid, rhs, 0.0)[..., None]).squeeze(-1)
+    rhs = torch.where(valid, rhs, 0.0)
+    return torch.stack([torch.linalg.solve(m, r) for m, r in zip(matrix, rhs)])
 
 
 def _valid_min_max(values, valid):
