@@ -1,17 +1,22 @@
 """Stage 1: unsupervised saliency pseudo-labels, DeepUSPS-style (Nguyen et al., NeurIPS 2019); paper section 3.2.
 
     python saliency_train.py --images DIR [--list FILE] --out DIR [--backbone efficientnet_lite0 --weights imagenet
-                             --rounds 3 --epochs N --image-size N]
+                             --rounds 3 --epochs 25 --image-size N]
     python saliency_train.py --images DIR --out DIR --priors-only
 
 1. Hand-crafted priors (torch, batched) on SLIC superpixels (scikit-image, per image on the CPU)
    -> OUT/priors/<prior>/<stem>.png (0..255).
-2. Per prior: a saliency network trained on the prior binarised at its DeepUSPS threshold (round 1) or at 0.5
-   (later rounds); after every epoch each image's target becomes 0.7 * target + 0.3 * prediction.
-3. Fusion: one network trained on all refined label sets (loss averaged over them); its predictions on the
-   training images -> OUT/prob/<stem>.png (0..255), OUT/labels/<stem>.png (0/255), checkpoint OUT/saliency.pt.
-No ground truth is read anywhere. Differences from DeepUSPS: the backbone is frozen (features computed once) and
-only the light decoder trains; no HS prior; no dense CRF; no augmentation (see README).
+2. Phase I, per prior, --rounds rounds of --epochs epochs: a fresh decoder trained on fixed targets (the prior
+   binarised at its DeepUSPS threshold in round 1, the previous round's moving average binarised at 0.5 later),
+   with DeepUSPS's continuous F-measure loss; after every epoch each image's prediction, through a dense CRF,
+   updates a moving average (OUT/refine/<prior>/round<r>/, PNG files). The last round's network -> OUT/<prior>.pt.
+3. Phase II, fusion: one decoder trained on every prior's refined labels (loss averaged over them); its
+   predictions (through the CRF) on the training images -> OUT/prob/<stem>.png (0..255), OUT/labels/<stem>.png
+   (0/255), checkpoint OUT/saliency.pt.
+No ground truth is read anywhere. --resume continues after the last finished epoch (OUT/last.pt holds the decoder
+and optimizer; every label set is a file). Differences from DeepUSPS: the backbone is frozen (features computed
+once, a bounded fp16 cache) and only the light decoder trains; the CRF's bilateral kernel is evaluated against a
+grid of source pixels; no HS prior; no augmentation (see README).
 """
 import argparse
 import json
