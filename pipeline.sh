@@ -3,6 +3,7 @@
 #
 #   bash pipeline.sh                      # demo: writes built-in DEMO data, small settings, CPU is fine (~10 min)
 #   MSRA=... VOC=... COCO=... bash pipeline.sh full     # the paper's recipe on one CUDA GPU (see README)
+#   MSRA=... VOC=... bash pipeline.sh cpu                # the same stages sized for a 2-core CPU (README, CPU recipe)
 #
 # Variables (all optional in demo mode):
 #   RUN   run folder, every intermediate lands here (default runs/demo or runs/full)
@@ -22,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 mode=${1:-demo}
-case $mode in demo|full) ;; *) echo "usage: bash pipeline.sh [demo|full]" >&2; exit 2 ;; esac
+case $mode in demo|full|cpu) ;; *) echo "usage: bash pipeline.sh [demo|full|cpu]" >&2; exit 2 ;; esac
 RUN=${RUN:-runs/$mode}
 DEVICE=${DEVICE:-auto}
 mkdir -p "$RUN/done"
@@ -52,13 +53,21 @@ if [[ $mode == demo ]]; then
 else
   : "${MSRA:?set MSRA to the MSRA-B image folder}" "${VOC:?set VOC to VOCdevkit/VOC2012}"
   SAL_IMAGES=$MSRA
-  BACKBONE=${BACKBONE:-resnet101}
-  WEIGHTS=${WEIGHTS:-imagenet}
   saliency_flags=()
   basnet_flags=()
   pseudo_flags=()
   fss_flags=()
   eval_flags=()
+  if [[ $mode == cpu ]]; then
+    # a 2-core CPU: Lite0 with its real ImageNet weights (also as BAS-Net's encoder), small images, few steps
+    BACKBONE=${BACKBONE:-efficientnet_lite0}
+    saliency_flags=(--image-size 128 --rounds 2 --epochs 5 --batch-size 8)
+    basnet_flags=(--encoder efficientnet_lite0 --size 128 --crop 112 --iters 600 --save-every 50)
+    fss_flags=(--image-size 256 --batch-size 8 --max-steps 600 --workers 1)
+    eval_flags=(--image-size 256 --runs 2 --episodes 1000 --workers 1 --eval-resolution original)
+  fi
+  BACKBONE=${BACKBONE:-resnet101}
+  WEIGHTS=${WEIGHTS:-imagenet}
 fi
 if [[ -n ${MSRA_LIST:-} ]]; then saliency_flags+=(--list "$MSRA_LIST"); basnet_flags+=(--list "$MSRA_LIST"); fi
 voc_list=()
@@ -90,7 +99,7 @@ stage eval_voc_saliency python evaluate.py fss --baseline saliency --masks "$RUN
 stage eval_voc_foreground python evaluate.py fss --baseline foreground --dataset pascal --root "$VOC" \
   --fold all --out "$RUN/results_voc_foreground.json" "${eval_flags[@]}"
 
-if [[ $mode == full && -n ${COCO:-} ]]; then
+if [[ $mode != demo && -n ${COCO:-} ]]; then
   COCO_TRAIN=${COCO_TRAIN:-train2014}
   COCO_VAL=${COCO_VAL:-val2014}
   stage pseudomasks_coco python make_pseudomasks.py --checkpoint "$RUN/basnet/last.pt" \

@@ -1,4 +1,4 @@
-"""pipeline.sh full on tiny data written in the real layouts (a salient-image folder for stages 1-2, a VOC 2012
+"""pipeline.sh full (and cpu) on tiny data written in the real layouts (a salient-image folder for stages 1-2, a VOC 2012
 tree, a COCO split with its instances JSON): every stage runs with the flags given per stage, PASCAL and COCO
 results are written and summarised, and a rerun skips every finished stage."""
 import json
@@ -17,8 +17,8 @@ STAGES = ["saliency", "basnet", "pseudomasks_voc", "fss_voc", "eval_voc", "eval_
           "pseudomasks_coco", "pseudomasks_coco_val", "fss_coco", "eval_coco", "eval_coco_saliency"]
 
 
-def run_pipeline(env):
-    out = subprocess.run(["bash", str(ROOT / "pipeline.sh"), "full"], env=env, capture_output=True, text=True,
+def run_pipeline(env, mode="full"):
+    out = subprocess.run(["bash", str(ROOT / "pipeline.sh"), mode], env=env, capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
@@ -57,3 +57,22 @@ def test_full_mode_runs_every_stage_and_a_rerun_skips_them(tmp_path):
     assert [line for line in second.splitlines() if line.startswith("[skip]")] == \
         [f"[skip] {name}: complete in {run}" for name in STAGES]
     assert "+ python" not in second and second[second.index("PASCAL-5i one-shot mIoU"):] == summary
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="pipeline.sh needs bash")
+def test_cpu_mode_runs_the_pascal_stages_with_its_own_settings(tmp_path):
+    data = make_demo_data(tmp_path / "data", train_images=12, val_images=30, salient_images=6, coco_images=4)
+    run = tmp_path / "run"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               OMP_NUM_THREADS="1", RUN=str(run), MSRA=str(data["salient_images"]), VOC=str(data["voc"]),
+               WEIGHTS="none", DEVICE="cpu",
+               SALIENCY_FLAGS="--prior-size 48 --superpixels 40 --image-size 32 --rounds 1 --epochs 1",
+               BASNET_FLAGS="--iters 2 --size 32 --crop 24 --batch-size 2 --weights none",
+               PSEUDO_FLAGS="--threshold 0.2", FSS_FLAGS="--image-size 64 --batch-size 4 --max-steps 2 --workers 0",
+               EVAL_FLAGS="--image-size 64 --runs 1 --episodes 4 --workers 0 --fold 0")
+    out = run_pipeline(env, "cpu")
+    assert sorted(p.name for p in (run / "done").iterdir()) == sorted(STAGES[:7])  # no COCO given: PASCAL only
+    # the CPU recipe's settings, then the extra flags; Lite0 by default, also as BAS-Net's encoder
+    assert "--backbone efficientnet_lite0" in out and "--encoder efficientnet_lite0" in out
+    assert "--image-size 128 --rounds 2 --epochs 5 --batch-size 8 --prior-size 48" in out
+    assert "PASCAL-5i one-shot mIoU" in out and "COCO-20i" not in out
