@@ -790,6 +790,44 @@ class SalientObjects(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Loaders: one per run, shared by the scripts
+# ---------------------------------------------------------------------------------------------------------------
+
+def default_workers():
+    """Loader processes when a script's --workers is not given: the cores this process may use minus one for the
+    main process (which feeds the GPU), at least 1, at most 16."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:                                 # no sched_getaffinity (macOS, Windows)
+        cores = os.cpu_count() or 1
+    return max(1, min(cores - 1, 16))
+
+
+def make_loader(dataset, device, workers, **batching):
+    """The DataLoader of every script (batching: batch_sampler= or batch_size=): workers started once and kept for
+    the whole run (persistent), batches in pinned memory when they go to a GPU (so that .to(device,
+    non_blocking=True) overlaps the copy with the computation)."""
+    return torch.utils.data.DataLoader(dataset, num_workers=workers, persistent_workers=workers > 0,
+                                       pin_memory=device.type == "cuda", **batching)
+
+
+class EpochItems(torch.utils.data.Dataset):
+    """dataset[(epoch, i)] = item i of `epoch` (dataset.set_epoch(epoch), then dataset[i]): the epoch travels with
+    the index, so one loader with persistent workers serves every epoch of a run."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Demo data (synthetic; the embedded default of the quick start; never a benchmark)
 # ---------------------------------------------------------------------------------------------------------------
 
