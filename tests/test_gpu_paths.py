@@ -1,12 +1,13 @@
 """What a CUDA run does differently, checked on the CPU with stand-ins (issue 12): a checkpoint resumed onto another
 device (the meta device), mixed precision (CPU autocast in float16 / bfloat16 standing in for the GPU's), the
-backend switches, one persistent loader across epochs."""
+backend switches, one persistent loader across epochs, and per-fold result files merged into one table."""
 import json
 
 import pytest
 import torch
 
 import basnet_train
+import evaluate
 import model
 import train_fss
 from datasets import make_demo_data, voc_split
@@ -148,3 +149,24 @@ def test_trainers_under_gpu_mixed_precision(demo, tmp_path, monkeypatch, fake_gp
                        "--out", str(tmp_path / "basnet"), "--iters", "2", "--size", "32", "--crop", "24",
                        "--batch-size", "2", "--weights", "none", "--workers", "0"])
     assert bool(load_checkpoint(tmp_path / "basnet" / "last.pt")["scaler"]) == scaled
+
+
+def test_per_fold_result_files_merge_into_one_table(demo, straight, tmp_path):
+    def run(folds, out, *extra):
+        evaluate.main(["fss", "--checkpoint", str(straight[0] / "last.pt"), "--root", str(demo["voc"]),
+                       "--fold", folds, "--runs", "2", "--episodes", "4", "--image-size", "64", "--workers", "0",
+                       "--out", str(tmp_path / out), *extra])
+        return tmp_path / out
+
+    together = json.loads(run("0,1", "both.json").read_text())
+    parts = [run("1", "one.json"), run("0", "zero.json")]
+    evaluate.main(["merge", *map(str, parts), "--out", str(tmp_path / "merged.json")])
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    for key in ("fold0", "fold1", "mean", "backbone_forwards"):
+        assert merged[key] == together[key]
+    assert list(merged) == list(together) and set(merged["config"]["merged"]) == set(map(str, parts))
+    with pytest.raises(SystemExit, match="fold1 is also in another file"):
+        evaluate.main(["merge", str(parts[0]), str(tmp_path / "both.json"), "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="--episodes 3 vs 4"):
+        evaluate.main(["merge", str(parts[0]), str(run("2", "other.json", "--episodes", "3")),
+                       "--out", str(tmp_path / "x.json")])
