@@ -306,12 +306,11 @@ def merge_results(paths):
             seconds, forwards = seconds + n / r["episodes_per_s"], forwards + r["backbone_forwards"]
         except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
             raise ValueError(f"{path}: not a results file of `evaluate.py fss` ({type(e).__name__}: {e})") from None
-        for other, first in configs.items():
-            differ = [k for k in PROTOCOL if config.get(k) != first.get(k)]
-            if differ:
-                raise ValueError(f"{path} and {other} were evaluated with other flags: " + ", ".join(
-                    f"--{k.replace('_', '-')} {config.get(k)} vs {first.get(k)}" for k in differ))
-            break
+        first_path, first = next(iter(configs.items()), (path, config))
+        differ = [k for k in PROTOCOL if config.get(k) != first.get(k)]
+        if differ:
+            raise ValueError(f"{path} and {first_path} were evaluated with other flags: " + ", ".join(
+                f"--{k.replace('_', '-')} {config.get(k)} vs {first.get(k)}" for k in differ))
         for fold in folds:
             if fold in entries:
                 raise ValueError(f"{path}: {fold} is also in another file")

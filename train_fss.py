@@ -141,9 +141,9 @@ class RunBatches:
 
 
 def memory_format(device):
-    """channels_last on CUDA: cuDNN's tensor-core convolutions work in NHWC, so the backbone (all of the FLOPs but
-    the head) needs no layout copies; GroupNorm in the head copies to NCHW and back (tests/bench_fss.py step times
-    both on a GPU). The CPU keeps NCHW."""
+    """channels_last on CUDA: cuDNN's tensor-core convolutions work in NHWC, so the frozen backbone (most of the
+    FLOPs) needs no layout copies, while GroupNorm in the head copies to NCHW and back; not measured on a GPU yet
+    (tests/bench_fss.py step times both). The CPU keeps NCHW."""
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
