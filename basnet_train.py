@@ -9,13 +9,15 @@ OUT/log.jsonl. A non-finite loss stops the run before any checkpoint is written.
 """
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from datasets import SalientObjects, trim_log
-from model import BASNET_ENCODERS, BASNet, capture_rng, hybrid_loss, load_checkpoint, pick_device, restore_rng, save_checkpoint
+from datasets import SalientObjects, default_workers, make_loader, trim_log
+from model import (BASNET_ENCODERS, BASNet, capture_rng, configure_backends, hybrid_loss, load_checkpoint,
+                   mixed_precision, pick_device, restore_rng, save_checkpoint)
 
 
 def parse_args(argv=None):
@@ -36,9 +38,12 @@ def parse_args(argv=None):
                         "(CPU recipe; not in the paper)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N iterations")
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="DataLoader worker processes (default: usable cores - 1, at most 16; here %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch's deterministic algorithms (CUDA; the CPU is deterministic anyway, see README)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     args = p.parse_args(argv)
     if args.crop > args.size:
@@ -88,19 +93,23 @@ def crop_and_flip(images, masks, crop, flip, generator):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
+    configure_backends(device, args.deterministic)
     out = Path(args.out)
     data = SalientObjects(args.images, args.labels, args.list, image_size=args.size)
     torch.manual_seed(args.seed)
     net = BASNet(args.weights, args.encoder).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
+    autocast, scaler = mixed_precision(device)
     config = {**net.config, "image_size": args.size}
     step = 0
     if args.resume and (out / "last.pt").is_file():
-        ck = load_checkpoint(out / "last.pt", map_location=device)
+        ck = load_checkpoint(out / "last.pt")
         if ck["kind"] != "basnet":
             raise SystemExit(f"error: {out / 'last.pt'} is a {ck['kind']!r} checkpoint, not 'basnet'")
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
+        if ck.get("scaler") and scaler.is_enabled():  # float16 before and now (a disabled scaler saves {})
+            scaler.load_state_dict(ck["scaler"])
         restore_rng(ck["rng"])
         step = ck["step"]
     log_path = out / "log.jsonl"
@@ -109,38 +118,41 @@ def main(argv=None):
 
     def save():
         save_checkpoint(out / "last.pt", kind="basnet", config=config, model=net.state_dict(),
-                        optimizer=opt.state_dict(), step=step, epoch=step // max(1, len(data) // args.batch_size),
-                        rng=capture_rng(), args=vars(args))
+                        optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step,
+                        epoch=step // max(1, len(data) // args.batch_size), rng=capture_rng(), args=vars(args))
 
     net.train()
     bar = tqdm(range(step, args.iters), initial=step, total=args.iters, desc="basnet")
-    loader = torch.utils.data.DataLoader(data, batch_sampler=StepBatches(len(data), args.batch_size, step,
-                                                                         args.iters, args.seed),
-                                         num_workers=args.workers)
-    running, logged = 0.0, step
+    loader = make_loader(data, device, args.workers,
+                         batch_sampler=StepBatches(len(data), args.batch_size, step, args.iters, args.seed))
+    zero = torch.zeros((), dtype=torch.float64, device=device)  # float64: the sum a Python float would give
+    running, logged, saved = zero, step, step
     for it, batch in zip(bar, loader):
         gen = torch.Generator().manual_seed(args.seed * 100003 + it)
-        images, masks = crop_and_flip(batch["image"], batch["mask"], args.crop, not args.no_flip, gen)
-        images, masks = images.to(device), masks.to(device)
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
+        images, masks = (batch[k].to(device, non_blocking=True) for k in ("image", "mask"))
+        images, masks = crop_and_flip(images, masks, args.crop, not args.no_flip, gen)
+        with autocast():
             outputs = net(images)
-        loss = hybrid_loss(outputs, masks)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"error: loss is {loss.item()} at iteration {it + 1}; stopping without writing a "
-                             f"checkpoint (last good one: {out / 'last.pt'}, step {step})")
+        loss = hybrid_loss(outputs, masks)  # float32 (SSIM too, whatever the autocast)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         step = it + 1
-        running += loss.item()
-        if step % args.log_every == 0 or step == args.iters:
-            n = step - logged
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step, "loss": running / n, "lr": args.lr}) + "\n")
-            bar.set_postfix(loss=f"{running / n:.4f}")
-            running, logged = 0.0, step
+        running = running + loss.detach()
+        if step % args.log_every == 0 or step % args.save_every == 0 or step == args.iters:
+            mean = running.item() / (step - logged)  # waits for the GPU: only here, not every iteration
+            if not math.isfinite(mean):
+                raise SystemExit(f"error: loss is {mean} in iterations {logged + 1}..{step}; stopping without "
+                                 f"writing a checkpoint (last good one: {out / 'last.pt'}, step {saved})")
+            if step % args.log_every == 0 or step == args.iters:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": step, "loss": mean, "lr": args.lr}) + "\n")
+                bar.set_postfix(loss=f"{mean:.4f}")
+                running, logged = zero, step
         if step % args.save_every == 0 or step == args.iters:
             save()
+            saved = step
     print(f"BAS-Net: {step} iterations, checkpoint {out / 'last.pt'}")
 
 

@@ -1,6 +1,7 @@
 """Stage 5: evaluation.
 
     python evaluate.py fss --checkpoint last.pt --dataset pascal --root DIR --fold all   # few-shot mIoU (paper section 4)
+    python evaluate.py merge fold0.json fold1.json ... --out results.json                # per-fold files, one table
     python evaluate.py saliency --pred DIR --gt DIR                                      # saliency quality
 """
 import argparse
@@ -13,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets import IMAGENET_MEAN, IMAGENET_STD, FewShotEpisodes, save_png, write_json
-from model import FSSNet, load_checkpoint, pick_device
+from datasets import IMAGENET_MEAN, IMAGENET_STD, FewShotEpisodes, default_workers, make_loader, save_png, write_json
+from model import FSSNet, configure_backends, load_checkpoint, mixed_precision, pick_device
 
 
 # ---- fss: one-shot / k-shot evaluation (paper section 4) ----
@@ -110,7 +111,8 @@ def add_fss_args(p):
     p.add_argument("--save-episodes", help="JSON-lines file: one line per episode to recompute the metric")
     p.add_argument("--figure", help="PNG: a grid of a few episodes like the paper's Figure 5")
     p.add_argument("--figure-episodes", type=int, default=6)
-    p.add_argument("--workers", type=int, default=2, help="data loading processes")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="data loading processes (default: usable cores - 1, at most 16; here %(default)s)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="results.json")
 
@@ -135,9 +137,9 @@ class FeatureCache:
 
 def predict_episode(net, item, device, cache=None, episode=0):
     """Logits [1,2,S,S] of one episode, with or without the feature cache; returns (logits, backbone forwards)."""
-    query = item["query_img"].to(device)
-    supports = item["support_imgs"].to(device)
-    masks = item["support_masks"].to(device)[None]
+    query = item["query_img"].to(device, non_blocking=True)
+    supports = item["support_imgs"].to(device, non_blocking=True)
+    masks = item["support_masks"].to(device, non_blocking=True)[None]
     if cache is None:
         return net(query[None], supports[None], masks), 1 + len(supports)
     before = cache.forwards
@@ -165,7 +167,8 @@ def run_episodes(net, ds, args, device, run, log_file, figure_rows):
         for image_id in [query_id, *support_ids]:
             last_use[image_id] = i
     cache = None if (net is None or args.no_feature_cache) else FeatureCache(net, last_use)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=args.workers)
+    loader = make_loader(ds, device, args.workers, batch_size=None)
+    autocast, _ = mixed_precision(device)
     metric, forwards = FewShotMetric(), 0
     for i, item in enumerate(tqdm(loader, desc=f"fold {ds.fold} run {run}", leave=False)):
         original = args.eval_resolution == "original"
@@ -176,7 +179,7 @@ def run_episodes(net, ds, args, device, run, log_file, figure_rows):
             pred = resize_nearest(item["query_pseudo_mask"], target.shape)
             pred_small = resize_nearest(item["query_pseudo_mask"], item["query_mask"].shape)
         else:
-            with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
+            with torch.no_grad(), autocast():
                 logits, n = predict_episode(net, item, device, cache, i)
             forwards += n
             pred_small = logits[0].argmax(0).cpu()
@@ -237,6 +240,7 @@ def run_fss(args):
         raise SystemExit("error: pass --checkpoint last.pt (or --baseline saliency --masks DIR)")
     folds = parse_folds(args.fold, args.dataset)
     device = pick_device(args.device)
+    configure_backends(device)
     net = None if args.baseline else load_fss_model(args.checkpoint, device)
     log_file = open(args.save_episodes + ".tmp", "w") if args.save_episodes else None
     results, figure_rows, forwards, episodes, start = {}, [], 0, 0, time.time()
@@ -264,8 +268,7 @@ def run_fss(args):
                               for c in sorted({c for r in runs for c in r["per_class"]}, key=int)}
         entry["runs"] = runs
         results[f"fold{fold}"] = entry
-    results["mean"] = {key: float(np.mean([results[f"fold{f}"][key] for f in folds]))
-                       for key in ("miou", "miou_std", "fbiou", "miou_episode_mean")}
+    results["mean"] = fold_mean(results, folds)
     results["backbone_forwards"] = forwards
     results["episodes_per_s"] = episodes / (time.time() - start)
     results["config"] = {k: v for k, v in vars(args).items() if k != "command"}
@@ -276,6 +279,55 @@ def run_fss(args):
     if args.figure:
         figure_grid(figure_rows, args.figure)
     print_table(results, folds)
+
+
+def fold_mean(results, folds):
+    return {key: float(np.mean([results[f"fold{f}"][key] for f in folds]))
+            for key in ("miou", "miou_std", "fbiou", "miou_episode_mean")}
+
+
+# flags that define the numbers: per-fold result files merge only when these agree
+PROTOCOL = ("dataset", "shots", "runs", "episodes", "seed", "coco_folds", "split", "split_list", "image_size",
+            "eval_resolution", "baseline")
+
+
+def merge_results(paths):
+    """Per-fold result files of `evaluate.py fss` (one process per GPU, or per fold-trained model) -> (results,
+    folds): the folds side by side, their mean, backbone forwards summed, episodes_per_s of one process doing it
+    all, config {"merged": {file: its config}}. ValueError on a fold in two files or on files evaluated with other
+    PROTOCOL flags."""
+    entries, configs, forwards, episodes, seconds = {}, {}, 0, 0, 0.0
+    for path in map(os.fspath, paths):
+        try:
+            with open(path) as f:
+                r = json.load(f)
+            config, folds = r["config"], [k for k in r if k.startswith("fold")]
+            n = config["runs"] * config["episodes"] * len(folds)
+            seconds, forwards = seconds + n / r["episodes_per_s"], forwards + r["backbone_forwards"]
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+            raise ValueError(f"{path}: not a results file of `evaluate.py fss` ({type(e).__name__}: {e})") from None
+        first_path, first = next(iter(configs.items()), (path, config))
+        differ = [k for k in PROTOCOL if config.get(k) != first.get(k)]
+        if differ:
+            raise ValueError(f"{path} and {first_path} were evaluated with other flags: " + ", ".join(
+                f"--{k.replace('_', '-')} {config.get(k)} vs {first.get(k)}" for k in differ))
+        for fold in folds:
+            if fold in entries:
+                raise ValueError(f"{path}: {fold} is also in another file")
+            entries[fold] = r[fold]
+        configs[path] = config
+        episodes += n
+    folds = sorted(int(k[len("fold"):]) for k in entries)
+    results = {f"fold{f}": entries[f"fold{f}"] for f in folds}
+    results.update(mean=fold_mean(results, folds), backbone_forwards=forwards, episodes_per_s=episodes / seconds,
+                   config={"merged": configs})
+    return results, folds
+
+
+def run_merge(args):
+    merged, folds = merge_results(args.results)
+    write_json(merged, args.out)
+    print_table(merged, folds)
 
 
 def print_table(results, folds):
@@ -421,10 +473,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     add_fss_args(commands.add_parser("fss", help="few-shot segmentation mIoU / FB-IoU"))
+    merge = commands.add_parser("merge", help="per-fold results files of `fss` -> one table")
+    merge.add_argument("results", nargs="+", help="results.json files of `evaluate.py fss`, e.g. one per fold / GPU")
+    merge.add_argument("--out", required=True, help="merged results JSON")
     add_saliency_args(commands.add_parser("saliency", help="saliency metrics against ground truth"))
     args = parser.parse_args(argv)
     try:
-        {"fss": run_fss, "saliency": run_saliency}[args.command](args)
+        {"fss": run_fss, "merge": run_merge, "saliency": run_saliency}[args.command](args)
     except ValueError as e:  # an unreadable or missing image / mask file, named in the message
         raise SystemExit(f"error: {str(e).strip().splitlines()[-1]}") from None
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm import tqdm
 
-from datasets import SalientObjects, images_without_mask, save_png
-from model import BASNet, SaliencyNet, load_checkpoint, pick_device
+from datasets import SalientObjects, default_workers, images_without_mask, make_loader, save_png
+from model import BASNet, SaliencyNet, configure_backends, load_checkpoint, mixed_precision, pick_device
 
 
 def remove_small_regions(mask, min_pixels):
@@ -42,7 +42,7 @@ def postprocess(prob, threshold=0.5, min_fraction=0.01):
 
 def load_network(path, device):
     """A 'basnet' or 'saliency' checkpoint -> (network in eval mode, input size, kind)."""
-    ck = load_checkpoint(path, map_location="cpu")
+    ck = load_checkpoint(path)
     if ck["kind"] == "basnet":
         net = BASNet(weights="none", encoder=ck["config"].get("encoder", "resnet34"))
     elif ck["kind"] == "saliency":
@@ -58,8 +58,9 @@ def load_network(path, device):
 
 @torch.no_grad()
 def saliency_probabilities(net, kind, images):
-    """Normalised images [B,3,S,S] -> saliency probabilities [B,S,S]."""
-    with torch.autocast(images.device.type, enabled=images.device.type == "cuda"):
+    """Normalised images [B,3,S,S] -> saliency probabilities [B,S,S] (mixed precision as in training)."""
+    autocast, _ = mixed_precision(images.device)
+    with autocast():
         logits = net(images)[0][:, 0] if kind == "basnet" else net(images)
     return torch.sigmoid(logits.float())
 
@@ -86,7 +87,8 @@ def parse_args(argv=None):
                    help="drop regions under this fraction of the image; no mask when under it in total")
     p.add_argument("--shard", type=parse_shard, default=(0, 1), help="k/n: this process's share of the images")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="data loading processes (default: usable cores - 1, at most 16; here %(default)s)")
     p.add_argument("--device", default="auto")
     return p.parse_args(argv)
 
@@ -94,6 +96,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
+    configure_backends(device)
     out = Path(args.out)
     net, size, kind = load_network(args.checkpoint, device)
     data = SalientObjects(args.images, list_file=args.list, image_size=size)
@@ -102,12 +105,11 @@ def main(argv=None):
     no_mask = images_without_mask(out)
     todo = [i for i in range(k, len(data), n) if data.images[i].stem not in no_mask
             and not (out / f"{data.images[i].stem}.png").is_file()]
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, todo), batch_size=args.batch_size,
-                                         num_workers=args.workers)
+    loader = make_loader(torch.utils.data.Subset(data, todo), device, args.workers, batch_size=args.batch_size)
     written = skipped = 0
     out.mkdir(parents=True, exist_ok=True)
     for batch in tqdm(loader, desc=f"pseudo-masks {k}/{n}"):
-        probs = saliency_probabilities(net, kind, batch["image"].to(device))
+        probs = saliency_probabilities(net, kind, batch["image"].to(device, non_blocking=True))
         for prob, stem, (h, w) in zip(probs, batch["image_id"], batch["orig_size"].tolist()):
             prob = F.interpolate(prob[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
             if args.save_prob:

@@ -1,11 +1,12 @@
 """Networks and the small helpers every script shares.
 
 Read top to bottom beside the paper:
-  1. helpers: device, RNG state, the one checkpoint format
+  1. helpers: device, backend switches, mixed precision, RNG state, the one checkpoint format
   2. frozen backbones (paper section 3.3 "Backbone"): ResNet-101 (paper), ResNet-50, EfficientNet-Lite0
   3. FSSNet: projection + prototype mixing module + upsampling module (paper section 3.3, Figure 4)
   4. saliency networks (paper section 3.2), at the end of the file
 """
+import contextlib
 import os
 import random
 
@@ -15,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ---------------------------------------------------------------------------------------------------------------
-# helpers: device, RNG state, checkpoints
+# helpers: device, backend switches, mixed precision, RNG state, checkpoints
 
 
 def pick_device(name="auto"):
@@ -25,20 +26,65 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
+def configure_backends(device, deterministic=False):
+    """The backend switches of a run on `device`; call before its first CUDA operation.
+
+    Default: cuDNN autotuning (cudnn.benchmark) on CUDA, since every script feeds fixed sizes. deterministic=True:
+    torch's deterministic algorithms, cuDNN's deterministic kernels, no autotuning, cuBLAS's fixed workspace. CUDA
+    has no deterministic kernel for some operations used here (bilinear upsampling backward, the NLL of
+    cross-entropy): they warn (warn_only) instead of stopping the run, and stay non-deterministic. The CPU is
+    deterministic either way."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
+
+
+def autocast_dtype(device):
+    """The one decision on mixed precision: bfloat16 on CUDA GPUs with bfloat16 tensor cores (compute capability 8
+    and newer: float32's exponent range, gradients cannot underflow), float16 on older GPUs (with the gradient
+    scaler of mixed_precision), None (float32, no autocast) on the CPU and anything else."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+
+
+def mixed_precision(device):
+    """(autocast, scaler) for a run on `device`, from autocast_dtype. autocast() -> the context for the forward pass
+    and the loss; scaler: a torch.amp.GradScaler, enabled only with float16 (the per-pixel gradients of a loss
+    averaged over ~1e6 pixels underflow float16 without it). Every trainer steps the same way:
+
+        with autocast():
+            loss = ...
+        scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()
+
+    On the CPU autocast() is a no-op and the scaler is disabled (scale/step/update are plain backward/step)."""
+    dtype = autocast_dtype(device)
+
+    def autocast():
+        return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+    return autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
 def capture_rng():
-    """Every RNG state a run depends on (python, numpy, torch cpu and cuda), for an exact --resume."""
+    """Every RNG state a run depends on (python, numpy, torch cpu and the current CUDA device's), for an exact
+    --resume; the tensors are CPU ByteTensors."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def restore_rng(state):
+    """Inverse of capture_rng. The CUDA state goes to the current device (one process per GPU: the one
+    CUDA_VISIBLE_DEVICES shows, whichever GPU that is now)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 CHECKPOINT_KEYS = ("kind", "config", "model")
@@ -48,7 +94,7 @@ def save_checkpoint(path, **state):
     """Write the one checkpoint format atomically (tmp file + os.replace).
 
     Keys: kind ('fss' | 'saliency' | 'basnet'), config (rebuilds the model), model (state_dict), and
-    optionally optimizer, epoch, step, rng, args."""
+    optionally optimizer, scaler, epoch, step, rng, args."""
     missing = [k for k in CHECKPOINT_KEYS if k not in state]
     if missing:
         raise ValueError(f"save_checkpoint({path}): missing keys {missing}")
@@ -59,13 +105,16 @@ def save_checkpoint(path, **state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path):
+    """The one checkpoint loader of every script. Always onto the CPU, wherever it was written: callers move what
+    belongs on their device (model.load_state_dict copies into the device's parameters, optimizer.load_state_dict
+    casts its state to them), and the RNG states must stay CPU ByteTensors for restore_rng."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         # RNG states hold numpy arrays and tuples, so this is not a weights-only file
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated / not a torch file
         raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
@@ -618,15 +667,31 @@ def _gaussian_window(size=11, sigma=1.5, device=None, dtype=None):
     return (g[:, None] * g[None, :]).view(1, 1, size, size)
 
 
+@contextlib.contextmanager
+def _float32_convolutions(device):
+    """Autocast off and cuDNN's TF32 convolutions off (TF32 keeps 10 mantissa bits: it moves an SSIM map by up to
+    0.1, since the variances are differences of nearly equal local means)."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+
+
 def ssim(pred, target, window=11, sigma=1.5, c1=0.01 ** 2, c2=0.03 ** 2):
-    """Mean SSIM of [B,1,H,W] maps in [0,1] with a Gaussian window (Wang et al. 2004), per image -> [B]."""
-    w = _gaussian_window(window, sigma, pred.device, pred.dtype)
-    pad = window // 2
-    mu_p, mu_t = F.conv2d(pred, w, padding=pad), F.conv2d(target, w, padding=pad)
-    var_p = F.conv2d(pred * pred, w, padding=pad) - mu_p ** 2
-    var_t = F.conv2d(target * target, w, padding=pad) - mu_t ** 2
-    cov = F.conv2d(pred * target, w, padding=pad) - mu_p * mu_t
-    s = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p ** 2 + mu_t ** 2 + c1) * (var_p + var_t + c2))
+    """Mean SSIM of [B,1,H,W] maps in [0,1] with a Gaussian window (Wang et al. 2004), per image -> [B].
+    Always computed in float32, whatever the caller's autocast (_float32_convolutions)."""
+    pred, target = pred.float(), target.float()
+    with _float32_convolutions(pred.device):
+        w = _gaussian_window(window, sigma, pred.device, pred.dtype)
+        pad = window // 2
+        mu_p, mu_t = F.conv2d(pred, w, padding=pad), F.conv2d(target, w, padding=pad)
+        var_p = F.conv2d(pred * pred, w, padding=pad) - mu_p ** 2
+        var_t = F.conv2d(target * target, w, padding=pad) - mu_t ** 2
+        cov = F.conv2d(pred * target, w, padding=pad) - mu_p * mu_t
+        s = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p ** 2 + mu_t ** 2 + c1) * (var_p + var_t + c2))
     return s.flatten(1).mean(1)
 
 

@@ -31,7 +31,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from datasets import image_to_tensor, list_images, load_image, save_png, trim_log
-from model import BACKBONES, SaliencyNet, capture_rng, load_checkpoint, pick_device, restore_rng, save_checkpoint
+from model import (BACKBONES, SaliencyNet, capture_rng, configure_backends, load_checkpoint, mixed_precision,
+                   pick_device, restore_rng, save_checkpoint)
 
 # DeepUSPS's per-prior binarisation thresholds for the first round (Nguyen et al. 2019).
 PRIOR_THRESHOLDS = {"mc": 0.31, "hs": 0.36, "dsr": 0.23, "rbd": 0.25}
@@ -427,16 +428,18 @@ def predict(net, feats, idx, size):
     return torch.sigmoid(net.decode(feats[idx], (size, size)).float())
 
 
-def train_epoch(net, opt, feats, target_dirs, stems, args, beta2, generator):
+def train_epoch(net, opt, precision, feats, target_dirs, stems, args, beta2, generator):
     """One epoch over the images on fixed targets: the maps in target_dirs binarised at their threshold (one label
-    set per directory; the loss is averaged over them). target_dirs: list of (folder, threshold). Mean loss."""
+    set per directory; the loss is averaged over them). target_dirs: list of (folder, threshold); precision: the
+    (autocast, scaler) of model.mixed_precision. Mean loss."""
+    autocast, scaler = precision
     net.train()
     size, device = args.image_size, next(net.parameters()).device
     total = 0.0
     for idx in batches(len(stems), args.batch_size, generator):
         names = [stems[i] for i in idx]
         targets = [(read_maps(d, names, size) >= t).float().to(device) for d, t in target_dirs]
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
+        with autocast():
             logits = net.decode(feats[idx], (size, size))
         logits = logits.float()
         if args.loss == "fmeasure":
@@ -446,8 +449,9 @@ def train_epoch(net, opt, feats, target_dirs, stems, args, beta2, generator):
         if not torch.isfinite(loss):
             raise SystemExit(f"error: non-finite loss ({loss.item()}); stopping without writing a checkpoint")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         total += loss.item() * len(idx)
     return total / len(stems)
 
@@ -537,27 +541,29 @@ class Progress:
                 raise SystemExit(f"error: {self.path} belongs to another run (other images or network); "
                                  f"use another --out or drop --resume")
             self.task, self.epoch, self.log_lines = ck["task"], ck["epoch"], ck["log_lines"]
-            self.model, self.optimizer = ck["model"], ck["optimizer"]
+            self.model, self.optimizer, self.scaler = ck["model"], ck["optimizer"], ck["scaler"]
             restore_rng(ck["rng"])
         trim_log(self.log_path, self.log_lines)  # drop epochs logged after the checkpoint (a kill between the two)
 
-    def start(self, task, net, opt, init):
+    def start(self, task, net, opt, scaler, init):
         """First epoch to run of task number `task` (the decoder and optimizer set accordingly), or None if done."""
         if task < self.task:
             return None
         if task == self.task and self.model is not None:
             net.load_state_dict(self.model, strict=False)
             opt.load_state_dict(self.optimizer)
+            scaler.load_state_dict(self.scaler)
             return self.epoch
         net.load_state_dict(init, strict=False)  # every task starts from the same seeded decoder
         return 0
 
-    def epoch_done(self, task, epoch, net, opt, record):
+    def epoch_done(self, task, epoch, net, opt, scaler, record):
         with open(self.log_path, "a") as f:
             f.write(json.dumps({"step": self.log_lines + 1, **record}) + "\n")
         self.task, self.epoch, self.log_lines = task, epoch, self.log_lines + 1
         save_checkpoint(self.path, kind="saliency", config=self.config, model=decoder_state(net),
-                        optimizer=opt.state_dict(), task=task, epoch=epoch, log_lines=self.log_lines,
+                        optimizer=opt.state_dict(), scaler=scaler.state_dict(), task=task, epoch=epoch,
+                        log_lines=self.log_lines,
                         rng=capture_rng(), args=vars(self.args), stems=self.stems)
 
 
@@ -571,7 +577,8 @@ def train_network(net, feats, paths, args, progress, task, init, name, target_di
     """Train a fresh decoder on fixed targets for `epochs` epochs (resuming where progress says); with refine_to =
     (out, prior, round), update the moving averages after every epoch (DeepUSPS)."""
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=args.lr)
-    first = progress.start(task, net, opt, init)
+    autocast, scaler = mixed_precision(next(net.parameters()).device)
+    first = progress.start(task, net, opt, scaler, init)
     if first is None:
         return
     generator = torch.Generator().manual_seed(args.seed * 100003 + task)
@@ -580,19 +587,20 @@ def train_network(net, feats, paths, args, progress, task, init, name, target_di
     stems = [p.stem for p in paths]
     bar = tqdm(range(first, epochs), desc=name if refine_to is None else f"{name} round {refine_to[2] + 1}")
     for epoch in bar:
-        loss = train_epoch(net, opt, feats, target_dirs, stems, args, beta2, generator)
+        loss = train_epoch(net, opt, (autocast, scaler), feats, target_dirs, stems, args, beta2, generator)
         bar.set_postfix(loss=f"{loss:.4f}")
         if refine_to is not None:
             out, prior, rnd = refine_to
             refine(net, feats, paths, args, epoch + 1, mva_dir(out, prior, rnd, epoch), mva_dir(out, prior, rnd,
                                                                                                  epoch + 1))
-        progress.epoch_done(task, epoch + 1, net, opt, {"task": name, "round": (refine_to or (0, 0, 0))[2] + 1,
+        progress.epoch_done(task, epoch + 1, net, opt, scaler, {"task": name, "round": (refine_to or (0, 0, 0))[2] + 1,
                                                         "epoch": epoch + 1, "loss": loss})
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
+    configure_backends(device)
     out = Path(args.out)
     paths = list_images(args.images, args.list)
     write_priors(paths, out, args.priors, args.prior_size, args.superpixels, args.batch_size, device,

@@ -20,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets import MaskSplitPairs, SupervisedPairs, fold_train_ids, trim_log, voc_paths, voc_split, write_json
+from datasets import (EpochItems, MaskSplitPairs, SupervisedPairs, default_workers, fold_train_ids, make_loader,
+                      trim_log, voc_paths, voc_split, write_json)
 from masksplit import MaskSplit
-from model import BACKBONES, FSSNet, capture_rng, load_checkpoint, pick_device, restore_rng, save_checkpoint
+from model import (BACKBONES, FSSNet, capture_rng, configure_backends, load_checkpoint, mixed_precision, pick_device,
+                   restore_rng, save_checkpoint)
 
 
 def get_args(argv=None):
@@ -64,9 +66,12 @@ def get_args(argv=None):
     split.add_argument("--no-aug", action="store_true", help="no augmentation (Table 1's 'aug' off)")
     run = p.add_argument_group("run")
     run.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (all epochs if unset)")
-    run.add_argument("--workers", type=int, default=4, help="data loading processes")
+    run.add_argument("--workers", type=int, default=default_workers(),
+                     help="data loading processes (default: usable cores - 1, at most 16; here %(default)s)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="auto")
+    run.add_argument("--deterministic", action="store_true",
+                     help="torch's deterministic algorithms (CUDA; the CPU is deterministic anyway, see README)")
     run.add_argument("--log-every", type=int, default=10, help="steps between log.jsonl lines")
     run.add_argument("--out", default="runs/fss", help="output folder: last.pt, log.jsonl, args.json")
     run.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.pt")
@@ -113,31 +118,60 @@ def epoch_batches(n, batch_size, seed, epoch):
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def train_step(model, optimizer, batch, device, scaler):
-    """One optimiser step on a batch of MaskSplit pairs; returns the loss."""
-    cuda = device.type == "cuda"
-    fmt = torch.channels_last if cuda else torch.contiguous_format
+class RunBatches:
+    """Batch sampler of a whole run, steps start .. total-1 across epochs: [(epoch, i), ...] for EpochItems, so one
+    loader (persistent workers) serves every epoch."""
+
+    def __init__(self, n, batch_size, seed, start, total):
+        self.n, self.batch_size, self.seed, self.start, self.total = n, batch_size, seed, start, total
+        self.per_epoch = len(epoch_batches(n, batch_size, seed, 0))
+
+    def __len__(self):
+        return max(0, self.total - self.start)
+
+    def __iter__(self):
+        step = self.start
+        while step < self.total:
+            epoch = step // self.per_epoch
+            for batch in epoch_batches(self.n, self.batch_size, self.seed, epoch)[step - epoch * self.per_epoch:]:
+                yield [(epoch, i) for i in batch]
+                step += 1
+                if step == self.total:
+                    return
+
+
+def memory_format(device):
+    """channels_last on CUDA: cuDNN's tensor-core convolutions work in NHWC, so the frozen backbone (most of the
+    FLOPs) needs no layout copies, while GroupNorm in the head copies to NCHW and back; not measured on a GPU yet
+    (tests/bench_fss.py step times both). The CPU keeps NCHW."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def train_step(model, optimizer, batch, device, autocast, scaler, fmt=torch.contiguous_format):
+    """One optimiser step on a batch of MaskSplit pairs (images in memory format fmt, like the model); returns the
+    loss as a tensor on the device (reading it waits for the GPU: the caller does so only when it logs)."""
     query = batch["query_img"].to(device, non_blocking=True).contiguous(memory_format=fmt)
     support = batch["support_img"].to(device, non_blocking=True).contiguous(memory_format=fmt)
+    support_mask = batch["support_mask"].to(device, non_blocking=True)
     target = batch["query_target"].to(device, non_blocking=True)
-    with torch.autocast(device.type, enabled=cuda):
-        logits = model(query, support[:, None], batch["support_mask"].to(device)[:, None])
-        # pixel-wise cross-entropy; 255 = the support half of the query and pixels outside the image (3.2)
-        loss = F.cross_entropy(logits.float(), target, ignore_index=255)
+    with autocast():
+        logits = model(query, support[:, None], support_mask[:, None])
+    # pixel-wise cross-entropy; 255 = the support half of the query and pixels outside the image (3.2)
+    loss = F.cross_entropy(logits.float(), target, ignore_index=255)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    return loss.item()
+    return loss.detach()
 
 
 # flags that may change on --resume; every other flag must match the checkpoint's run
-RESUME_FREE = ("resume", "max_steps", "epochs", "workers", "device", "log_every")
+RESUME_FREE = ("resume", "max_steps", "epochs", "workers", "device", "deterministic", "log_every")
 
 
-def resume_state(ckpt_path, args, device):
+def resume_state(ckpt_path, args):
     try:
-        state = load_checkpoint(ckpt_path, map_location=device)
+        state = load_checkpoint(ckpt_path)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: cannot --resume: {e}")
     if state["kind"] != "fss":
@@ -157,25 +191,25 @@ def main(argv=None):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
+    configure_backends(device, args.deterministic)
     state = None
     if args.resume and os.path.isfile(ckpt_path):
-        state = resume_state(ckpt_path, args, device)
+        state = resume_state(ckpt_path, args)
     elif args.resume:  # killed before its first checkpoint: nothing to continue, start afresh
         print(f"--resume: no {ckpt_path} yet, starting from step 0")
     try:
         dataset = build_dataset(args)
     except ValueError as e:  # a missing folder or an unreadable / inconsistent file, named in the message
         sys.exit(f"error: {e}")
-    model = FSSNet(args.backbone, args.weights, backbone_bn=args.backbone_bn).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    fmt = memory_format(device)
+    model = FSSNet(args.backbone, args.weights, backbone_bn=args.backbone_bn).to(device, memory_format=fmt)
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    autocast, scaler = mixed_precision(device)
     step = 0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        if "scaler" in state:
+        if state.get("scaler") and scaler.is_enabled():  # float16 before and now (a disabled scaler saves {})
             scaler.load_state_dict(state["scaler"])
         step = state["step"]
         restore_rng(state["rng"])
@@ -193,30 +227,29 @@ def main(argv=None):
 
     model.train()  # the backbone stays in eval mode (FrozenBackbone)
     bar = tqdm(total=total, initial=step, desc="train_fss", dynamic_ncols=True)
-    start_epoch = step // steps_per_epoch
+    loader = make_loader(EpochItems(dataset), device, args.workers,
+                         batch_sampler=RunBatches(len(dataset), args.batch_size, args.seed, step, total))
     with open(log_path, "a" if args.resume else "w") as log:  # a fresh run starts a fresh log
-        for epoch in range(start_epoch, args.epochs):
-            if step >= total:
-                break
-            dataset.set_epoch(epoch)
-            batches = epoch_batches(len(dataset), args.batch_size, args.seed, epoch)[step - epoch * steps_per_epoch:]
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
-                                                 pin_memory=device.type == "cuda")
-            tick, pairs = time.time(), 0
-            for batch in loader:
-                loss = train_step(model, optimizer, batch, device, scaler)
-                step += 1
-                pairs += len(batch["query_img"])
-                rate = pairs / (time.time() - tick)
-                bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", pairs_per_s=f"{rate:.2f}")
-                if step % args.log_every == 0 or step == total:
-                    log.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "pairs_per_s": rate}) + "\n")
-                    log.flush()
-                if step >= total:
-                    break
-            # a finished epoch, or a stop at --max-steps: either way last.pt resumes exactly from here
-            checkpoint(step // steps_per_epoch)
+        since = tick = time.time()
+        waited, pairs, logged = 0.0, 0, step
+        for batch in loader:
+            waited += time.time() - tick  # time the step waited for the loader
+            loss = train_step(model, optimizer, batch, device, autocast, scaler, fmt)
+            step += 1
+            pairs += len(batch["query_img"])
+            bar.update(1)
+            if step % args.log_every == 0 or step == total:
+                loss = loss.item()  # waits for the GPU
+                rate = pairs / (time.time() - since)
+                log.write(json.dumps({"step": step, "epoch": (step - 1) // steps_per_epoch, "loss": loss,
+                                      "pairs_per_s": rate, "data_s": waited / (step - logged)}) + "\n")
+                log.flush()
+                bar.set_postfix(epoch=(step - 1) // steps_per_epoch, loss=f"{loss:.4f}", pairs_per_s=f"{rate:.2f}")
+                since, waited, pairs, logged = time.time(), 0.0, 0, step
+            # an epoch's end, or a stop at --max-steps: either way last.pt resumes exactly from here
+            if step % steps_per_epoch == 0 or step == total:
+                checkpoint(step // steps_per_epoch)
+            tick = time.time()
     bar.close()
     print(f"done: {step} steps, checkpoint {ckpt_path}")
 

@@ -7,7 +7,8 @@
 step:  one training step of train_fss.py (its train_step: forward + backward + Adam, mixed precision on CUDA)
        against the backbone's inference forward on the same two batches (query and support); issue 4 asks for at
        most 1.5x. Times one step on the device, without data loading: a table row's GPU time is about its
-       number of steps (README) times train_step_s, when the loader workers keep up.
+       number of steps (README) times train_step_s, when the loader workers keep up (train_fss.py's log.jsonl
+       has data_s, the time a step waited for them). On CUDA also in NCHW (*_nchw) against channels_last.
 cache: `evaluate.py fss` with and without the per-run feature cache (same episodes); issue 4 asks for >= 1.8x.
        Without --root it runs on demo data written to a temporary folder.
 Random weights: the speed does not depend on them.
@@ -26,8 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import evaluate  # noqa: E402
 from datasets import make_demo_data  # noqa: E402
-from model import FSSNet, pick_device, save_checkpoint  # noqa: E402
-from train_fss import train_step  # noqa: E402
+from model import FSSNet, autocast_dtype, configure_backends, mixed_precision, pick_device, save_checkpoint  # noqa
+from train_fss import memory_format, train_step  # noqa: E402
 
 
 def timed(fn, repeats, device):
@@ -46,25 +47,32 @@ def timed(fn, repeats, device):
 
 def bench_step(args):
     device = pick_device(args.device)
-    torch.manual_seed(0)
-    net = FSSNet(args.backbone, "none").to(device).train()
-    optimizer = torch.optim.Adam(net.trainable_parameters(), lr=1e-4, weight_decay=1e-5)
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    configure_backends(device)
+    autocast, scaler = mixed_precision(device)
     b, s = args.batch_size, args.image_size
     batch = {"query_img": torch.randn(b, 3, s, s), "support_img": torch.randn(b, 3, s, s),
              "support_mask": (torch.rand(b, s, s) > 0.5).float(), "query_target": torch.randint(0, 2, (b, s, s))}
+    # train_fss.py's memory format, and on CUDA the other one too (is channels_last worth its GroupNorm copies?)
+    formats = [memory_format(device)] + ([torch.contiguous_format] if device.type == "cuda" else [])
+    result = {"backbone": args.backbone, "image_size": s, "batch_size": b, "device": str(device),
+              "autocast": str(autocast_dtype(device)), "threads": torch.get_num_threads()}
+    for fmt in formats:
+        torch.manual_seed(0)
+        net = FSSNet(args.backbone, "none").to(device, memory_format=fmt).train()
+        optimizer = torch.optim.Adam(net.trainable_parameters(), lr=1e-4, weight_decay=1e-5)
 
-    @torch.no_grad()
-    def backbone_forward():
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
-            net.extract(batch["query_img"].to(device))
-            net.extract(batch["support_img"].to(device))
+        @torch.no_grad()
+        def backbone_forward():
+            with autocast():
+                for key in ("query_img", "support_img"):
+                    net.extract(batch[key].to(device).contiguous(memory_format=fmt))
 
-    forward = timed(backbone_forward, args.repeats, device)
-    step = timed(lambda: train_step(net, optimizer, batch, device, scaler), args.repeats, device)
-    print(json.dumps({"backbone": args.backbone, "image_size": s, "batch_size": b, "device": str(device),
-                      "threads": torch.get_num_threads(), "backbone_forward_s": round(forward, 3),
-                      "train_step_s": round(step, 3), "ratio": round(step / forward, 3)}))
+        forward = timed(backbone_forward, args.repeats, device)
+        step = timed(lambda: train_step(net, optimizer, batch, device, autocast, scaler, fmt), args.repeats, device)
+        name = "" if fmt is formats[0] else "_nchw"
+        result.update({f"backbone_forward_s{name}": round(forward, 3), f"train_step_s{name}": round(step, 3),
+                       f"ratio{name}": round(step / forward, 3)})
+    print(json.dumps(result))
 
 
 def bench_cache(args):

@@ -240,9 +240,9 @@ def test_targets_fixed_within_a_round_and_next_round_is_binarised_moving_average
     seen = []
     real_epoch = st.train_epoch
 
-    def recording(net, opt, feats, target_dirs, stems, args, beta2, generator):
+    def recording(net, opt, precision, feats, target_dirs, stems, args, beta2, generator):
         seen.append([(d, t, st.read_maps(d, stems, args.image_size)) for d, t in target_dirs])
-        return real_epoch(net, opt, feats, target_dirs, stems, args, beta2, generator)
+        return real_epoch(net, opt, precision, feats, target_dirs, stems, args, beta2, generator)
 
     monkeypatch.setattr(st, "train_epoch", recording)
     out = tmp_path / "run"

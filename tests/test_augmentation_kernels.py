@@ -1,0 +1,65 @@
+"""datasets.py's faster kernels of the augmentation (rotate, gaussian_blur, adjust_hue for a view's image and mask)
+against torchvision's own kernels of the same operations: the same draws, the same pixels up to float rounding."""
+import numpy as np
+import pytest
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+import datasets as D
+
+
+def scene(seed, size=(96, 112)):
+    """A smooth colour image with edges (rounding ties are as rare as in photos) and a blob mask."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    small = torch.rand(3, h // 8, w // 8, generator=g) * 255
+    img = TF.resize(small, [h, w], antialias=True).round().clamp(0, 255).to(torch.uint8)
+    img[:, h // 3: h // 2, w // 4: w // 2] = torch.tensor([250, 30, 90], dtype=torch.uint8)[:, None, None]
+    mask = torch.zeros(1, h, w, dtype=torch.uint8)
+    mask[0, 10:60, 20:80] = 1
+    mask[0, 30:40, 5:100] = 255
+    return img, mask
+
+
+def close(ours, theirs, max_share=2e-3):
+    diff = (ours.as_subclass(torch.Tensor).int() - theirs.as_subclass(torch.Tensor).int()).abs()
+    return diff.max().item() <= 1 and (diff > 0).float().mean().item() <= max_share
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kernels_match_torchvision(seed):
+    img, mask = scene(seed)
+    rng = np.random.default_rng(seed)
+    angle = float(rng.uniform(-90, 90))
+    ours = TF.rotate(D._ViewImage(img), angle, interpolation=v2.InterpolationMode.BILINEAR, fill=0)
+    assert type(ours) is D._ViewImage and close(ours, TF.rotate(img, angle, v2.InterpolationMode.BILINEAR, fill=0))
+    ours = TF.rotate(D._ViewMask(mask), angle, fill=255)
+    theirs = TF.rotate(tv_tensors.Mask(mask), angle, fill=255)
+    assert type(ours) is D._ViewMask and (ours != theirs).float().mean().item() <= 1e-3
+    for k in (3, 5, 7):
+        sigma = float(rng.uniform(0.1, 2.0))
+        assert close(TF.gaussian_blur(D._ViewImage(img), [k, k], [sigma, sigma]),
+                     TF.gaussian_blur(img, [k, k], [sigma, sigma]))
+    for factor in (-0.2, float(rng.uniform(-0.2, 0.2)), 0.2):
+        assert close(TF.adjust_hue(D._ViewImage(img), factor), TF.adjust_hue(img, factor))
+
+
+def test_views_draw_what_torchvision_draws():
+    # the whole pipeline on _ViewImage / _ViewMask against torchvision's kernels on tv_tensors (whose fill the stock
+    # pipeline needs): every parameter drawn the same, so the masks agree and the images differ by rounding only
+    mine = D.build_augmentation(64)
+    stock = D.build_augmentation(64)
+    rotation = next(t.transforms[0] for t in stock.transforms if isinstance(t, v2.RandomApply)
+                    and isinstance(t.transforms[0], v2.RandomRotation))
+    rotation._fill = {tv_tensors.Image: 0, tv_tensors.Mask: 255}
+    for seed in range(12):
+        img, mask = scene(seed)
+        torch.manual_seed(seed)
+        a_img, a_mask = mine(D._ViewImage(img), D._ViewMask(mask))
+        torch.manual_seed(seed)
+        b_img, b_mask = stock(tv_tensors.Image(img), tv_tensors.Mask(mask))
+        assert (a_mask != b_mask).float().mean().item() <= 1e-3
+        grey_levels = (a_img - b_img).abs() * 0.229 * 255       # normalised back to 0..255 (about)
+        assert (grey_levels > 0.5).float().mean().item() <= 2e-3
