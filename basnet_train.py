@@ -36,6 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--encoder", default="resnet34", choices=BASNET_ENCODERS,
                    help="resnet34 (BAS-Net); efficientnet_lite0: the encoder whose ImageNet weights work offline "
                         "(CPU recipe; not in the paper)")
+    p.add_argument("--width", type=float, default=1.0,
+                   help="channel width of everything after the encoder (1: BAS-Net); < 1 only with the Lite0 encoder "
+                        "(CPU recipe; not in the paper)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N iterations")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--workers", type=int, default=default_workers(),
@@ -97,7 +100,7 @@ def main(argv=None):
     out = Path(args.out)
     data = SalientObjects(args.images, args.labels, args.list, image_size=args.size)
     torch.manual_seed(args.seed)
-    net = BASNet(args.weights, args.encoder).to(device)
+    net = BASNet(args.weights, args.encoder, args.width).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
     autocast, scaler = mixed_precision(device)
     config = {**net.config, "image_size": args.size}

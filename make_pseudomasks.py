@@ -44,7 +44,8 @@ def load_network(path, device):
     """A 'basnet' or 'saliency' checkpoint -> (network in eval mode, input size, kind)."""
     ck = load_checkpoint(path)
     if ck["kind"] == "basnet":
-        net = BASNet(weights="none", encoder=ck["config"].get("encoder", "resnet34"))
+        net = BASNet(weights="none", encoder=ck["config"].get("encoder", "resnet34"),
+                     width=ck["config"].get("width", 1.0))
     elif ck["kind"] == "saliency":
         net = SaliencyNet(ck["config"]["backbone"], weights="none", channels=ck["config"]["channels"])
     else:

