@@ -46,7 +46,7 @@ if [[ $mode == demo ]]; then
   WEIGHTS=${WEIGHTS:-imagenet}
   # small settings: a CPU finishes the whole demo in minutes; the numbers are demo numbers, not the paper's
   saliency_flags=(--prior-size 128 --image-size 128 --rounds 2 --epochs 3 --batch-size 8)
-  basnet_flags=(--iters 60 --size 64 --crop 56 --encoder efficientnet_lite0 --save-every 20)
+  basnet_flags=(--iters 60 --size 64 --crop 56 --encoder efficientnet_lite0 --width 0.25 --save-every 20)
   pseudo_flags=()
   fss_flags=(--image-size 160 --batch-size 8 --epochs 8 --workers 1)
   eval_flags=(--image-size 160 --runs 1 --episodes 300 --workers 1)

@@ -1,7 +1,7 @@
 """Speed of the saliency priors and of BAS-Net (run by hand; not collected by pytest).
 
     python tests/bench_saliency.py [--images DIR] [--size 128] [--batch 16] [--threads 1] [--device cuda]
-                                   [--priors-only] [--basnet-encoder efficientnet_lite0]
+                                   [--priors-only] [--basnet-encoder efficientnet_lite0 --basnet-width 0.25]
     python tests/bench_saliency.py --memory 200,2000   # peak memory of saliency_train.py on 200 and 2000 images
 
 On the CPU the figures are CPU time of this process; on CUDA, wall time with the device synchronised.
@@ -31,6 +31,7 @@ def main():
     p.add_argument("--basnet-crop", type=int, default=64, help="BAS-Net's own training crop is 224")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--basnet-encoder", default="resnet34", choices=model.BASNET_ENCODERS)
+    p.add_argument("--basnet-width", type=float, default=1.0, help="BAS-Net --width (< 1: Lite0 encoder only)")
     p.add_argument("--memory", default=None, metavar="N1,N2",
                    help="instead: peak memory of saliency_train.py on N1 and N2 synthetic images, same settings")
     p.add_argument("--train-flags", default="--backbone efficientnet_lite0 --weights none --prior-size 64 "
@@ -63,7 +64,7 @@ def main():
               f"(batch {len(x)}, {args.threads} thread(s))")
     if args.priors_only:
         return
-    net = model.BASNet(weights="none", encoder=args.basnet_encoder).to(device)
+    net = model.BASNet(weights="none", encoder=args.basnet_encoder, width=args.basnet_width).to(device)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     c = args.basnet_crop
     xb, yb = torch.randn(8, 3, c, c, device=device), (torch.rand(8, 1, c, c, device=device) > 0.5).float()
