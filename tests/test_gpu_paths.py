@@ -128,7 +128,7 @@ def test_ssim_stays_float32_under_autocast_without_tf32(monkeypatch):
 class TinySaliency(torch.nn.Module):
     """Stands in for BAS-Net (8 logit maps) where its size does not matter: CPU float16 kernels are emulated, slow."""
 
-    def __init__(self, weights, encoder="resnet34"):
+    def __init__(self, weights, encoder="resnet34", width=1.0):
         super().__init__()
         self.config, self.conv = {}, torch.nn.Conv2d(3, 1, 3, padding=1)
 
