@@ -2,22 +2,52 @@
 
 Issue 12's target: >= 60 pairs/s per core at 400x400 (decode, split, two augmented views), through a DataLoader
 (datasets.make_loader, as the trainers). workers=0 also prints pairs per CPU-second of the process, which other jobs
-on a shared machine disturb much less than wall time.
+on a shared machine disturb much less than wall time. --compare times the same pairs with torchvision's own kernels
+for rotate / gaussian_blur / adjust_hue against datasets.py's (same draws), alternating pair by pair in this process.
 
     python tests/bench_datasets.py                                   # VOC-sized demo images (375-500 px)
     python tests/bench_datasets.py --images VOC2012/JPEGImages --masks VOC2012/SegmentationClassAug \
         --mask-source groundtruth --list VOC2012/ImageSets/Segmentation/train.txt
 """
 import argparse
+import contextlib
 import pathlib
 import sys
 import tempfile
 import time
 
 import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import datasets as D  # noqa: E402
+
+
+@contextlib.contextmanager
+def torchvision_kernels(ds):
+    """ds's pairs made with torchvision's kernels: _view wraps plain tv_tensors, the rotation fills them."""
+    rotation = next(t.transforms[0] for t in ds.transform.transforms
+                    if isinstance(t, v2.RandomApply) and isinstance(t.transforms[0], v2.RandomRotation))
+    saved = D._ViewImage, D._ViewMask, dict(rotation._fill)
+    D._ViewImage, D._ViewMask = tv_tensors.Image, tv_tensors.Mask
+    rotation._fill.update({tv_tensors.Image: 0, tv_tensors.Mask: D.IGNORE})
+    try:
+        yield
+    finally:
+        D._ViewImage, D._ViewMask, rotation._fill = saved
+
+
+def compare(ds, pairs):
+    cpu = {"torchvision": 0.0, "ours": 0.0}
+    for i in range(pairs):
+        for name in ("torchvision", "ours") if i % 2 else ("ours", "torchvision"):
+            with torchvision_kernels(ds) if name == "torchvision" else contextlib.nullcontext():
+                start = time.process_time()
+                ds[i % len(ds)]
+                cpu[name] += time.process_time() - start
+    print(f"pairs per CPU-second, {pairs} pairs each, alternating: torchvision's kernels "
+          f"{pairs / cpu['torchvision']:.1f}, ours {pairs / cpu['ours']:.1f} ({cpu['torchvision'] / cpu['ours']:.2f}x)")
 
 
 def main():
@@ -31,6 +61,7 @@ def main():
                    help="DataLoader worker counts to time (0 = in the main process: exactly one core)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--pairs", type=int, default=320, help="pairs timed per setting (after one warm-up batch)")
+    p.add_argument("--compare", action="store_true", help="torchvision's kernels vs ours instead (see above)")
     args = p.parse_args()
 
     torch.set_num_threads(1)
@@ -45,6 +76,9 @@ def main():
                               cache_dir=pathlib.Path(tmp) / "cache")
         print(f"{len(ds)} images from {images} ({source} masks), {args.image_size}x{args.image_size}, "
               f"batch {args.batch_size}, torch threads per worker 1")
+        ds[0]                                                           # warm-up
+        if args.compare:
+            return compare(ds, args.pairs)
         for workers in args.workers:
             order = torch.utils.data.BatchSampler(range(len(ds)), args.batch_size, drop_last=False)
             loader = D.make_loader(ds, torch.device("cpu"), workers, batch_sampler=order)
