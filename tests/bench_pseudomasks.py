@@ -11,7 +11,6 @@ mask comes back on it).
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model  # noqa: E402
+from bench_saliency import device_clock  # noqa: E402  (this folder is on the path of a script run)
 from make_pseudomasks import postprocess  # noqa: E402
 
 
@@ -36,13 +36,7 @@ def main():
     blobs = F.interpolate(torch.rand(args.masks, 1, 6, 8, generator=g), size=(args.height, args.width),
                           mode="bilinear", align_corners=False)[:, 0]
     probs = (0.8 * blobs + 0.3 * torch.rand(args.masks, args.height, args.width, generator=g)).to(device)
-    kind = "CPU" if device.type == "cpu" else "wall"
-
-    def clock():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            return time.perf_counter()
-        return time.process_time()
+    clock, kind = device_clock(device)
     postprocess(probs[0])  # warm-up
     times, written = [], 0
     for prob in probs:

@@ -21,6 +21,16 @@ import saliency_train as st  # noqa: E402
 from datasets import list_images  # noqa: E402
 
 
+def device_clock(device):
+    """(clock, kind): CPU time of this process on the CPU; on CUDA, wall time with the device synchronised."""
+    def clock():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return time.process_time()
+    return clock, "CPU" if device.type == "cpu" else "wall"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--images", default=None, help="real images (default: smooth random images)")
@@ -43,13 +53,7 @@ def main():
     if args.memory:
         return peak_memory([int(n) for n in args.memory.split(",")], args.train_flags.split())
     device = model.pick_device(args.device)
-    kind = "CPU" if device.type == "cpu" else "wall"
-
-    def clock():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            return time.perf_counter()
-        return time.process_time()
+    clock, kind = device_clock(device)
     if args.images:
         x = torch.stack([st._load_rgb(q, args.size)[0] for q in list_images(args.images)[:args.batch]])
     else:

@@ -24,19 +24,23 @@ def run_pipeline(env, mode="full"):
     return out.stdout
 
 
+def pipeline_env(run, data, **variables):
+    """pipeline.sh's environment for tiny data: one thread, CPU, random weights, tiny stage 1 settings."""
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                OMP_NUM_THREADS="1", RUN=str(run), MSRA=str(data["salient_images"]), VOC=str(data["voc"]),
+                WEIGHTS="none", DEVICE="cpu", PSEUDO_FLAGS="--threshold 0.2",
+                SALIENCY_FLAGS="--prior-size 48 --superpixels 40 --image-size 32 --rounds 1 --epochs 1", **variables)
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="pipeline.sh needs bash")
 def test_full_mode_runs_every_stage_and_a_rerun_skips_them(tmp_path):
     data = make_demo_data(tmp_path / "data", train_images=20, val_images=40, salient_images=8, coco_images=16)
     run = tmp_path / "run"
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               OMP_NUM_THREADS="1", RUN=str(run), MSRA=str(data["salient_images"]), VOC=str(data["voc"]),
-               COCO=str(data["coco"]), COCO_TRAIN=data["coco_split"], COCO_VAL=data["coco_split"],
-               BACKBONE="efficientnet_lite0", WEIGHTS="none", DEVICE="cpu",
-               SALIENCY_FLAGS="--prior-size 48 --superpixels 40 --image-size 32 --rounds 1 --epochs 1",
-               BASNET_FLAGS="--iters 2 --size 32 --crop 24 --batch-size 2 --weights none --save-every 1",
-               PSEUDO_FLAGS="--threshold 0.2",
-               FSS_FLAGS="--image-size 64 --batch-size 4 --epochs 1 --workers 0",
-               EVAL_FLAGS="--image-size 64 --runs 1 --episodes 4 --workers 0 --fold 0")
+    env = pipeline_env(run, data, COCO=str(data["coco"]), COCO_TRAIN=data["coco_split"],
+                       COCO_VAL=data["coco_split"], BACKBONE="efficientnet_lite0",
+                       BASNET_FLAGS="--iters 2 --size 32 --crop 24 --batch-size 2 --weights none --save-every 1",
+                       FSS_FLAGS="--image-size 64 --batch-size 4 --epochs 1 --workers 0",
+                       EVAL_FLAGS="--image-size 64 --runs 1 --episodes 4 --workers 0 --fold 0")
     first = run_pipeline(env)
     assert sorted(p.name for p in (run / "done").iterdir()) == sorted(STAGES)
     # each stage's command line is echoed, with its own extra flags last (they override the mode's defaults)
@@ -63,13 +67,9 @@ def test_full_mode_runs_every_stage_and_a_rerun_skips_them(tmp_path):
 def test_cpu_mode_runs_the_pascal_stages_with_its_own_settings(tmp_path):
     data = make_demo_data(tmp_path / "data", train_images=12, val_images=30, salient_images=6, coco_images=4)
     run = tmp_path / "run"
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               OMP_NUM_THREADS="1", RUN=str(run), MSRA=str(data["salient_images"]), VOC=str(data["voc"]),
-               WEIGHTS="none", DEVICE="cpu",
-               SALIENCY_FLAGS="--prior-size 48 --superpixels 40 --image-size 32 --rounds 1 --epochs 1",
-               BASNET_FLAGS="--iters 2 --size 32 --crop 24 --batch-size 2 --weights none",
-               PSEUDO_FLAGS="--threshold 0.2", FSS_FLAGS="--image-size 64 --batch-size 4 --max-steps 2 --workers 0",
-               EVAL_FLAGS="--image-size 64 --runs 1 --episodes 4 --workers 0 --fold 0")
+    env = pipeline_env(run, data, BASNET_FLAGS="--iters 2 --size 32 --crop 24 --batch-size 2 --weights none",
+                       FSS_FLAGS="--image-size 64 --batch-size 4 --max-steps 2 --workers 0",
+                       EVAL_FLAGS="--image-size 64 --runs 1 --episodes 4 --workers 0 --fold 0")
     out = run_pipeline(env, "cpu")
     assert sorted(p.name for p in (run / "done").iterdir()) == sorted(STAGES[:7])  # no COCO given: PASCAL only
     # the CPU recipe's settings, then the extra flags; Lite0 by default, also as BAS-Net's encoder
