@@ -196,10 +196,22 @@ def image_to_tensor(pil, size):
     return TF.normalize(x.float().div_(255.0), IMAGENET_MEAN, IMAGENET_STD)
 
 
+def resize_mask(mask, size):
+    """The one mask resize of the project: an integer or bool mask [..., H, W] (numpy or torch) -> int64 tensor of
+    size (H', W'), nearest-exact: each target pixel takes the source pixel under its centre, the grid of the
+    images' bilinear resize. Ground truth, support masks, pseudo-masks and training views all go through it, so
+    a mask resized along two paths lands on the same pixels (a plain "nearest" grid is offset by half a pixel)."""
+    m = torch.from_numpy(np.ascontiguousarray(mask)) if isinstance(mask, np.ndarray) else mask
+    if tuple(m.shape[-2:]) == tuple(size):
+        return m.long()
+    flat = m.reshape(-1, 1, *m.shape[-2:]).float()               # any leading dimensions, e.g. a view's [1, H, W]
+    out = torch.nn.functional.interpolate(flat, size=tuple(size), mode="nearest-exact")
+    return out.reshape(*m.shape[:-2], *size).long()
+
+
 def mask_to_tensor(mask, size):
-    """uint8 / bool mask [H, W] -> int64 tensor [size, size], nearest resize."""
-    m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None]
-    return TF.resize(m, [size, size], interpolation=v2.InterpolationMode.NEAREST_EXACT)[0].long()
+    """uint8 / bool mask [H, W] -> int64 tensor [size, size] (resize_mask)."""
+    return resize_mask(mask, (size, size))
 
 
 def _check_same_size(image, image_path, mask, mask_path):
@@ -448,7 +460,8 @@ class _ViewImage(tv_tensors.Image):
 
 
 class _ViewMask(tv_tensors.Mask):
-    """A view's mask in the pipeline: rotate runs on _rotate_mask (nearest, the pixels torchvision's takes)."""
+    """A view's mask in the pipeline: rotate runs on _rotate_mask (nearest, the pixels torchvision's takes), resize
+    and resized_crop on resize_mask."""
 
 
 @functools.lru_cache(maxsize=1)  # a view's image and mask turn by the same angle: one grid for both
@@ -518,6 +531,19 @@ def _adjust_hue(image, hue_factor):
     return tv_tensors.wrap(out.mul_(256 - 1e-3).to(x.dtype), like=image)
 
 
+def _resized_crop_mask(mask, top, left, height, width, size, **_):
+    """Crop, then resize_mask (the one mask resize; torchvision's own kernel resizes masks "nearest")."""
+    x = TF.crop(mask.as_subclass(torch.Tensor), top, left, height, width)
+    return tv_tensors.wrap(resize_mask(x, size).to(x.dtype), like=mask)
+
+
+def _resize_mask_kernel(mask, size, **_):
+    x = mask.as_subclass(torch.Tensor)
+    return tv_tensors.wrap(resize_mask(x, size).to(x.dtype), like=mask)
+
+
+TF.register_kernel(TF.resized_crop, _ViewMask)(_resized_crop_mask)
+TF.register_kernel(TF.resize, _ViewMask)(_resize_mask_kernel)
 TF.register_kernel(TF.rotate, _ViewImage)(_rotate_image)
 TF.register_kernel(TF.rotate, _ViewMask)(_rotate_mask)
 TF.register_kernel(TF.gaussian_blur, _ViewImage)(_gaussian_blur)

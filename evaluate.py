@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets import IMAGENET_MEAN, IMAGENET_STD, FewShotEpisodes, default_workers, make_loader, save_png, write_json
+from datasets import (IMAGENET_MEAN, IMAGENET_STD, FewShotEpisodes, default_workers, make_loader, resize_mask, save_png,
+                      write_json)
 from model import FSSNet, configure_backends, load_checkpoint, mixed_precision, pick_device
 
 
@@ -152,13 +153,6 @@ def predict_episode(net, item, device, cache=None, episode=0):
     return logits, cache.forwards - before
 
 
-def resize_nearest(mask, size):
-    """int mask [H,W] -> [size] (nearest), e.g. the query's pseudo-mask at the resized evaluation size."""
-    if tuple(mask.shape) == tuple(size):
-        return mask
-    return F.interpolate(mask[None, None].float(), size=tuple(size), mode="nearest")[0, 0].long()
-
-
 def run_episodes(net, ds, args, device, run, log_file, figure_rows):
     """One run over ds's episodes -> (metric summary, backbone forwards)."""
     ids = [ds.episode_ids(i) for i in range(len(ds))]
@@ -175,9 +169,10 @@ def run_episodes(net, ds, args, device, run, log_file, figure_rows):
         target = item["query_mask_orig"] if original else item["query_mask"]
         if args.baseline == "foreground":
             pred, pred_small = torch.ones_like(target), torch.ones_like(item["query_mask"])
-        elif args.baseline == "saliency":  # Saliency* baseline: the query's own pseudo-mask is the prediction
-            pred = resize_nearest(item["query_pseudo_mask"], target.shape)
-            pred_small = resize_nearest(item["query_pseudo_mask"], item["query_mask"].shape)
+        elif args.baseline == "saliency":  # Saliency* baseline: the query's own pseudo-mask is the prediction,
+            # resized by the ground truth's own resize (resize_mask), so a pseudo-mask equal to the truth scores 1
+            pred = resize_mask(item["query_pseudo_mask"], target.shape)
+            pred_small = resize_mask(item["query_pseudo_mask"], item["query_mask"].shape)
         else:
             with torch.no_grad(), autocast():
                 logits, n = predict_episode(net, item, device, cache, i)
@@ -210,7 +205,7 @@ def figure_grid(rows, path):
         tiles.append(query)
         tiles.append(overlay(to_uint8(item["support_imgs"][0]), item["support_masks"][0] > 0.5, "blue"))
         if "query_pseudo_mask" in item:
-            tiles.append(overlay(query, resize_nearest(item["query_pseudo_mask"], pred.shape) == 1, "yellow"))
+            tiles.append(overlay(query, resize_mask(item["query_pseudo_mask"], pred.shape) == 1, "yellow"))
         tiles.append(overlay(query, pred == 1, "red"))
         tiles.append(overlay(query, item["query_mask"] == 1, "green"))
     grid = make_grid(tiles, nrow=len(tiles) // len(rows), padding=4, pad_value=255)
