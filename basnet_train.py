@@ -16,12 +16,12 @@ import torch
 from tqdm import tqdm
 
 from datasets import SalientObjects, default_workers, make_loader, trim_log
-from model import (BASNET_ENCODERS, BASNet, capture_rng, configure_backends, hybrid_loss, load_checkpoint,
-                   mixed_precision, pick_device, restore_rng, save_checkpoint)
+from model import (BASNET_ENCODERS, BASNet, HelpFormatter, capture_rng, configure_backends, hybrid_loss,
+                   load_checkpoint, mixed_precision, pick_device, restore_rng, save_checkpoint)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--images", required=True, help="folder of training images")
     p.add_argument("--labels", required=True, help="folder of 0/255 saliency labels named like the images")
     p.add_argument("--list", default=None, help="optional file of image stems to use")
@@ -40,11 +40,12 @@ def parse_args(argv=None):
                    help="channel width of everything after the encoder (1: BAS-Net); < 1 only with the Lite0 encoder "
                         "(CPU recipe; not in the paper)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N iterations")
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--log-every", type=int, default=10, help="iterations between log.jsonl lines")
     p.add_argument("--workers", type=int, default=default_workers(),
                    help="DataLoader worker processes (default: usable cores - 1, at most 16; here %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same run)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:1, ...")
     p.add_argument("--deterministic", action="store_true",
                    help="torch's deterministic algorithms (CUDA; the CPU is deterministic anyway, see README)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")

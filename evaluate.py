@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from datasets import (IMAGENET_MEAN, IMAGENET_STD, FewShotEpisodes, default_workers, make_loader, resize_mask, save_png,
                       write_json)
-from model import FSSNet, configure_backends, load_checkpoint, mixed_precision, pick_device
+from model import FSSNet, HelpFormatter, configure_backends, load_checkpoint, mixed_precision, pick_device
 
 
 # ---- fss: one-shot / k-shot evaluation (paper section 4) ----
@@ -25,11 +25,12 @@ from model import FSSNet, configure_backends, load_checkpoint, mixed_precision, 
 class FewShotMetric:
     """The one implementation of the few-shot numbers, fed one episode at a time (255 = ignored pixels).
 
-    miou: standard mIoU: per class, intersection summed over the episodes / union summed over the episodes,
-          averaged over the fold's classes that had episodes.
+    miou_episode_mean: the metric of the authors' code, which produced the paper's own numbers: per class, the
+          mean of the per-episode foreground IoU, then the mean over the fold's classes.
+    miou: the standard mIoU of HSNet / PFENet: per class, intersection summed over the episodes / union summed
+          over the episodes, averaged over the fold's classes that had episodes.
     fbiou: foreground-background IoU: mean of the foreground IoU and the background IoU, each summed over all
           episodes.
-    miou_episode_mean: the authors' variant: mean of the per-episode foreground IoU per class, then over classes.
     """
 
     def __init__(self):
@@ -84,16 +85,23 @@ def parse_folds(text, dataset):
     return folds
 
 
+FSS_DESCRIPTION = """One-shot (k-shot) segmentation on PASCAL-5i or COCO-20i test episodes (paper section 4): 5 runs x
+2500 episodes per fold. Prints both mIoU: mIoU-episode (the authors' code, which produced the paper's numbers:
+compare with it) and mIoU-summed (the HSNet / PFENet standard), with FB-IoU."""
+
+
 def add_fss_args(p):
     p.add_argument("--checkpoint", help="train_fss.py checkpoint (last.pt); not needed with --baseline saliency")
-    p.add_argument("--dataset", choices=["pascal", "coco"], default="pascal")
+    p.add_argument("--dataset", choices=["pascal", "coco"], default="pascal", help="PASCAL-5i or COCO-20i (section 4)")
     p.add_argument("--root", required=True, help="VOC2012 folder (pascal) or COCO root (coco)")
     p.add_argument("--fold", default="all", help="0, 1, 2, 3, all, or a list like 1,2,3")
     p.add_argument("--shots", type=int, default=1, help="support images per episode (paper: one-shot)")
     p.add_argument("--runs", type=int, default=5, help="runs; run r uses seed + r (paper section 4: 5 runs)")
     p.add_argument("--episodes", type=int, default=2500, help="episodes per run (paper section 4: 2500 tasks)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--coco-folds", choices=["interleaved", "contiguous"], default="interleaved")
+    p.add_argument("--seed", type=int, default=0, help="episodes of run r are drawn with seed + r")
+    p.add_argument("--coco-folds", choices=["interleaved", "contiguous"], default="interleaved",
+                   help="COCO-20i classes of fold i: interleaved {4k+i+1} (HSNet, PFENet, RePRI) or contiguous "
+                        "20i+1..20i+20 (the authors' code)")
     p.add_argument("--split", help="image set: pascal ImageSets/Segmentation name or file (default val); coco "
                                    "split name, e.g. val2014 (default: the only annotations/instances_*.json)")
     p.add_argument("--split-list", help="file of '<image id>__<class>' lines restricting the episodes "
@@ -114,8 +122,9 @@ def add_fss_args(p):
     p.add_argument("--figure-episodes", type=int, default=6)
     p.add_argument("--workers", type=int, default=default_workers(),
                    help="data loading processes (default: usable cores - 1, at most 16; here %(default)s)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="results.json")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", default="results.json", help="results JSON (per fold, mean over folds, config)")
 
 
 class FeatureCache:
@@ -278,7 +287,7 @@ def run_fss(args):
 
 def fold_mean(results, folds):
     return {key: float(np.mean([results[f"fold{f}"][key] for f in folds]))
-            for key in ("miou", "miou_std", "fbiou", "miou_episode_mean")}
+            for key in ("miou", "miou_std", "fbiou", "miou_episode_mean", "miou_episode_mean_std")}
 
 
 # flags that define the numbers: per-fold result files merge only when these agree
@@ -325,13 +334,19 @@ def run_merge(args):
     print_table(merged, folds)
 
 
+METRIC_LEGEND = ("mIoU-episode: per class the mean of the per-episode IoU (the authors' code: compare it with the "
+                 "paper's numbers); mIoU-summed: per class summed intersection / summed union (HSNet, PFENet)")
+
+
 def print_table(results, folds):
-    header = ["fold", "mIoU", "std", "FB-IoU", "mIoU(ep.mean)"]
+    """Both mIoU beside each other (FewShotMetric), the std over runs, FB-IoU; percent."""
+    print(METRIC_LEGEND)
+    header = ["fold", "mIoU-episode", "std", "mIoU-summed", "std", "FB-IoU"]
     print(" ".join(f"{h:>13}" for h in header))
     for name in [f"fold{f}" for f in folds] + ["mean"]:
         r = results[name]
-        print(" ".join(f"{x:>13}" for x in [name, f"{100 * r['miou']:.1f}", f"{100 * r['miou_std']:.1f}",
-                                                f"{100 * r['fbiou']:.1f}", f"{100 * r['miou_episode_mean']:.1f}"]))
+        values = [r["miou_episode_mean"], r["miou_episode_mean_std"], r["miou"], r["miou_std"], r["fbiou"]]
+        print(" ".join(f"{x:>13}" for x in [name] + [f"{100 * v:.1f}" for v in values]))
     print(f"backbone forwards {results['backbone_forwards']}, {results['episodes_per_s']:.2f} episodes/s")
 
 
@@ -465,13 +480,22 @@ def run_saliency(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    add_fss_args(commands.add_parser("fss", help="few-shot segmentation mIoU / FB-IoU"))
-    merge = commands.add_parser("merge", help="per-fold results files of `fss` -> one table")
+
+    def command(name, summary, description):
+        return commands.add_parser(name, help=summary, description=description, formatter_class=HelpFormatter)
+
+    add_fss_args(command("fss", "few-shot segmentation mIoU / FB-IoU", FSS_DESCRIPTION))
+    merge = command("merge", "per-fold results files of `fss` -> one table",
+                    "Join per-fold results files of `evaluate.py fss` (one process per GPU, or per fold-trained "
+                    "model) into one table with the mean over the folds; files evaluated with other protocol flags "
+                    "are refused.")
     merge.add_argument("results", nargs="+", help="results.json files of `evaluate.py fss`, e.g. one per fold / GPU")
     merge.add_argument("--out", required=True, help="merged results JSON")
-    add_saliency_args(commands.add_parser("saliency", help="saliency metrics against ground truth"))
+    add_saliency_args(command("saliency", "saliency metrics against ground truth",
+                              "MAE, max / mean F-beta (beta^2 = 0.3) and S-measure of saliency maps (8-bit PNGs) "
+                              "against ground-truth masks with the same stems."))
     args = parser.parse_args(argv)
     try:
         {"fss": run_fss, "merge": run_merge, "saliency": run_saliency}[args.command](args)

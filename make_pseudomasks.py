@@ -20,7 +20,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from datasets import SalientObjects, default_workers, images_without_mask, make_loader, save_png
-from model import BASNet, SaliencyNet, configure_backends, load_checkpoint, mixed_precision, pick_device
+from model import BASNet, HelpFormatter, SaliencyNet, configure_backends, load_checkpoint, mixed_precision, pick_device
 
 
 def remove_small_regions(mask, min_pixels):
@@ -77,20 +77,21 @@ def parse_shard(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="basnet_train.py's last.pt (or saliency_train.py's saliency.pt)")
-    p.add_argument("--images", required=True)
+    p.add_argument("--images", required=True, help="folder of the images to mask (e.g. VOC2012/JPEGImages)")
     p.add_argument("--list", default=None, help="optional file of image stems")
     p.add_argument("--out", required=True, help="folder for the 0/255 masks")
     p.add_argument("--save-prob", default=None, help="also write the raw probability maps (0..255) here")
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--threshold", type=float, default=0.5, help="salient = probability >= this")
     p.add_argument("--min-fraction", type=float, default=0.01,
                    help="drop regions under this fraction of the image; no mask when under it in total")
     p.add_argument("--shard", type=parse_shard, default=(0, 1), help="k/n: this process's share of the images")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--workers", type=int, default=default_workers(),
                    help="data loading processes (default: usable cores - 1, at most 16; here %(default)s)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:1, ...")
     return p.parse_args(argv)
 
 

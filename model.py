@@ -1,11 +1,12 @@
 """Networks and the small helpers every script shares.
 
 Read top to bottom beside the paper:
-  1. helpers: device, backend switches, mixed precision, RNG state, the one checkpoint format
+  1. helpers: command-line help, device, backend switches, mixed precision, RNG state, the one checkpoint format
   2. frozen backbones (paper section 3.3 "Backbone"): ResNet-101 (paper), ResNet-50, EfficientNet-Lite0
   3. FSSNet: projection + prototype mixing module + upsampling module (paper section 3.3, Figure 4)
   4. saliency networks (paper section 3.2), at the end of the file
 """
+import argparse
 import contextlib
 import os
 import random
@@ -16,7 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ---------------------------------------------------------------------------------------------------------------
-# helpers: device, backend switches, mixed precision, RNG state, checkpoints
+# helpers: command-line help, device, backend switches, mixed precision, RNG state, checkpoints
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of every script: the description as written (its usage examples) and each flag's default."""
 
 
 def pick_device(name="auto"):

@@ -128,8 +128,10 @@ tables = [("PASCAL-5i", [("MaskSplit (ours)", "results_voc.json"), ("Saliency* b
 for dataset, rows in tables:
     if not os.path.isfile(f"{run}/{rows[0][1]}"):
         continue
-    print(f"\n{dataset} one-shot mIoU, mean over folds ({run}):")
+    print(f"\n{dataset} one-shot mIoU (%), mean over folds ({run}); mIoU-episode is the metric of the paper's numbers "
+          f"(the authors' code), mIoU-summed the HSNet / PFENet standard:")
+    print(f"  {'':20s} {'mIoU-episode':>12s} {'mIoU-summed':>12s}")
     for name, file in rows:
         mean = json.load(open(f"{run}/{file}"))["mean"]
-        print(f"  {name:20s} {100 * mean['miou']:5.1f}")
+        print(f"  {name:20s} {100 * mean['miou_episode_mean']:12.1f} {100 * mean['miou']:12.1f}")
 PY

@@ -31,8 +31,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from datasets import image_to_tensor, list_images, load_image, save_png, trim_log
-from model import (BACKBONES, SaliencyNet, capture_rng, configure_backends, load_checkpoint, mixed_precision,
-                   pick_device, restore_rng, save_checkpoint)
+from model import (BACKBONES, HelpFormatter, SaliencyNet, capture_rng, configure_backends, load_checkpoint,
+                   mixed_precision, pick_device, restore_rng, save_checkpoint)
 
 # DeepUSPS's per-prior binarisation thresholds for the first round (Nguyen et al. 2019).
 PRIOR_THRESHOLDS = {"mc": 0.31, "hs": 0.36, "dsr": 0.23, "rbd": 0.25}
@@ -475,7 +475,7 @@ def decoder_state(net):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--images", required=True, help="folder of unlabelled training images")
     p.add_argument("--list", default=None, help="optional file of image stems to use")
     p.add_argument("--out", required=True, help="output folder")
@@ -487,7 +487,8 @@ def parse_args(argv=None):
                    help="weight of RBD's background term: 1 as in the RBD paper, 5 in the RBD authors' code")
     p.add_argument("--prior-thresholds", default=None,
                    help="first-round binarisation per prior, e.g. rbd=0.25,mc=0.31 (default: DeepUSPS's values)")
-    p.add_argument("--backbone", default="resnet101", choices=BACKBONES)
+    p.add_argument("--backbone", default="resnet101", choices=BACKBONES,
+                   help="frozen ImageNet backbone of the saliency networks (DeepUSPS: a Cityscapes DRN)")
     p.add_argument("--weights", default="imagenet", help="imagenet | none | PATH (backbone weights)")
     p.add_argument("--image-size", type=int, default=320, help="square training size of the saliency networks")
     p.add_argument("--rounds", type=int, default=3, help="DeepUSPS refinement rounds per prior (DeepUSPS: 3)")
@@ -502,12 +503,13 @@ def parse_args(argv=None):
     p.add_argument("--fusion-beta2", type=float, default=4.0, help="the same for the fusion network (DeepUSPS 4)")
     p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=True,
                    help="dense CRF on the predictions before the moving average and on the final maps (DeepUSPS)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images per training step")
     p.add_argument("--feature-cache-gb", type=float, default=4.0,
                    help="keep at most this much of the frozen backbone's features (fp16); recompute the rest")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the decoder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same run)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:1, ...")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt at its last finished epoch")
     args = p.parse_args(argv)
     args.priors = [n.strip() for n in args.priors.split(",") if n.strip()]

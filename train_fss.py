@@ -23,12 +23,12 @@ from tqdm import tqdm
 from datasets import (EpochItems, MaskSplitPairs, SupervisedPairs, default_workers, fold_train_ids, make_loader,
                       trim_log, voc_paths, voc_split, write_json)
 from masksplit import MaskSplit
-from model import (BACKBONES, FSSNet, capture_rng, configure_backends, load_checkpoint, mixed_precision, pick_device,
-                   restore_rng, save_checkpoint)
+from model import (BACKBONES, FSSNet, HelpFormatter, capture_rng, configure_backends, load_checkpoint, mixed_precision,
+                   pick_device, restore_rng, save_checkpoint)
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--images", help="image folder (self-supervised training on pseudo-masks)")
     data.add_argument("--masks", help="pseudo-mask folder: 0/255 PNGs named like the images")
@@ -51,13 +51,14 @@ def get_args(argv=None):
                      help="frozen: BatchNorm in eval mode, as the paper says all layers are frozen; batch: the "
                           "authors' code, whose backbone BatchNorm uses batch statistics in training")
     opt = p.add_argument_group("optimisation (paper section 4)")
-    opt.add_argument("--image-size", type=int, default=400)
-    opt.add_argument("--batch-size", type=int, default=16)
+    opt.add_argument("--image-size", type=int, default=400, help="query/support side in pixels (section 4: 400)")
+    opt.add_argument("--batch-size", type=int, default=16, help="episodes per step (section 4: 16)")
     opt.add_argument("--epochs", type=int, default=100, help="paper: 100 on PASCAL, 20 on COCO")
     opt.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
-    opt.add_argument("--weight-decay", type=float, default=1e-5)
+    opt.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay (section 4)")
     split = p.add_argument_group("MaskSplit (paper section 3.2, Table 1)")
-    split.add_argument("--split", choices=["vertical", "horizontal", "mixed", "none"], default="vertical")
+    split.add_argument("--split", choices=["vertical", "horizontal", "mixed", "none"], default="vertical",
+                       help="Vsplit, Hsplit, MixedSplit, or none (whole mask is support and query: Table 1 row 1)")
     split.add_argument("--max-shift", type=int, default=40, help="slope: line shift range in pixels (0 = no slope)")
     split.add_argument("--no-alternate", action="store_true", help="support is always the right/bottom half")
     split.add_argument("--split-prob", type=float, default=1.0, help="probability of splitting (Table 1's prob)")
@@ -68,8 +69,9 @@ def get_args(argv=None):
     run.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (all epochs if unset)")
     run.add_argument("--workers", type=int, default=default_workers(),
                      help="data loading processes (default: usable cores - 1, at most 16; here %(default)s)")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--device", default="auto")
+    run.add_argument("--seed", type=int, default=0, help="random seed (same seed, same run on the CPU)")
+    run.add_argument("--device", default="auto",
+                     help="auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:1, ...")
     run.add_argument("--deterministic", action="store_true",
                      help="torch's deterministic algorithms (CUDA; the CPU is deterministic anyway, see README)")
     run.add_argument("--log-every", type=int, default=10, help="steps between log.jsonl lines")
