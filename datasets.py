@@ -41,6 +41,7 @@ IGNORE = 255
 VOC_CLASSES = 20
 COCO_CLASSES = 80
 COCO_FOLD_CONVENTIONS = ("interleaved", "contiguous")
+EPISODE_SAMPLINGS = ("pair", "image")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -369,11 +370,19 @@ def coco_paths(root, split=None):
     return {"images": root / split, "annotations": ann, "split": split}
 
 
-def render_coco_masks(root, split=None, cache_dir=None):
+COCO_MASK_STYLES = ("full", "repri")
+
+
+def render_coco_masks(root, split=None, cache_dir=None, style="full"):
     """Render per-image class masks of a COCO split into PNGs (once; cached) and return the mask folder.
     Categories -> 1..80 in sorted category-id order; objects drawn in annotation order (later on top, as
-    the usual label-PNG converters do); crowd regions -> 255 where no object is drawn. Polygons and RLE
-    (compressed or not) are read."""
+    the usual label-PNG converters do).
+    style "full": every polygon of an object (and RLE, compressed or not), crowd regions -> 255 where no object
+        is drawn. style "repri": the masks the authors evaluated on, from RePRI's create_masks.py: only the first
+        polygon of each object, filled at integer-truncated vertices (cv2.fillPoly there, PIL here), crowd
+        regions left background."""
+    if style not in COCO_MASK_STYLES:
+        raise ValueError(f"COCO mask style must be one of {COCO_MASK_STYLES}, got {style!r}")
     try:
         from pycocotools.coco import COCO
     except ImportError:
@@ -382,7 +391,7 @@ def render_coco_masks(root, split=None, cache_dir=None):
     ann = paths["annotations"]
     st = ann.stat()
     key = hashlib.sha1(f"{ann.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
-    out = _cache_dir(cache_dir) / f"coco-masks-{paths['split']}-{key}"
+    out = _cache_dir(cache_dir) / f"coco-masks-{paths['split']}-{key}{'' if style == 'full' else '-' + style}"
     if (out / "done.json").is_file():
         return out
     import contextlib
@@ -400,12 +409,12 @@ def render_coco_masks(root, split=None, cache_dir=None):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)     # pycocotools vs numpy 2, harmless
         for img_id in tqdm(sorted(coco.getImgIds()), desc="rendering COCO masks", leave=False):
-            _render_coco_image(coco, img_id, index, ann, out)
+            _render_coco_image(coco, img_id, index, ann, out, style)
     write_json({"annotations": str(ann), "categories": cat_ids}, out / "done.json")
     return out
 
 
-def _render_coco_image(coco, img_id, index, ann, out):
+def _render_coco_image(coco, img_id, index, ann, out, style):
     info = coco.loadImgs(img_id)[0]
     target = out / f"{pathlib.Path(info['file_name']).stem}.png"
     if target.is_file():
@@ -415,9 +424,18 @@ def _render_coco_image(coco, img_id, index, ann, out):
     for a in (a for a in anns if not a.get("iscrowd", 0)):        # annotation order, later on top
         if a["category_id"] not in index:
             raise ValueError(f"{ann}: annotation {a.get('id')} has unknown category {a['category_id']}")
-        mask[coco.annToMask(a) > 0] = index[a["category_id"]]
-    for a in (a for a in anns if a.get("iscrowd", 0)):
-        mask[(coco.annToMask(a) > 0) & (mask == 0)] = IGNORE
+        if style == "full":
+            mask[coco.annToMask(a) > 0] = index[a["category_id"]]
+            continue
+        if not isinstance(a["segmentation"], list):
+            raise ValueError(f"{ann}: annotation {a.get('id')} is an RLE object, which RePRI's masks cannot draw")
+        canvas = Image.fromarray(mask)
+        vertices = np.asarray(a["segmentation"][0], dtype=np.float64).reshape(-1, 2).astype(np.int32)
+        ImageDraw.Draw(canvas).polygon([tuple(v) for v in vertices.tolist()], fill=index[a["category_id"]])
+        mask = np.asarray(canvas).copy()
+    if style == "full":
+        for a in (a for a in anns if a.get("iscrowd", 0)):
+            mask[(coco.annToMask(a) > 0) & (mask == 0)] = IGNORE
     save_png(mask, target)
 
 
@@ -474,24 +492,45 @@ def _rotation_grid(angle, h, w):
     return torch.stack(torch.broadcast_tensors(cos * x - sin * h / w * y, sin * w / h * x + cos * y), -1)[None]
 
 
+def _reflected(grid, h, w):
+    """A grid_sample grid folded back into the image as OpenCV's BORDER_REFLECT_101 does (about the centres of the
+    border pixels: ..., 2, 1 | 0, 1, 2, ...), so every output pixel samples the image (the authors' rotation)."""
+    size = torch.tensor([w, h], dtype=grid.dtype)
+    pixel = ((grid + 1) * size - 1) / 2                        # align_corners=False -> pixel coordinates
+    period = 2 * (size - 1).clamp_min(1)
+    folded = (size - 1) - ((pixel % period) - (size - 1)).abs()
+    return (2 * folded + 1) / size - 1
+
+
+def _rotation_sample(x, angle, mode, fill):
+    """x [N, H, W] float rotated about the centre -> (rotated [N, H, W], covered share [1, H, W]). fill=None: the
+    border is reflected (_reflected) and every pixel is covered."""
+    h, w = x.shape[-2:]
+    grid = _rotation_grid(angle, h, w)
+    if fill is None:
+        return torch.nn.functional.grid_sample(x[None], _reflected(grid, h, w), mode=mode, align_corners=False)[0], None
+    out = torch.nn.functional.grid_sample(torch.cat([x, torch.ones(1, h, w)])[None], grid, mode=mode,
+                                          align_corners=False)[0]
+    return out[:-1], out[-1:]
+
+
 def _rotate_image(image, angle, fill=0, **_):
     """Rotation about the centre (what RandomRotation asks for): bilinear; where the rotated image covers a pixel
-    only partly, it is blended with `fill` by the covered share, as torchvision does."""
+    only partly, it is blended with `fill` by the covered share, as torchvision does. fill=None: reflected border."""
     x = image.as_subclass(torch.Tensor)
-    c, h, w = x.shape
-    out = torch.nn.functional.grid_sample(torch.cat([x.float(), torch.ones(1, h, w)])[None],
-                                          _rotation_grid(angle, h, w), align_corners=False)[0]
-    out = out[:c].sub_(fill).mul_(out[c:]).add_(fill)         # out[c:]: the covered share
+    out, covered = _rotation_sample(x.float(), angle, "bilinear", fill)
+    if covered is not None:
+        out = out.sub_(fill).mul_(covered).add_(fill)
     return tv_tensors.wrap(out.round_().to(x.dtype), like=image)
 
 
 def _rotate_mask(mask, angle, fill=IGNORE, **_):
-    """Rotation about the centre, nearest; pixels the rotated mask does not cover get `fill`."""
+    """Rotation about the centre, nearest; pixels the rotated mask does not cover get `fill`. fill=None: reflected
+    border."""
     x = mask.as_subclass(torch.Tensor)
-    h, w = x.shape[-2:]
-    out = torch.nn.functional.grid_sample(torch.cat([x.reshape(-1, h, w).float(), torch.ones(1, h, w)])[None],
-                                          _rotation_grid(angle, h, w), mode="nearest", align_corners=False)[0]
-    out = torch.where(out[-1:] < 0.5, float(fill), out[:-1])
+    out, covered = _rotation_sample(x.reshape(-1, *x.shape[-2:]).float(), angle, "nearest", fill)
+    if covered is not None:
+        out = torch.where(covered < 0.5, float(fill), out)
     return tv_tensors.wrap(out.to(x.dtype).reshape(x.shape), like=mask)
 
 
@@ -550,16 +589,25 @@ TF.register_kernel(TF.gaussian_blur, _ViewImage)(_gaussian_blur)
 TF.register_kernel(TF.adjust_hue, _ViewImage)(_adjust_hue)
 
 
+ROTATION_BORDERS = ("fill", "reflect")
+
+
 def build_augmentation(image_size=400, augment=True, scale=(0.5, 1.2), flip_p=0.5, jitter=0.2, jitter_p=0.5,
-                       blur_kernels=(3, 5, 7), blur_p=0.5, gray_p=0.4, rotation=90.0, rotation_p=0.5):
+                       blur_kernels=(3, 5, 7), blur_p=0.5, gray_p=0.4, rotation=90.0, rotation_p=0.5,
+                       rotation_border="fill"):
     """The one augmentation pipeline (section 3.2: SimCLR-style grayscale, colour jitter, flips, rotation, random
     resize). Input: (_ViewImage uint8, _ViewMask uint8), as _view wraps them; masks move with the image (nearest)
     and pixels outside the rotated image get 255 in every mask (callers map it: ignore in the query target,
-    background in the support mask). Output image: float, ImageNet-normalised. augment=False: resize only."""
+    background in the support mask). rotation_border="reflect" (the authors' code: albumentations' Rotate,
+    BORDER_REFLECT_101): image and masks are reflected at the border instead, no pixel is filled or ignored.
+    Output image: float, ImageNet-normalised. augment=False: resize only."""
+    if rotation_border not in ROTATION_BORDERS:
+        raise ValueError(f"rotation_border must be one of {ROTATION_BORDERS}, got {rotation_border!r}")
     finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if not augment:
         return v2.Compose([v2.Resize([image_size, image_size], antialias=True)] + finish)
-    fill = {_ViewImage: 0, _ViewMask: IGNORE}
+    # fill None: the kernels reflect the border (_rotation_sample)
+    fill = {_ViewImage: 0, _ViewMask: IGNORE} if rotation_border == "fill" else {_ViewImage: None, _ViewMask: None}
     return v2.Compose([
         # scale up to 1.2 as in the authors' code: draws above 1.0 cannot fit and are redrawn (torchvision)
         v2.RandomResizedCrop(image_size, scale=scale, antialias=True),
@@ -607,6 +655,10 @@ class MaskSplitPairs(torch.utils.data.Dataset):
     split: a MaskSplit (default: the paper's Vsplit, slope 40, alternate, prob 1); prob=0.0 = no split.
     augment: Table 1's "aug" switch. seed / set_epoch(e): item i of epoch e is a pure function of (seed, e, i).
     min_pixels: images whose mask has fewer foreground pixels are left out (scanned once and cached).
+    redraw_image_below: 0 (ours): `split` alone decides (MaskSplit redraws the split while a half is under its
+        min_pixels, then leaves the mask unsplit). N > 0, the authors' code (N = 512, with a one-draw MaskSplit of
+        min_pixels 0): when the support or the query half has fewer than N pixels, another image is drawn at
+        random instead.
     skip_bad: leave out unreadable masks (warning at construction) and replace an unreadable image by the next
         one (warning); item["skipped"] counts the replaced ones, so a trainer can sum and report them.
     Items: query_img [3,S,S], query_target [S,S] int64 (1 query fg, 255 support fg / outside image, 0 bg),
@@ -614,7 +666,8 @@ class MaskSplitPairs(torch.utils.data.Dataset):
     """
 
     def __init__(self, images, masks=None, list_file=None, image_size=400, split=None, augment=True, seed=0,
-                 mask_source="pseudo", min_pixels=1, skip_bad=False, cache_dir=None, **augment_args):
+                 mask_source="pseudo", min_pixels=1, skip_bad=False, cache_dir=None, redraw_image_below=0,
+                 **augment_args):
         if masks is None:
             raise ValueError("MaskSplitPairs needs a mask folder (pseudo-masks, or class masks with "
                              "mask_source='groundtruth')")
@@ -623,7 +676,7 @@ class MaskSplitPairs(torch.utils.data.Dataset):
         self.mask_source, self.image_size, self.seed = mask_source, image_size, seed
         self.split = split if split is not None else MaskSplit()
         self.transform = build_augmentation(image_size, augment, **augment_args)
-        self.skip_bad, self.epoch = skip_bad, 0
+        self.skip_bad, self.epoch, self.redraw_image_below = skip_bad, 0, redraw_image_below
         image_paths = list_images(images, list_file)
         no_mask = images_without_mask(masks) if mask_source == "pseudo" else set()
         with_mask = [p for p in image_paths if p.stem not in no_mask]
@@ -669,17 +722,24 @@ class MaskSplitPairs(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        skipped, i = 0, index
+        skipped, redrawn, i = 0, 0, index
         while True:
             try:
                 image, fg = self._load(i)
-                break
             except ValueError as err:
                 if not self.skip_bad or skipped + 1 >= len(self):
                     raise
                 warnings.warn(f"skipping: {err}")
                 skipped, i = skipped + 1, (i + 1) % len(self)
-        support_fg, query_fg = self.split(fg, generator=rng)
+                continue
+            support_fg, query_fg = self.split(fg, generator=rng)
+            if min(int(support_fg.sum()), int(query_fg.sum())) >= self.redraw_image_below:
+                break
+            redrawn += 1                                   # the authors' code: another image
+            if redrawn == 1000:
+                raise ValueError(f"{self.masks[i].parent}: 1000 images drawn in a row have a MaskSplit half under "
+                                 f"{self.redraw_image_below} pixels")
+            i = int(rng.integers(len(self)))
         item = _pair(self.transform, image, query_target(query_fg, support_fg), image, support_fg, rng)
         item.update(image_id=self.images[i].stem, skipped=skipped)
         return item
@@ -767,6 +827,10 @@ class FewShotEpisodes(torch.utils.data.Dataset):
 
     pascal: root = VOC tree, split = "val". coco: root holds <split>/ and annotations/instances_<split>.json,
     split=None picks the only one; coco_folds = "interleaved" | "contiguous".
+    sampling: "pair" (ours): the query is a (image, class) candidate drawn uniformly. "image" (the authors' code):
+    an image drawn uniformly among those holding a fold class with >= min_pixels, then a class uniformly among
+    all fold classes present in it, of any size (those with `shots` other holders to draw supports from).
+    coco_masks: "full" or "repri" (render_coco_masks' styles; the authors evaluated on RePRI's).
     pseudo_masks: a pseudo-mask folder; items then also have "query_pseudo_mask" [H,W] int64 0/1 (Table 3's
     saliency baseline: the query's own pseudo-mask is the prediction; all background for an image that
     make_pseudomasks.py recorded as having no mask).
@@ -776,12 +840,17 @@ class FewShotEpisodes(torch.utils.data.Dataset):
 
     def __init__(self, dataset, root, fold, shots=1, episodes=1000, seed=0, image_size=400,
                  coco_folds="interleaved", min_pixels=2048, split_list=None, split=None, cache_dir=None,
-                 pseudo_masks=None):
+                 pseudo_masks=None, sampling="pair", coco_masks="full"):
         if dataset not in ("pascal", "coco"):
             raise ValueError(f"dataset must be 'pascal' or 'coco', got {dataset!r}")
+        if sampling not in EPISODE_SAMPLINGS:
+            raise ValueError(f"sampling must be one of {EPISODE_SAMPLINGS}, got {sampling!r}")
+        if sampling == "image" and split_list is not None:
+            raise ValueError(f"{split_list}: a split list fixes the (image, class) pairs; sampling 'image' draws "
+                             f"the class from the masks")
         if shots < 1 or episodes < 1:
             raise ValueError("shots and episodes must be >= 1")
-        self.dataset, self.fold, self.shots, self.seed = dataset, fold, shots, seed
+        self.dataset, self.fold, self.shots, self.seed, self.sampling = dataset, fold, shots, seed, sampling
         self.image_size, self.min_pixels, self.pseudo_masks = image_size, min_pixels, pseudo_masks
         self.without_pseudo_mask = images_without_mask(pseudo_masks) if pseudo_masks is not None else set()
         if dataset == "pascal":
@@ -794,7 +863,7 @@ class FewShotEpisodes(torch.utils.data.Dataset):
                 raise ValueError("split_list is for pascal (HSNet lists); COCO candidates are scanned")
             paths = coco_paths(root, split)
             self.image_dir, self.num_classes = paths["images"], COCO_CLASSES
-            self.mask_dir = render_coco_masks(root, split, cache_dir)
+            self.mask_dir = render_coco_masks(root, split, cache_dir, coco_masks)
             self.classes = coco_fold_classes(fold, coco_folds)
             stems = sorted(p.stem for p in self.mask_dir.glob("*.png"))
         self.suffix = {p.stem: p.suffix for p in list_images(self.image_dir)}
@@ -828,11 +897,20 @@ class FewShotEpisodes(torch.utils.data.Dataset):
         if not self.candidates:
             raise ValueError(f"{dataset} fold {fold} under {root}: no class has {shots + 1} images with >= "
                              f"{min_pixels} pixels, so there is no {shots}-shot episode")
+        if sampling == "image":  # per query image, the fold classes present in it that can have supports
+            self.present = {s: [c for c in self.classes if counts[s].get(str(c), 0) > 0 and
+                                len([h for h in self.holders.get(c, []) if h != s]) >= shots]
+                            for s in sorted({s for s, _ in self.candidates})}
+            self.query_images = sorted(self.present)
         self._episodes = [self._draw(i) for i in range(episodes)]
 
     def _draw(self, i):
         rng = np.random.default_rng([self.seed, i])
-        query_id, c = self.candidates[int(rng.integers(len(self.candidates)))]
+        if self.sampling == "pair":
+            query_id, c = self.candidates[int(rng.integers(len(self.candidates)))]
+        else:
+            query_id = self.query_images[int(rng.integers(len(self.query_images)))]
+            c = self.present[query_id][int(rng.integers(len(self.present[query_id])))]
         others = [s for s in self.holders[c] if s != query_id]
         support_ids = [others[j] for j in rng.choice(len(others), self.shots, replace=False)]
         return query_id, support_ids, c

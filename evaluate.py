@@ -102,6 +102,13 @@ def add_fss_args(p):
     p.add_argument("--coco-folds", choices=["interleaved", "contiguous"], default="interleaved",
                    help="COCO-20i classes of fold i: interleaved {4k+i+1} (HSNet, PFENet, RePRI) or contiguous "
                         "20i+1..20i+20 (the authors' code)")
+    p.add_argument("--episode-sampling", choices=["pair", "image"], default="pair",
+                   help="pair: the query is an (image, class) pair with >= 2048 px of the class, drawn uniformly; "
+                        "image: the authors' code: an image holding a fold class of >= 2048 px, then a class "
+                        "uniformly among all fold classes present in it, of any size")
+    p.add_argument("--coco-masks", choices=["full", "repri"], default="full",
+                   help="COCO class masks: full = every polygon, crowd ignored (255); repri = what the authors "
+                        "evaluated on (RePRI's script): the first polygon of each object only, crowd as background")
     p.add_argument("--split", help="image set: pascal ImageSets/Segmentation name or file (default val); coco "
                                    "split name, e.g. val2014 (default: the only annotations/instances_*.json)")
     p.add_argument("--split-list", help="file of '<image id>__<class>' lines restricting the episodes "
@@ -255,7 +262,7 @@ def run_fss(args):
                 ds = FewShotEpisodes(dataset=args.dataset, root=args.root, fold=fold, shots=args.shots,
                                      episodes=args.episodes, seed=args.seed + run, image_size=args.image_size,
                                      coco_folds=args.coco_folds, split_list=args.split_list, pseudo_masks=args.masks,
-                                     split=args.split)
+                                     split=args.split, sampling=args.episode_sampling, coco_masks=args.coco_masks)
             except ValueError as e:  # missing folder, bad file, or no episode possible: named in the message
                 raise SystemExit(f"error: {e}") from None
             try:
@@ -292,7 +299,7 @@ def fold_mean(results, folds):
 
 # flags that define the numbers: per-fold result files merge only when these agree
 PROTOCOL = ("dataset", "shots", "runs", "episodes", "seed", "coco_folds", "split", "split_list", "image_size",
-            "eval_resolution", "baseline")
+            "eval_resolution", "baseline", "episode_sampling", "coco_masks")
 
 
 def merge_results(paths):

@@ -27,7 +27,7 @@ from model import (BACKBONES, FSSNet, HelpFormatter, capture_rng, configure_back
                    pick_device, restore_rng, save_checkpoint)
 
 
-def get_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--images", help="image folder (self-supervised training on pseudo-masks)")
@@ -64,7 +64,14 @@ def get_args(argv=None):
     split.add_argument("--split-prob", type=float, default=1.0, help="probability of splitting (Table 1's prob)")
     split.add_argument("--split-line", choices=["paper", "official"], default="paper",
                        help="official: the line of the authors' public code, which differs from the paper")
+    split.add_argument("--reject", choices=["split", "image"], default="split",
+                       help="a support or query half under 512 px: split = draw the split again (up to 10 times, "
+                            "then the mask is left unsplit); image = the authors' code: draw another image")
     split.add_argument("--no-aug", action="store_true", help="no augmentation (Table 1's 'aug' off)")
+    split.add_argument("--rotation-border", choices=["fill", "reflect"], default="fill",
+                       help="pixels a rotation brings in from outside the image: fill = black, ignored by the loss "
+                            "and background in the support mask; reflect = the authors' code (albumentations' "
+                            "BORDER_REFLECT_101 on image and mask)")
     run = p.add_argument_group("run")
     run.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (all epochs if unset)")
     run.add_argument("--workers", type=int, default=default_workers(),
@@ -77,6 +84,11 @@ def get_args(argv=None):
     run.add_argument("--log-every", type=int, default=10, help="steps between log.jsonl lines")
     run.add_argument("--out", default="runs/fss", help="output folder: last.pt, log.jsonl, args.json")
     run.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.pt")
+    return p
+
+
+def get_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.supervised and (args.voc_root is None or args.fold is None):
         p.error("--supervised needs --voc-root and --fold")
@@ -91,14 +103,21 @@ def get_args(argv=None):
 
 
 def build_dataset(args):
-    augment = dict(image_size=args.image_size, augment=not args.no_aug, seed=args.seed)
+    augment = dict(image_size=args.image_size, augment=not args.no_aug, seed=args.seed,
+                   rotation_border=args.rotation_border)
     if args.supervised:
         return SupervisedPairs(args.voc_root, args.fold, split=args.list or "train_aug", **augment)
+    # both halves need 512 px (MaskSplit's min_pixels; the authors' 2 * 16 * 16): MaskSplit redraws the split, or
+    # (--reject image) it draws once and the dataset draws another image
+    min_pixels = MaskSplit().min_pixels
+    if args.reject == "image":
+        augment.update(redraw_image_below=min_pixels)
+        min_pixels = 0
     if args.split == "none":  # Table 1's first row: only augmentations, the whole mask is support and query
-        split = MaskSplit(prob=0.0)
+        split = MaskSplit(prob=0.0, min_pixels=min_pixels)
     else:
         split = MaskSplit(direction=args.split, max_shift=args.max_shift, alternate=not args.no_alternate,
-                          prob=args.split_prob, line=args.split_line)
+                          prob=args.split_prob, line=args.split_line, min_pixels=min_pixels)
     list_file = args.list
     if args.voc_root is not None:
         voc = voc_paths(args.voc_root)
@@ -178,10 +197,12 @@ def resume_state(ckpt_path, args):
         sys.exit(f"error: cannot --resume: {e}")
     if state["kind"] != "fss":
         sys.exit(f"error: {ckpt_path} is a {state['kind']!r} checkpoint, not a train_fss.py one")
-    changed = [k for k, v in vars(args).items() if k not in RESUME_FREE and state["args"].get(k) != v]
+    defaults = build_parser()  # a flag newer than the checkpoint: its run had the flag's default behaviour
+    before = {k: state["args"].get(k, defaults.get_default(k)) for k in vars(args)}
+    changed = [k for k, v in vars(args).items() if k not in RESUME_FREE and before[k] != v]
     if changed:
         sys.exit(f"error: cannot --resume {ckpt_path} with different flags: " +
-                 ", ".join(f"--{k.replace('_', '-')} {state['args'].get(k)} -> {vars(args)[k]}" for k in changed))
+                 ", ".join(f"--{k.replace('_', '-')} {before[k]} -> {vars(args)[k]}" for k in changed))
     return state
 
 
