@@ -39,6 +39,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 IGNORE = 255
 VOC_CLASSES = 20
+VOC_CLASS_NAMES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+                   "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 COCO_CLASSES = 80
 COCO_FOLD_CONVENTIONS = ("interleaved", "contiguous")
 EPISODE_SAMPLINGS = ("pair", "image")
@@ -410,7 +412,8 @@ def render_coco_masks(root, split=None, cache_dir=None, style="full"):
         warnings.filterwarnings("ignore", category=DeprecationWarning)     # pycocotools vs numpy 2, harmless
         for img_id in tqdm(sorted(coco.getImgIds()), desc="rendering COCO masks", leave=False):
             _render_coco_image(coco, img_id, index, ann, out, style)
-    write_json({"annotations": str(ann), "categories": cat_ids}, out / "done.json")
+    write_json({"annotations": str(ann), "categories": cat_ids,
+                "names": [coco.loadCats(c)[0]["name"] for c in cat_ids]}, out / "done.json")
     return out
 
 
@@ -857,6 +860,7 @@ class FewShotEpisodes(torch.utils.data.Dataset):
             paths = voc_paths(root)
             self.image_dir, self.mask_dir, self.num_classes = paths["images"], paths["masks"], VOC_CLASSES
             self.classes = pascal_fold_classes(fold)
+            self.names = VOC_CLASS_NAMES
             stems = voc_split(root, split or "val")
         else:
             if split_list is not None:
@@ -865,6 +869,7 @@ class FewShotEpisodes(torch.utils.data.Dataset):
             self.image_dir, self.num_classes = paths["images"], COCO_CLASSES
             self.mask_dir = render_coco_masks(root, split, cache_dir, coco_masks)
             self.classes = coco_fold_classes(fold, coco_folds)
+            self.names = json.loads((self.mask_dir / "done.json").read_text()).get("names", ())  # older caches: none
             stems = sorted(p.stem for p in self.mask_dir.glob("*.png"))
         self.suffix = {p.stem: p.suffix for p in list_images(self.image_dir)}
         if split_list is not None:
@@ -917,6 +922,10 @@ class FewShotEpisodes(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self._episodes)
+
+    def class_name(self, class_id):
+        """The class's name (VOC's, or the COCO category's) for figures."""
+        return self.names[class_id - 1] if class_id <= len(self.names) else f"class {class_id}"
 
     def episode_ids(self, i):
         """(query_id, [support_ids], class_id) of episode i, without decoding any image."""

@@ -2,11 +2,14 @@
 
     python evaluate.py fss --checkpoint last.pt --dataset pascal --root DIR --fold all   # few-shot mIoU (paper section 4)
     python evaluate.py merge fold0.json fold1.json ... --out results.json                # per-fold files, one table
+    python evaluate.py predict --checkpoint last.pt --support IMG MASK --query DIR --out DIR  # your own images
     python evaluate.py saliency --pred DIR --gt DIR                                      # saliency quality
 """
 import argparse
 import json
 import os
+import pathlib
+import sys
 import time
 
 import numpy as np
@@ -14,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets import (IMAGENET_MEAN, IMAGENET_STD, FewShotEpisodes, default_workers, make_loader, resize_mask, save_png,
-                      write_json)
+from datasets import (IMAGENET_MEAN, IMAGENET_STD, FewShotEpisodes, default_workers, image_to_tensor, list_images,
+                      load_binary_mask, load_image, make_loader, mask_to_tensor, resize_mask, save_png, write_json)
 from model import FSSNet, HelpFormatter, configure_backends, load_checkpoint, mixed_precision, pick_device
 
 
@@ -125,8 +128,10 @@ def add_fss_args(p):
     p.add_argument("--no-feature-cache", action="store_true",
                    help="run the backbone on both images of every episode (for timing the cache)")
     p.add_argument("--save-episodes", help="JSON-lines file: one line per episode to recompute the metric")
-    p.add_argument("--figure", help="PNG: a grid of a few episodes like the paper's Figure 5")
-    p.add_argument("--figure-episodes", type=int, default=6)
+    p.add_argument("--figure", help="PNG: a grid of episodes like the paper's Figure 5, with column titles and each "
+                                    "row's fold, class and IoU")
+    p.add_argument("--figure-episodes", type=int, default=2,
+                   help="rows of --figure per evaluated fold (the first episodes of run 0)")
     p.add_argument("--workers", type=int, default=default_workers(),
                    help="data loading processes (default: usable cores - 1, at most 16; here %(default)s)")
     p.add_argument("--device", default="auto",
@@ -163,10 +168,23 @@ def predict_episode(net, item, device, cache=None, episode=0):
     query_proj = cache.get(item["query_id"], query)
     support_proj = [cache.get(sid, img) for sid, img in zip(item["support_ids"], supports)]
     support_proj = [torch.cat(level) for level in zip(*support_proj)]
-    prototypes = [p.mean(0, keepdim=True) for p in net.prototypes(support_proj, masks[0])]
-    logits = net.decode(query_proj, prototypes, query.shape[-2:])
+    logits = net.decode(query_proj, support_prototypes(net, support_proj, masks[0]), query.shape[-2:])
     cache.release(episode)
     return logits, cache.forwards - before
+
+
+def support_prototypes(net, support_proj, support_masks):
+    """The prototype of k supports (projected features, three levels of [k,C,h,w]; masks [k,S,S]): per level the
+    mean of their masked average pools -> [1,C], which FSSNet.decode broadcasts over any batch of queries."""
+    return [p.mean(0, keepdim=True) for p in net.prototypes(support_proj, support_masks)]
+
+
+def predicted_mask(logits, size):
+    """Logits [2,S,S] -> the 0/1 mask [H,W] at size (H, W) on the CPU: the logits upsampled bilinearly when the
+    sizes differ, then the argmax (evaluate's --eval-resolution original, and predict's masks)."""
+    if tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
+    return logits.argmax(0).cpu()
 
 
 def run_episodes(net, ds, args, device, run, log_file, figure_rows):
@@ -193,29 +211,30 @@ def run_episodes(net, ds, args, device, run, log_file, figure_rows):
             with torch.no_grad(), autocast():
                 logits, n = predict_episode(net, item, device, cache, i)
             forwards += n
-            pred_small = logits[0].argmax(0).cpu()
-            if original:
-                logits = F.interpolate(logits.float(), size=tuple(target.shape), mode="bilinear", align_corners=False)
-            pred = logits[0].argmax(0).cpu()
+            pred_small = predicted_mask(logits[0], logits.shape[-2:])
+            pred = predicted_mask(logits[0], target.shape) if original else pred_small
         inter, union = metric.update(item["class_id"], pred, target)
         if log_file is not None:
             log_file.write(json.dumps({"run": run, "fold": ds.fold, "episode": i, "query": item["query_id"],
                                        "supports": list(item["support_ids"]), "class": int(item["class_id"]),
                                        "intersection": inter, "union": union}) + "\n")
-        if len(figure_rows) < args.figure_episodes and args.figure:
-            figure_rows.append((item, pred_small))
+        if args.figure and run == 0 and sum(r[2] == ds.fold for r in figure_rows) < args.figure_episodes:
+            figure_rows.append((item, pred_small, ds.fold, ds.class_name(item["class_id"]), inter / max(union, 1)))
     return metric.summary(), forwards
 
 
 def figure_grid(rows, path):
-    """Figure 5 style grid: query | support with its mask | saliency mask (with --masks) | prediction | truth."""
+    """Figure 5 style grid, one episode per row (item, prediction, fold, class name, IoU): query | support with its
+    mask | saliency (the pseudo-mask, with --masks) | prediction | ground truth under column titles, the row's
+    fold, class and IoU (the episode's, as the metric counted it) on its left."""
+    from PIL import Image, ImageDraw, ImageFont
     from torchvision.utils import draw_segmentation_masks, make_grid
 
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     to_uint8 = lambda x: (x * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)  # noqa: E731
     tiles = []
-    for item, pred in rows:
+    for item, pred, *_ in rows:
         query = to_uint8(item["query_img"])
         overlay = lambda img, m, color: draw_segmentation_masks(img, m.bool(), alpha=0.5, colors=color)  # noqa
         tiles.append(query)
@@ -224,8 +243,26 @@ def figure_grid(rows, path):
             tiles.append(overlay(query, resize_mask(item["query_pseudo_mask"], pred.shape) == 1, "yellow"))
         tiles.append(overlay(query, pred == 1, "red"))
         tiles.append(overlay(query, item["query_mask"] == 1, "green"))
-    grid = make_grid(tiles, nrow=len(tiles) // len(rows), padding=4, pad_value=255)
-    save_png(grid.permute(1, 2, 0).numpy(), path)
+    titles = ["query", "support", "saliency", "prediction", "truth"]
+    if "query_pseudo_mask" not in rows[0][0]:
+        titles.remove("saliency")
+    grid = make_grid(tiles, nrow=len(titles), padding=4, pad_value=255)
+    side = rows[0][1].shape[-1] + 4                               # a tile and its padding
+    font = ImageFont.load_default(size=max(11, side // 14))
+    labels = [[f"fold {fold}", name, f"IoU {iou:.2f}"] for _, _, fold, name, iou in rows]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = 12 + int(max(measure.textlength(text, font=font) for label in labels for text in label))
+    line, top = font.size + 3, 2 * font.size
+    canvas = Image.new("RGB", (left + grid.shape[2], top + grid.shape[1]), "white")
+    canvas.paste(Image.fromarray(grid.permute(1, 2, 0).numpy()), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for j, title in enumerate(titles):
+        draw.text((left + 2 + j * side + side // 2, top // 2), title, fill="black", font=font, anchor="mm")
+    for i, label in enumerate(labels):
+        middle = top + 2 + i * side + side // 2
+        for k, text in enumerate(label):
+            draw.text((left - 6, middle + (k - 1) * line), text, fill="black", font=font, anchor="rm")
+    save_png(canvas, path)
 
 
 def load_fss_model(path, device):
@@ -357,11 +394,133 @@ def print_table(results, folds):
     print(f"backbone forwards {results['backbone_forwards']}, {results['episodes_per_s']:.2f} episodes/s")
 
 
+# ---- predict: one-shot / k-shot segmentation of your own images ----
+
+PREDICT_DESCRIPTION = """Segment your own query images from one (or k) support images and their masks with a trained
+train_fss.py checkpoint: the support prototype is computed once, the queries go through in batches (GPU when
+there is one). Writes one 0/255 PNG per query, named like it, at its original size (--overlay: the prediction in
+red over the query). An unreadable query is one error line naming it and the other queries still complete; a bad
+support (missing file, mask size not its image's, empty mask) stops with one line naming the file."""
+
+
+def add_predict_args(p):
+    p.add_argument("--checkpoint", required=True, help="train_fss.py checkpoint (last.pt)")
+    p.add_argument("--support", nargs=2, action="append", required=True, metavar=("IMAGE", "MASK"),
+                   help="a support image and its mask (PNG; pixels >= 128, or palette colours as bright, are the "
+                        "object); repeat for k-shot: the k prototypes are averaged")
+    p.add_argument("--query", nargs="+", required=True, help="query image files and/or folders of images")
+    p.add_argument("--out", default="predictions", help="folder of the predicted 0/255 masks, <query stem>.png")
+    p.add_argument("--overlay", help="folder of overlay PNGs (prediction in red over the query), <query stem>.png")
+    p.add_argument("--image-size", type=int, default=400,
+                   help="query/support side the network sees (section 4: 400; the size the checkpoint was "
+                        "trained at is usually best)")
+    p.add_argument("--batch-size", type=int, default=8, help="queries per forward pass")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="query loading processes (default: usable cores - 1, at most 16; here %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:1, ...")
+
+
+class QueryImages(torch.utils.data.Dataset):
+    """The queries of `predict`: {"path", "image" [3,S,S], "size" (H, W)}, or {"path", "error"} for a file that
+    cannot be read, so one bad query stops nothing."""
+
+    def __init__(self, paths, image_size):
+        self.paths, self.image_size = paths, image_size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        path = self.paths[i]
+        try:
+            image = load_image(path)
+        except ValueError as e:
+            return {"path": path, "error": str(e)}
+        return {"path": path, "image": image_to_tensor(image, self.image_size), "size": (image.height, image.width)}
+
+
+def query_paths(entries):
+    """--query entries (files or folders) -> (image paths, error lines for entries that are neither)."""
+    paths, errors = [], []
+    for entry in map(pathlib.Path, entries):
+        if entry.is_dir():
+            paths += list_images(entry)
+        elif entry.is_file():
+            paths.append(entry)
+        else:
+            errors.append(f"{entry}: query image or folder not found")
+    by_name = {}
+    for path in paths:
+        if path.stem in by_name and by_name[path.stem] != path:
+            raise ValueError(f"{path}: same name as {by_name[path.stem]}, both would write {path.stem}.png")
+        by_name[path.stem] = path
+    return list(by_name.values()), errors
+
+
+def load_support(image_path, mask_path, image_size):
+    """(image [3,S,S], mask [S,S] float 0/1) of one --support pair, as evaluate's episodes make them."""
+    image, mask = load_image(image_path), load_binary_mask(mask_path)
+    if mask.shape != (image.height, image.width):
+        raise ValueError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image {image_path} is "
+                         f"{image.width}x{image.height}")
+    if not mask.any():
+        raise ValueError(f"{mask_path}: support mask is empty (no pixel >= 128): nothing to segment")
+    return image_to_tensor(image, image_size), mask_to_tensor(mask, image_size).float()
+
+
+def overlay_png(path, mask, out):
+    """The query at its original size with the predicted mask in red (alpha 0.5)."""
+    from torchvision.utils import draw_segmentation_masks
+
+    image = torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)
+    save_png(draw_segmentation_masks(image, mask.bool(), alpha=0.5, colors="red").permute(1, 2, 0).numpy(), out)
+
+
+def run_predict(args):
+    device = pick_device(args.device)
+    configure_backends(device)
+    supports = [load_support(image, mask, args.image_size) for image, mask in args.support]
+    paths, errors = query_paths(args.query)
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
+    net = load_fss_model(args.checkpoint, device)
+    autocast, _ = mixed_precision(device)
+    with torch.no_grad(), autocast():  # the support side once
+        support_imgs = torch.stack([img for img, _ in supports]).to(device)
+        support_masks = torch.stack([m for _, m in supports]).to(device)
+        prototypes = support_prototypes(net, net.project_features(net.extract(support_imgs)), support_masks)
+    loader = make_loader(QueryImages(paths, args.image_size), device, args.workers, batch_size=args.batch_size,
+                         collate_fn=list)
+    written = 0
+    with tqdm(total=len(paths), desc="predict", unit="image") as bar:
+        for batch in loader:
+            good = [q for q in batch if "error" not in q]
+            for q in batch:
+                if "error" in q:
+                    errors.append(q["error"])
+                    tqdm.write(f"error: {q['error']}", file=sys.stderr)
+            if good:
+                queries = torch.stack([q["image"] for q in good]).to(device, non_blocking=True)
+                with torch.no_grad(), autocast():
+                    logits = net.decode(net.project_features(net.extract(queries)), prototypes, queries.shape[-2:])
+                for q, query_logits in zip(good, logits):
+                    mask = predicted_mask(query_logits, q["size"])
+                    name = f"{pathlib.Path(q['path']).stem}.png"
+                    save_png(mask.numpy().astype(bool), os.path.join(args.out, name))
+                    if args.overlay:
+                        overlay_png(q["path"], mask, os.path.join(args.overlay, name))
+                    written += 1
+            bar.update(len(batch))
+    print(f"{written} mask(s) -> {args.out}" + (f", overlays -> {args.overlay}" if args.overlay else ""))
+    if errors:
+        raise SystemExit(f"error: {len(errors)} quer{'y' if len(errors) == 1 else 'ies'} failed (named above); "
+                         f"the other {written} were written")
+
+
 # ---- saliency: MAE, F-beta, S-measure ----
 
 from PIL import Image  # noqa: E402  (the saliency section's own I/O)
-
-from datasets import list_images, load_binary_mask, load_image  # noqa: E402
 
 BETA2 = 0.3  # F-beta weight of precision, beta^2 = 0.3 (Achanta et al. 2009, the saliency convention)
 
@@ -500,12 +659,14 @@ def main(argv=None):
                     "are refused.")
     merge.add_argument("results", nargs="+", help="results.json files of `evaluate.py fss`, e.g. one per fold / GPU")
     merge.add_argument("--out", required=True, help="merged results JSON")
+    add_predict_args(command("predict", "segment your own images from a support image and its mask",
+                             PREDICT_DESCRIPTION))
     add_saliency_args(command("saliency", "saliency metrics against ground truth",
                               "MAE, max / mean F-beta (beta^2 = 0.3) and S-measure of saliency maps (8-bit PNGs) "
                               "against ground-truth masks with the same stems."))
     args = parser.parse_args(argv)
     try:
-        {"fss": run_fss, "merge": run_merge, "saliency": run_saliency}[args.command](args)
+        {"fss": run_fss, "merge": run_merge, "predict": run_predict, "saliency": run_saliency}[args.command](args)
     except ValueError as e:  # an unreadable or missing image / mask file, named in the message
         raise SystemExit(f"error: {str(e).strip().splitlines()[-1]}") from None
 
