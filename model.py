@@ -91,18 +91,17 @@ CHECKPOINT_KEYS = ("kind", "config", "model")
 
 
 def save_checkpoint(path, **state):
-    """Write the one checkpoint format atomically (tmp file + os.replace).
+    """Write the one checkpoint format atomically (datasets.atomic_file: a unique temporary file + os.replace).
 
     Keys: kind ('fss' | 'saliency' | 'basnet'), config (rebuilds the model), model (state_dict), and
     optionally optimizer, scaler, epoch, step, rng, args."""
+    from datasets import atomic_file
+
     missing = [k for k in CHECKPOINT_KEYS if k not in state]
     if missing:
         raise ValueError(f"save_checkpoint({path}): missing keys {missing}")
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path):
