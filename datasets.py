@@ -244,15 +244,57 @@ def write_json(obj, path):
     _atomic_write(path, lambda f: f.write(data))
 
 
+def check_output(path, folder=False):
+    """The one check of an output location, before any work: a folder (folder=True) is created; a file's parent
+    folder is created and the file must not be a folder; either way the folder must take a new file. Temporary
+    files that killed processes of this machine left there (SIGKILL: no cleanup possible) are removed. Returns
+    the path; ValueError naming it otherwise."""
+    path = pathlib.Path(path)
+    target = path if folder else path.parent
+    if not folder and path.is_dir():
+        raise ValueError(f"{path}: output file is a folder")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=target).close()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot write there ({err.strerror or err})") from None
+    host = _writer().rpartition("-")[0]
+    for tmp in target.glob(f".*.{host}-*.tmp"):
+        pid = tmp.name.rsplit(f".{host}-", 1)[1].split(".")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                               # another user's process
+        return True
+    return True
+
+
 def trim_log(path, step):
     """On resume: keep only the lines of a training log.jsonl whose "step" the checkpoint already holds (step 0:
-    none), atomically, so an interrupted run never logs a step twice."""
+    none), atomically, so an interrupted run never logs a step twice. A last line cut short by a kill is dropped;
+    any other unreadable line is a ValueError naming the file and line."""
     path = pathlib.Path(path)
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines(keepends=True)
-             if line.strip() and json.loads(line)["step"] <= step]
-    _atomic_write(path, lambda f: f.write("".join(lines).encode()))
+    lines = path.read_text().splitlines()
+    kept = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break
+            raise ValueError(f"{path}:{n}: not a JSON line") from None
+        if record is not None and record["step"] <= step:
+            kept.append(line + "\n")
+    _atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
 def image_to_tensor(pil, size):

@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets import (EpochItems, MaskSplitPairs, SupervisedPairs, default_workers, fold_train_ids, make_loader,
-                      trim_log, voc_paths, voc_split, write_json)
+from datasets import (EpochItems, MaskSplitPairs, SupervisedPairs, check_output, default_workers, fold_train_ids,
+                      make_loader, trim_log, voc_paths, voc_split, write_json)
 from masksplit import MaskSplit
-from model import (BACKBONES, FSSNet, capture_rng, configure_backends, load_checkpoint, mixed_precision, pick_device,
-                   restore_rng, save_checkpoint)
+from model import (BACKBONES, FiniteGuard, FSSNet, capture_rng, configure_backends, device_flag, mixed_precision,
+                   nonnegative_float, nonnegative_int, pick_device, positive_float, positive_int, restore_rng,
+                   resume_checkpoint, save_checkpoint, unit_float)
 
 
 def get_args(argv=None):
@@ -51,28 +52,30 @@ def get_args(argv=None):
                      help="frozen: BatchNorm in eval mode, as the paper says all layers are frozen; batch: the "
                           "authors' code, whose backbone BatchNorm uses batch statistics in training")
     opt = p.add_argument_group("optimisation (paper section 4)")
-    opt.add_argument("--image-size", type=int, default=400)
-    opt.add_argument("--batch-size", type=int, default=16)
-    opt.add_argument("--epochs", type=int, default=100, help="paper: 100 on PASCAL, 20 on COCO")
-    opt.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
-    opt.add_argument("--weight-decay", type=float, default=1e-5)
+    opt.add_argument("--image-size", type=positive_int, default=400)
+    opt.add_argument("--batch-size", type=positive_int, default=16)
+    opt.add_argument("--epochs", type=positive_int, default=100, help="paper: 100 on PASCAL, 20 on COCO")
+    opt.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate")
+    opt.add_argument("--weight-decay", type=nonnegative_float, default=1e-5)
     split = p.add_argument_group("MaskSplit (paper section 3.2, Table 1)")
     split.add_argument("--split", choices=["vertical", "horizontal", "mixed", "none"], default="vertical")
-    split.add_argument("--max-shift", type=int, default=40, help="slope: line shift range in pixels (0 = no slope)")
+    split.add_argument("--max-shift", type=nonnegative_int, default=40,
+                       help="slope: line shift range in pixels (0 = no slope)")
     split.add_argument("--no-alternate", action="store_true", help="support is always the right/bottom half")
-    split.add_argument("--split-prob", type=float, default=1.0, help="probability of splitting (Table 1's prob)")
+    split.add_argument("--split-prob", type=unit_float, default=1.0, help="probability of splitting (Table 1's prob)")
     split.add_argument("--split-line", choices=["paper", "official"], default="paper",
                        help="official: the line of the authors' public code, which differs from the paper")
     split.add_argument("--no-aug", action="store_true", help="no augmentation (Table 1's 'aug' off)")
     run = p.add_argument_group("run")
-    run.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (all epochs if unset)")
-    run.add_argument("--workers", type=int, default=default_workers(),
+    run.add_argument("--max-steps", type=positive_int,
+                     help="stop after this many optimiser steps (all epochs if unset)")
+    run.add_argument("--workers", type=nonnegative_int, default=default_workers(),
                      help="data loading processes (default: usable cores - 1, at most 16; here %(default)s)")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--device", default="auto")
+    run.add_argument("--device", type=device_flag, default="auto")
     run.add_argument("--deterministic", action="store_true",
                      help="torch's deterministic algorithms (CUDA; the CPU is deterministic anyway, see README)")
-    run.add_argument("--log-every", type=int, default=10, help="steps between log.jsonl lines")
+    run.add_argument("--log-every", type=positive_int, default=10, help="steps between log.jsonl lines")
     run.add_argument("--out", default="runs/fss", help="output folder: last.pt, log.jsonl, args.json")
     run.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.pt")
     args = p.parse_args(argv)
@@ -169,23 +172,12 @@ def train_step(model, optimizer, batch, device, autocast, scaler, fmt=torch.cont
 RESUME_FREE = ("resume", "max_steps", "epochs", "workers", "device", "deterministic", "log_every")
 
 
-def resume_state(ckpt_path, args):
-    try:
-        state = load_checkpoint(ckpt_path)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: cannot --resume: {e}")
-    if state["kind"] != "fss":
-        sys.exit(f"error: {ckpt_path} is a {state['kind']!r} checkpoint, not a train_fss.py one")
-    changed = [k for k, v in vars(args).items() if k not in RESUME_FREE and state["args"].get(k) != v]
-    if changed:
-        sys.exit(f"error: cannot --resume {ckpt_path} with different flags: " +
-                 ", ".join(f"--{k.replace('_', '-')} {state['args'].get(k)} -> {vars(args)[k]}" for k in changed))
-    return state
-
-
 def main(argv=None):
     args = get_args(argv)
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        check_output(args.out, folder=True)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     ckpt_path, log_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "log.jsonl")
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -194,7 +186,10 @@ def main(argv=None):
     configure_backends(device, args.deterministic)
     state = None
     if args.resume and os.path.isfile(ckpt_path):
-        state = resume_state(ckpt_path, args)
+        try:
+            state = resume_checkpoint(ckpt_path, "fss", args, RESUME_FREE)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     elif args.resume:  # killed before its first checkpoint: nothing to continue, start afresh
         print(f"--resume: no {ckpt_path} yet, starting from step 0")
     try:
@@ -221,6 +216,7 @@ def main(argv=None):
                                                                              args.epochs * steps_per_epoch)
 
     def checkpoint(epoch):
+        guard.check(step, model)
         save_checkpoint(ckpt_path, kind="fss", config=model.config, model=model.state_dict(),
                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step=step,
                         rng=capture_rng(), args=vars(args))
@@ -229,6 +225,7 @@ def main(argv=None):
     bar = tqdm(total=total, initial=step, desc="train_fss", dynamic_ncols=True)
     loader = make_loader(EpochItems(dataset), device, args.workers,
                          batch_sampler=RunBatches(len(dataset), args.batch_size, args.seed, step, total))
+    guard = FiniteGuard()
     with open(log_path, "a" if args.resume else "w") as log:  # a fresh run starts a fresh log
         since = tick = time.time()
         waited, pairs, logged = 0.0, 0, step
@@ -236,9 +233,11 @@ def main(argv=None):
             waited += time.time() - tick  # time the step waited for the loader
             loss = train_step(model, optimizer, batch, device, autocast, scaler, fmt)
             step += 1
+            guard.record(step, loss)
             pairs += len(batch["query_img"])
             bar.update(1)
             if step % args.log_every == 0 or step == total:
+                guard.check(step, model)
                 loss = loss.item()  # waits for the GPU
                 rate = pairs / (time.time() - since)
                 log.write(json.dumps({"step": step, "epoch": (step - 1) // steps_per_epoch, "loss": loss,

@@ -14,11 +14,14 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+import basnet_train
 import evaluate
 import make_pseudomasks
-from datasets import (MaskSplitPairs, SalientObjects, _read_list, list_images, load_binary_mask, load_image,
-                      render_coco_masks, save_png, voc_palette, write_json)
-from model import SaliencyNet, save_checkpoint
+import saliency_train
+import train_fss
+from datasets import (MaskSplitPairs, SalientObjects, _read_list, _writer, check_output, list_images, load_binary_mask,
+                      load_image, render_coco_masks, save_png, trim_log, voc_palette, write_json)
+from model import FiniteGuard, SaliencyNet, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -172,6 +175,28 @@ def test_image_and_mask_variants_give_correct_pairs_or_named_errors(tmp_path):
 
 # ---- issue 13: every input gives the right result or one line naming the file, checked before the work ----
 
+def tiny_fss_args(data, out, *extra):
+    return ["--images", str(data / "images"), "--masks", str(data / "masks"), "--backbone", "efficientnet_lite0",
+            "--weights", "none", "--image-size", "32", "--batch-size", "2", "--workers", "0", "--out", str(out),
+            *extra]
+
+
+def test_non_finite_training_stops_with_one_line_and_writes_no_checkpoint(tmp_path):
+    data = write_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"^error: step \d+: (the loss is nan|the loss is inf|weight \S+ is not "
+                                         r"finite); stopped without writing a checkpoint"):
+        train_fss.main(tiny_fss_args(data, out, "--lr", "1e30", "--max-steps", "4", "--log-every", "100"))
+    assert not (out / "last.pt").exists()
+    guard = FiniteGuard()  # a weight overflowed by a step whose loss was finite is caught too
+    net = torch.nn.Linear(2, 2)
+    guard.record(5, torch.tensor(0.3))
+    with torch.no_grad():
+        net.weight[0, 0] = float("inf")
+    with pytest.raises(SystemExit, match="error: step 5: weight weight is not finite"):
+        guard.check(5, net)
+
+
 def test_binary_masks_in_every_encoding_and_an_all_empty_set_is_an_error(tmp_path):
     truth = np.zeros((12, 16), bool)
     truth[3:9, 2:11] = True
@@ -190,6 +215,9 @@ def test_binary_masks_in_every_encoding_and_an_all_empty_set_is_an_error(tmp_pat
         Image.fromarray(np.zeros((40, 48), np.uint8)).save(p)
     with pytest.raises(ValueError, match=f"{data / 'masks'}: every mask is empty"):
         SalientObjects(data / "images", data / "masks", cache_dir=tmp_path / "cache")   # BAS-Net labels
+    with pytest.raises(SystemExit, match=f"{data / 'masks'}: every mask is empty"):
+        evaluate.main(["saliency", "--pred", str(data / "images"), "--gt", str(data / "masks"),
+                       "--out", str(tmp_path / "m.json")])
 
 
 def test_images_are_read_in_their_exif_orientation(tmp_path):
@@ -206,6 +234,89 @@ def test_images_are_read_in_their_exif_orientation(tmp_path):
     Image.fromarray(np.ascontiguousarray(np.rot90(mask, -1))).save(data / "masks" / "im00.png")  # as displayed
     pairs = MaskSplitPairs(data / "images", data / "masks", image_size=32, cache_dir=tmp_path / "cache")
     assert pairs[0]["image_id"] == "im00" and (pairs[0]["query_target"] == 1).any()
+
+
+def test_output_locations_are_checked_before_any_work(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    nowhere = tmp_path / "no_dataset_here"                  # the work would fail on it: the output is checked first
+    for out, what in ((tmp_path, "is a folder"), (a_file / "r.json", "cannot write there")):
+        with pytest.raises(SystemExit, match=f"{out}: .*{what}"):
+            evaluate.main(["fss", "--baseline", "foreground", "--root", str(nowhere), "--out", str(out)])
+        with pytest.raises(SystemExit, match=f"{out}: .*{what}"):
+            evaluate.main(["fss", "--baseline", "foreground", "--root", str(nowhere), "--out",
+                           str(tmp_path / "r.json"), "--save-episodes", str(out)])
+    with pytest.raises(SystemExit, match=f"{a_file}: cannot write there"):
+        train_fss.main(["--images", str(nowhere), "--masks", str(nowhere), "--out", str(a_file)])
+    proc = run("make_pseudomasks.py", "--checkpoint", str(saliency_checkpoint(tmp_path / "sal.pt")), "--images",
+               str(nowhere), "--out", str(a_file))
+    assert_one_line_error(proc, str(a_file))
+    proc = run("basnet_train.py", "--images", str(nowhere), "--labels", str(nowhere), "--out", str(a_file / "x"))
+    assert_one_line_error(proc, str(a_file / "x"))
+
+
+@pytest.mark.parametrize("script, argv, flag", [
+    (train_fss.get_args, ["--images", "i", "--masks", "m", "--batch-size", "0"], "--batch-size"),
+    (train_fss.get_args, ["--images", "i", "--masks", "m", "--image-size", "-4"], "--image-size"),
+    (train_fss.get_args, ["--images", "i", "--masks", "m", "--log-every", "0"], "--log-every"),
+    (train_fss.get_args, ["--images", "i", "--masks", "m", "--epochs", "0"], "--epochs"),
+    (train_fss.get_args, ["--images", "i", "--masks", "m", "--split-prob", "1.5"], "--split-prob"),
+    (train_fss.get_args, ["--images", "i", "--masks", "m", "--device", "cuda:99"], "--device"),
+    (train_fss.get_args, ["--images", "i", "--masks", "m", "--device", "gpu"], "--device"),
+    (saliency_train.parse_args, ["--images", "i", "--out", "o", "--superpixels", "0"], "--superpixels"),
+    (saliency_train.parse_args, ["--images", "i", "--out", "o", "--rounds", "0"], "--rounds"),
+    (saliency_train.parse_args, ["--images", "i", "--out", "o", "--epochs", "0"], "--epochs"),
+    (saliency_train.parse_args, ["--images", "i", "--out", "o", "--threshold", "2"], "--threshold"),
+    (saliency_train.parse_args, ["--images", "i", "--out", "o", "--momentum", "1"], "--momentum"),
+    (saliency_train.parse_args, ["--images", "i", "--out", "o", "--prior-thresholds", "rdb=0.3"],
+     "--prior-thresholds"),
+    (saliency_train.parse_args, ["--images", "i", "--out", "o", "--prior-thresholds", "rbd=1.3"],
+     "--prior-thresholds"),
+    (basnet_train.parse_args, ["--images", "i", "--labels", "l", "--out", "o", "--save-every", "0"], "--save-every"),
+    (basnet_train.parse_args, ["--images", "i", "--labels", "l", "--out", "o", "--batch-size", "0"], "--batch-size"),
+    (make_pseudomasks.parse_args, ["--checkpoint", "c", "--images", "i", "--out", "o", "--threshold", "2"],
+     "--threshold"),
+    (make_pseudomasks.parse_args, ["--checkpoint", "c", "--images", "i", "--out", "o", "--batch-size", "0"],
+     "--batch-size"),
+    (evaluate.main, ["fss", "--root", "r", "--runs", "0"], "--runs"),
+    (evaluate.main, ["fss", "--root", "r", "--episodes", "0"], "--episodes"),
+])
+def test_bad_flag_values_are_refused_by_argparse_naming_the_flag(script, argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script(argv)
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}:" in last, last
+
+
+def test_every_trainer_refuses_changed_settings_on_resume_and_survives_a_truncated_log(tmp_path):
+    data = write_folder(tmp_path / "data")
+    out = tmp_path / "basnet"
+    flags = ["--labels", str(data / "masks"), "--out", str(out), "--size", "32", "--crop", "24",
+             "--batch-size", "2", "--weights", "none", "--encoder", "efficientnet_lite0", "--width", "0.125",
+             "--workers", "0", "--log-every", "1", "--save-every", "1"]
+    basnet_train.main(["--images", str(data / "images"), "--iters", "2", *flags])
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')                                         # killed mid-write
+    basnet_train.main(["--images", f"{data / 'images'}/", "--iters", "3", "--resume", *flags])  # same folder
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    with pytest.raises(ValueError, match=r"cannot --resume .*last.pt with different flags: --lr 0.001 -> 0.01"):
+        basnet_train.main(["--images", str(data / "images"), "--iters", "4", "--resume", "--lr", "1e-2", *flags])
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"st')
+    trim_log(log, 5)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_make_pseudomasks_rerun_with_other_settings_is_refused(tmp_path):
+    data = write_folder(tmp_path / "data")
+    args = ["--checkpoint", str(saliency_checkpoint(tmp_path / "sal.pt")), "--images", str(data / "images"),
+            "--out", str(tmp_path / "masks"), "--workers", "0"]
+    make_pseudomasks.main(args + ["--threshold", "1"])                     # nothing reaches 1: no mask at all
+    assert not list((tmp_path / "masks").glob("*.png"))
+    with pytest.raises(ValueError, match=r"masks holds pseudo-masks of other settings \(threshold 1.0 -> 0.5\)"):
+        make_pseudomasks.main(args + ["--threshold", "0.5"])
+    make_pseudomasks.main(args + ["--threshold", "1"])                     # the same settings: done is done
 
 
 def test_data_files_bom_duplicates_encodings_case_and_class_values(tmp_path):
@@ -260,7 +371,7 @@ def test_coco_annotations_without_segmentation_and_rle_of_another_size(tmp_path)
         render_coco_masks(root, cache_dir=tmp_path / "cache")
 
 
-def test_temporary_files_are_unique_removed_on_any_exit_and_outputs_follow_the_umask(tmp_path):
+def test_temporary_files_are_unique_removed_on_any_exit_and_outputs_follow_the_umask(tmp_path, monkeypatch):
     old = os.umask(0o022)
     try:
         save_png(np.eye(4, dtype=bool), tmp_path / "m.png")
@@ -270,3 +381,19 @@ def test_temporary_files_are_unique_removed_on_any_exit_and_outputs_follow_the_u
         os.umask(old)
     assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {
         "m.png": 0o644, "r.json": 0o644, "c.pt": 0o644}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt                                            # Ctrl-C during the episodes
+    monkeypatch.setattr(evaluate, "FewShotEpisodes", interrupted)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(["fss", "--baseline", "foreground", "--root", str(tmp_path), "--out",
+                       str(tmp_path / "out" / "r.json"), "--save-episodes", str(tmp_path / "out" / "e.jsonl")])
+    assert not list((tmp_path / "out").iterdir())                         # no temporary file left behind
+    killed = subprocess.Popen([sys.executable, "-c", ""])                 # SIGKILL leaves its temporary file:
+    killed.wait()                                                          # the next run's check removes it
+    tag = _writer().rpartition("-")[0]
+    (tmp_path / "out" / f".r.json.{tag}-{killed.pid}.abc.tmp").write_text("x")
+    (tmp_path / "out" / f".r.json.{tag}-{os.getpid()}.abc.tmp").write_text("x")  # a running writer's: kept
+    check_output(tmp_path / "out" / "r.json")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [f".r.json.{tag}-{os.getpid()}.abc.tmp"]
