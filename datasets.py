@@ -17,6 +17,7 @@ Layouts read (the real ones):
     episodes = FewShotEpisodes("pascal", "VOCdevkit", fold=0, episodes=1000, seed=0)       # section 4
 """
 import codecs
+import collections
 import contextlib
 import functools
 import hashlib
@@ -136,11 +137,11 @@ def _read_lines(path, what):
 def _unique(path, entries):
     """entries without repeats (first kept); a warning naming the file when there were repeats, which would
     otherwise weigh an image twice."""
-    unique = list(dict.fromkeys(entries))
-    if len(unique) < len(entries):
-        warnings.warn(f"{path}: {len(entries) - len(unique)} repeated entries ignored, e.g. "
-                      f"{[e for e in unique if entries.count(e) > 1][:3]}")
-    return unique
+    counts = collections.Counter(entries)
+    repeated = [e for e, n in counts.items() if n > 1]
+    if repeated:
+        warnings.warn(f"{path}: {len(entries) - len(counts)} repeated entries ignored, e.g. {repeated[:3]}")
+    return list(counts)
 
 
 def _read_list(list_file):
