@@ -16,18 +16,22 @@ Layouts read (the real ones):
     pairs = MaskSplitPairs("VOC2012/JPEGImages", "pseudo_masks/", list_file="train.txt")   # section 3.2
     episodes = FewShotEpisodes("pascal", "VOCdevkit", fold=0, episodes=1000, seed=0)       # section 4
 """
+import codecs
+import collections
+import contextlib
 import functools
 import hashlib
 import json
 import math
 import os
 import pathlib
+import socket
 import tempfile
 import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -37,6 +41,8 @@ from masksplit import MaskSplit, query_target
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+MASK_SUFFIXES = (".png",)
+EXIF_ORIENTATION = 0x0112
 IGNORE = 255
 VOC_CLASSES = 20
 VOC_CLASS_NAMES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -64,9 +70,11 @@ def _open(path, what):
 
 
 def load_image(path):
-    """PIL RGB image; gray, RGBA, CMYK, palette and 16-bit images are converted. ValueError naming the file
-    when it is missing, unreadable or truncated."""
+    """PIL RGB image as displayed: EXIF orientation applied (phone photos), gray, RGBA, CMYK, palette and 16-bit
+    images converted. ValueError naming the file when it is missing, unreadable or truncated."""
     img = _open(path, "image")
+    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):     # 16/32-bit gray: scale to 8 bits
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
@@ -78,42 +86,73 @@ def load_image(path):
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def load_mask(path):
-    """Class-index mask: np.uint8 [H, W] with the stored values (palette indices or gray levels)."""
+def load_mask(path, num_classes=VOC_CLASSES):
+    """The one class-index mask reader (VOC, rendered COCO): np.uint8 [H, W] with the stored values (palette
+    indices or gray levels); ValueError naming the file for a value outside 0..num_classes and 255 (VOC: 20)."""
     img = _open(path, "mask")
     if img.mode not in ("P", "L"):
         raise ValueError(f"{path}: class mask must be a palette or 8-bit gray PNG, got mode {img.mode!r}")
-    return np.array(img, dtype=np.uint8)
+    mask = np.array(img, dtype=np.uint8)
+    bad = np.unique(mask[(mask > num_classes) & (mask != IGNORE)])
+    if bad.size:
+        raise ValueError(f"{path}: unknown class index {bad.tolist()[:5]} (expected 0..{num_classes} or 255)")
+    return mask
+
+
+def _binary_levels(levels):
+    """8-bit levels -> foreground: a 0/1 mask (no level above 1) is its nonzero pixels, any other is >= 128."""
+    return levels != 0 if levels.max(initial=0) <= 1 else levels >= 128
 
 
 def load_binary_mask(path):
-    """Binary (salient-object / pseudo) mask: np.bool_ [H, W]. Mode '1': as stored; 8-bit gray, palette, RGB and
-    RGBA: the displayed gray level (palette colours looked up, alpha ignored) is >= 128; 16-bit gray: >= 32768."""
+    """The one binary-mask reader (salient-object ground truth, BAS-Net labels, pseudo-masks): np.bool_ [H, W].
+    Mode '1': as stored. Palette: any nonzero index (the VOC palette's dark colours included). 16/32-bit gray: any
+    nonzero value. 8-bit gray: >= 128, or nonzero for a 0/1 mask. RGB / RGBA / CMYK: a gray mask stored in colour
+    (R = G = B everywhere) as 8-bit gray, a colour-coded mask any pixel that is not black. Alpha is ignored;
+    masks carry no EXIF orientation."""
     img = _open(path, "mask")
-    if img.mode == "1":
-        return np.array(img, dtype=bool)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        return np.asarray(img, dtype=np.int64) >= 32768
-    if img.mode in ("L", "P", "RGB", "RGBA", "LA", "PA", "CMYK"):
-        if img.mode != "L":
-            img = img.convert("RGB").convert("L")
-        return np.asarray(img, dtype=np.uint8) >= 128
+    if img.mode in ("1", "P", "PA", "I;16", "I;16B", "I;16L", "I"):
+        return np.asarray(img.convert("L") if img.mode == "1" else img.getchannel(0) if img.mode == "PA" else img) != 0
+    if img.mode in ("L", "LA"):
+        return _binary_levels(np.asarray(img.getchannel(0), dtype=np.uint8))
+    if img.mode in ("RGB", "RGBA", "CMYK"):
+        rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        if (rgb == rgb[..., :1]).all():
+            return _binary_levels(rgb[..., 0])
+        return rgb.any(-1)
     raise ValueError(f"{path}: unsupported mask mode {img.mode!r}")
+
+
+def _read_lines(path, what):
+    """[(line number, stripped line)] of the non-empty lines of a text file: UTF-8 with or without a BOM, or UTF-16
+    with its BOM; ValueError naming the file when it is missing or in another encoding."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: {what} not found")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-16" if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: {what} is not UTF-8 text ({err})") from None
+    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def _unique(path, entries):
+    """entries without repeats (first kept); a warning naming the file when there were repeats, which would
+    otherwise weigh an image twice."""
+    counts = collections.Counter(entries)
+    repeated = [e for e, n in counts.items() if n > 1]
+    if repeated:
+        warnings.warn(f"{path}: {len(entries) - len(counts)} repeated entries ignored, e.g. {repeated[:3]}")
+    return list(counts)
 
 
 def _read_list(list_file):
     """Stems of a list file (first whitespace-separated token per non-empty line; paths reduced to stems)."""
-    list_file = pathlib.Path(list_file)
-    if not list_file.is_file():
-        raise ValueError(f"{list_file}: list file not found")
-    stems = []
-    for line in list_file.read_text().splitlines():
-        token = line.split()[0] if line.strip() else ""
-        if token:
-            stems.append(pathlib.PurePosixPath(token).stem)
+    stems = [pathlib.PurePosixPath(line.split()[0]).stem for _, line in _read_lines(list_file, "list file")]
     if not stems:
         raise ValueError(f"{list_file}: list file is empty")
-    return stems
+    return _unique(list_file, stems)
 
 
 def _stems(list_file):
@@ -125,17 +164,24 @@ def _stems(list_file):
     return [str(s) for s in list_file]
 
 
+def files_by_stem(folder, suffixes, what):
+    """{stem: path} of the files of `folder` whose suffix, in any case (.JPG, .Png), is in `suffixes`; ValueError
+    naming the folder when it is missing."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: {what} folder not found")
+    found = {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() in suffixes and p.is_file():
+            found.setdefault(p.stem, p)
+    return found
+
+
 def list_images(folder, list_file=None):
     """Sorted image paths of `folder` (suffixes .jpg .jpeg .png .bmp, any case), restricted to the stems of
     `list_file` (a path or a list of stems) when given. ValueError when the folder is missing or empty or a
     listed stem has no image."""
-    folder = pathlib.Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder}: image folder not found")
-    by_stem = {}
-    for p in folder.iterdir():
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
-            by_stem.setdefault(p.stem, p)
+    by_stem = files_by_stem(folder, IMAGE_SUFFIXES, "image")
     if not by_stem:
         raise ValueError(f"{folder}: no images (.jpg .jpeg .png .bmp) in folder")
     stems = _stems(list_file)
@@ -148,13 +194,29 @@ def list_images(folder, list_file=None):
     return sorted(by_stem[s] for s in dict.fromkeys(stems))
 
 
-def _atomic_write(path, write):
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _writer():
+    """This process as temporary names spell it: <host>-<pid>."""
+    return f"{socket.gethostname().replace('.', '_').replace('-', '_')}-{os.getpid()}"
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode="wb"):
+    """The one writer of every output file: yields a temporary file beside `path` (parent folders created), named
+    .<name>.<host>-<pid>.<random>.tmp, unique to this process; moved onto `path` when the block ends, removed on
+    any exit before that (an error, Ctrl-C). The file follows the user's umask like any other new file."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_writer()}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.chmod(tmp, 0o666 & ~_umask())                  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -162,9 +224,14 @@ def _atomic_write(path, write):
         raise
 
 
+def _atomic_write(path, write):
+    with atomic_file(path) as f:
+        write(f)
+
+
 def save_png(image, path):
-    """Write a PNG atomically (tmp file + os.replace), creating parent folders. `image`: PIL image, or a uint8 /
-    bool numpy array [H, W] (gray) or [H, W, 3] (RGB)."""
+    """Write a PNG atomically (atomic_file), creating parent folders. `image`: PIL image, or a uint8 / bool numpy
+    array [H, W] (gray) or [H, W, 3] (RGB)."""
     if not isinstance(image, Image.Image):
         arr = np.asarray(image)
         if arr.dtype == bool:
@@ -181,15 +248,57 @@ def write_json(obj, path):
     _atomic_write(path, lambda f: f.write(data))
 
 
+def check_output(path, folder=False):
+    """The one check of an output location, before any work: a folder (folder=True) is created; a file's parent
+    folder is created and the file must not be a folder; either way the folder must take a new file. Temporary
+    files that killed processes of this machine left there (SIGKILL: no cleanup possible) are removed. Returns
+    the path; ValueError naming it otherwise."""
+    path = pathlib.Path(path)
+    target = path if folder else path.parent
+    if not folder and path.is_dir():
+        raise ValueError(f"{path}: output file is a folder")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=target).close()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot write there ({err.strerror or err})") from None
+    host = _writer().rpartition("-")[0]
+    for tmp in target.glob(f".*.{host}-*.tmp"):
+        pid = tmp.name.rsplit(f".{host}-", 1)[1].split(".")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                               # another user's process
+        return True
+    return True
+
+
 def trim_log(path, step):
     """On resume: keep only the lines of a training log.jsonl whose "step" the checkpoint already holds (step 0:
-    none), atomically, so an interrupted run never logs a step twice."""
+    none), atomically, so an interrupted run never logs a step twice. A last line cut short by a kill is dropped;
+    any other unreadable line is a ValueError naming the file and line."""
     path = pathlib.Path(path)
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines(keepends=True)
-             if line.strip() and json.loads(line)["step"] <= step]
-    _atomic_write(path, lambda f: f.write("".join(lines).encode()))
+    lines = path.read_text().splitlines()
+    kept = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break
+            raise ValueError(f"{path}:{n}: not a JSON line") from None
+        if record is not None and record["step"] <= step:
+            kept.append(line + "\n")
+    _atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
 def image_to_tensor(pil, size):
@@ -228,12 +337,6 @@ def union_mask(class_mask):
     return (class_mask > 0) & (class_mask < IGNORE)
 
 
-def _check_classes(mask, path, num_classes):
-    bad = np.unique(mask[(mask > num_classes) & (mask != IGNORE)])
-    if bad.size:
-        raise ValueError(f"{path}: unknown class index {bad.tolist()[:5]} (expected 0..{num_classes} or 255)")
-
-
 def _cache_dir(cache_dir):
     if cache_dir is not None:
         return pathlib.Path(cache_dir)
@@ -262,11 +365,20 @@ def _cached_scan(kind, paths, scan, cache_dir, desc):
     return result
 
 
+def foreground_counts(mask_paths, folder, cache_dir=None, count=None, kind="binary"):
+    """{stem: foreground pixels} of the masks (count(path); default: load_binary_mask's), scanned once and cached;
+    ValueError naming `folder` when every mask is empty (a mask set in an encoding read as background, or a
+    saliency network that found nothing)."""
+    count = count or (lambda p: int(load_binary_mask(p).sum()))
+    counts = _cached_scan(f"foreground-{kind}", mask_paths, count, cache_dir, "scanning masks")
+    if counts and max(counts.values()) <= 0:
+        raise ValueError(f"{folder}: every mask is empty (no foreground pixel in {len(counts)} masks)")
+    return counts
+
+
 def _class_counts(num_classes):
     def scan(path):
-        m = load_mask(path)
-        _check_classes(m, path, num_classes)
-        counts = np.bincount(m.ravel(), minlength=256)
+        counts = np.bincount(load_mask(path, num_classes).ravel(), minlength=256)
         return {str(c): int(counts[c]) for c in range(1, num_classes + 1) if counts[c]}
     return scan
 
@@ -306,17 +418,17 @@ def voc_split(root, split):
             raise ValueError(f"{paths['lists'] / 'val.txt'}: not found, and train_aug (every masked image not in "
                              f"val.txt) needs it; pass a list file of training image ids instead")
         val = set(_read_list(paths["lists"] / "val.txt"))
-        return sorted(p.stem for p in paths["masks"].glob("*.png") if p.stem not in val)
+        return sorted(s for s in files_by_stem(paths["masks"], MASK_SUFFIXES, "mask") if s not in val)
     return _read_list(split_path)
 
 
 def _mask_paths(mask_dir, stems):
-    mask_dir = pathlib.Path(mask_dir)
-    paths = [mask_dir / f"{s}.png" for s in stems]
-    missing = [str(p) for p in paths if not p.is_file()]
+    """The mask (.png, any case) of every stem; ValueError naming the folder and a few missing ones."""
+    by_stem = files_by_stem(mask_dir, MASK_SUFFIXES, "mask")
+    missing = [str(pathlib.Path(mask_dir) / f"{s}.png") for s in stems if s not in by_stem]
     if missing:
         raise ValueError(f"{len(missing)} mask(s) missing in {mask_dir}, e.g. {missing[:3]}")
-    return paths
+    return [by_stem[s] for s in stems]
 
 
 def voc_class_counts(root, split="val", cache_dir=None):
@@ -378,7 +490,7 @@ COCO_MASK_STYLES = ("full", "repri")
 def render_coco_masks(root, split=None, cache_dir=None, style="full"):
     """Render per-image class masks of a COCO split into PNGs (once; cached) and return the mask folder.
     Categories -> 1..80 in sorted category-id order; objects drawn in annotation order (later on top, as
-    the usual label-PNG converters do).
+    the usual label-PNG converters do); annotations without a segmentation (bbox-only) are skipped with a warning.
     style "full": every polygon of an object (and RLE, compressed or not), crowd regions -> 255 where no object
         is drawn. style "repri": the masks the authors evaluated on, from RePRI's create_masks.py: only the first
         polygon of each object, filled at integer-truncated vertices (cv2.fillPoly there, PIL here), crowd
@@ -396,7 +508,6 @@ def render_coco_masks(root, split=None, cache_dir=None, style="full"):
     out = _cache_dir(cache_dir) / f"coco-masks-{paths['split']}-{key}{'' if style == 'full' else '-' + style}"
     if (out / "done.json").is_file():
         return out
-    import contextlib
     import io
     with contextlib.redirect_stdout(io.StringIO()):            # pycocotools prints progress
         try:
@@ -408,27 +519,34 @@ def render_coco_masks(root, split=None, cache_dir=None, style="full"):
         raise ValueError(f"{ann}: {len(cat_ids)} categories do not fit a uint8 mask")
     index = {c: i + 1 for i, c in enumerate(cat_ids)}
     from tqdm import tqdm
+    skipped = []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)     # pycocotools vs numpy 2, harmless
         for img_id in tqdm(sorted(coco.getImgIds()), desc="rendering COCO masks", leave=False):
-            _render_coco_image(coco, img_id, index, ann, out, style)
+            skipped += _render_coco_image(coco, img_id, index, ann, out, style)
+    if skipped:
+        warnings.warn(f"{ann}: {len(skipped)} annotation(s) without a segmentation (bbox-only or empty) skipped, "
+                      f"e.g. ids {skipped[:3]}")
     write_json({"annotations": str(ann), "categories": cat_ids,
                 "names": [coco.loadCats(c)[0]["name"] for c in cat_ids]}, out / "done.json")
     return out
 
 
 def _render_coco_image(coco, img_id, index, ann, out, style):
+    """Write one image's class mask; returns the ids of its annotations without a segmentation (skipped)."""
     info = coco.loadImgs(img_id)[0]
     target = out / f"{pathlib.Path(info['file_name']).stem}.png"
     if target.is_file():
-        return
+        return []
     mask = np.zeros((info["height"], info["width"]), np.uint8)
     anns = coco.loadAnns(coco.getAnnIds(imgIds=img_id, iscrowd=None))
+    skipped = [a.get("id") for a in anns if not a.get("segmentation")]
+    anns = [a for a in anns if a.get("segmentation")]
     for a in (a for a in anns if not a.get("iscrowd", 0)):        # annotation order, later on top
         if a["category_id"] not in index:
             raise ValueError(f"{ann}: annotation {a.get('id')} has unknown category {a['category_id']}")
         if style == "full":
-            mask[coco.annToMask(a) > 0] = index[a["category_id"]]
+            mask[_annotation_mask(coco, a, mask.shape, ann)] = index[a["category_id"]]
             continue
         if not isinstance(a["segmentation"], list):
             raise ValueError(f"{ann}: annotation {a.get('id')} is an RLE object, which RePRI's masks cannot draw")
@@ -438,8 +556,23 @@ def _render_coco_image(coco, img_id, index, ann, out, style):
         mask = np.asarray(canvas).copy()
     if style == "full":
         for a in (a for a in anns if a.get("iscrowd", 0)):
-            mask[(coco.annToMask(a) > 0) & (mask == 0)] = IGNORE
+            mask[_annotation_mask(coco, a, mask.shape, ann) & (mask == 0)] = IGNORE
     save_png(mask, target)
+    return skipped
+
+
+def _annotation_mask(coco, a, shape, ann):
+    """Bool mask of annotation `a` for an image of `shape` (H, W); ValueError naming the file and the annotation
+    when its segmentation cannot be decoded or has another size (an RLE of another image)."""
+    try:
+        m = coco.annToMask(a) > 0
+    except Exception as err:                                       # pycocotools raises many kinds
+        raise ValueError(f"{ann}: annotation {a.get('id')} (image {a.get('image_id')}): cannot decode its "
+                         f"segmentation ({type(err).__name__}: {err})") from None
+    if m.shape != shape:
+        raise ValueError(f"{ann}: annotation {a.get('id')} (image {a.get('image_id')}): segmentation is "
+                         f"{m.shape[1]}x{m.shape[0]} (WxH) but the image is {shape[1]}x{shape[0]}")
+    return m
 
 
 def images_without_mask(masks_dir):
@@ -458,10 +591,9 @@ def images_without_mask(masks_dir):
     return stems
 
 
-def load_pseudo_mask(masks_dir, image_id, size=None):
-    """The pseudo-mask (0/255 PNG) of `image_id` as np.bool_ [H, W]; `size` = (H, W) it must have. Used by the
-    saliency baseline of Table 3 (the query's own pseudo-mask is the prediction)."""
-    path = pathlib.Path(masks_dir) / f"{image_id}.png"
+def load_pseudo_mask(path, size=None):
+    """A pseudo-mask (0/255 PNG) as np.bool_ [H, W]; `size` = (H, W) it must have. Used by the saliency baseline of
+    Table 3 (the query's own pseudo-mask is the prediction)."""
     mask = load_binary_mask(path)
     if size is not None and tuple(mask.shape) != tuple(size):
         raise ValueError(f"{path}: pseudo-mask is {mask.shape[1]}x{mask.shape[0]} (WxH), its image is "
@@ -684,7 +816,7 @@ class MaskSplitPairs(torch.utils.data.Dataset):
         no_mask = images_without_mask(masks) if mask_source == "pseudo" else set()
         with_mask = [p for p in image_paths if p.stem not in no_mask]
         mask_paths = _mask_paths(masks, [p.stem for p in with_mask])
-        counts = _cached_scan(f"fg-{mask_source}", mask_paths, self._count, cache_dir, "scanning masks")
+        counts = foreground_counts(mask_paths, masks, cache_dir, self._count, mask_source)
         keep = [i for i, p in enumerate(mask_paths) if counts[p.stem] >= max(min_pixels, 1)]
         self.dropped = sorted({p.stem for p in image_paths} - {with_mask[i].stem for i in keep})
         if self.dropped:
@@ -699,7 +831,7 @@ class MaskSplitPairs(torch.utils.data.Dataset):
     def _load_fg(self, path):
         if self.mask_source == "pseudo":
             return load_binary_mask(path)
-        return union_mask(load_mask(path))              # VOC 255 boundaries count as background here
+        return union_mask(load_mask(path, VOC_CLASSES))  # VOC 255 boundaries count as background here
 
     def _count(self, path):
         try:
@@ -758,12 +890,13 @@ class SupervisedPairs(torch.utils.data.Dataset):
     def __init__(self, voc_root, fold, image_size=400, seed=0, split="train_aug", augment=True, min_pixels=2048,
                  cache_dir=None, **augment_args):
         paths = voc_paths(voc_root)
-        self.images, self.masks = paths["images"], paths["masks"]
         self.image_size, self.seed, self.epoch = image_size, seed, 0
         self.transform = build_augmentation(image_size, augment, **augment_args)
         test = set(pascal_fold_classes(fold))
         self.classes = [c for c in range(1, VOC_CLASSES + 1) if c not in test]
         counts = voc_class_counts(voc_root, split, cache_dir)
+        self.images = {p.stem: p for p in list_images(paths["images"], list(counts))}
+        self.masks = files_by_stem(paths["masks"], MASK_SUFFIXES, "mask")
         self.holders = {c: sorted(s for s, cnt in counts.items() if cnt.get(str(c), 0) >= min_pixels)
                         for c in self.classes}
         self.items = [(s, c) for c in self.classes for s in self.holders[c] if len(self.holders[c]) >= 2]
@@ -778,10 +911,9 @@ class SupervisedPairs(torch.utils.data.Dataset):
         return len(self.items)
 
     def _load(self, stem):
-        image_path, mask_path = self.images / f"{stem}.jpg", self.masks / f"{stem}.png"
-        image, mask = load_image(image_path), load_mask(mask_path)
+        image_path, mask_path = self.images[stem], self.masks[stem]
+        image, mask = load_image(image_path), load_mask(mask_path, VOC_CLASSES)
         _check_same_size(image, image_path, mask, mask_path)
-        _check_classes(mask, mask_path, VOC_CLASSES)
         return image, mask
 
     def __getitem__(self, index):
@@ -806,17 +938,13 @@ def _hsnet_list(split_list, fold):
     path = pathlib.Path(split_list)
     if path.is_dir():
         path = path / f"fold{fold}.txt"
-    if not path.is_file():
-        raise ValueError(f"{path}: split list not found")
     pairs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        stem, sep, cls = line.strip().rpartition("__")
+    for n, line in _read_lines(path, "split list"):
+        stem, sep, cls = line.rpartition("__")
         if not sep or not cls.isdigit():
-            raise ValueError(f"{path}:{n}: expected '<image id>__<class>', got {line.strip()!r}")
+            raise ValueError(f"{path}:{n}: expected '<image id>__<class>', got {line!r}")
         pairs.append((stem, int(cls)))
-    return path, pairs
+    return path, _unique(path, pairs)
 
 
 class FewShotEpisodes(torch.utils.data.Dataset):
@@ -870,11 +998,13 @@ class FewShotEpisodes(torch.utils.data.Dataset):
             self.mask_dir = render_coco_masks(root, split, cache_dir, coco_masks)
             self.classes = coco_fold_classes(fold, coco_folds)
             self.names = json.loads((self.mask_dir / "done.json").read_text()).get("names", ())  # older caches: none
-            stems = sorted(p.stem for p in self.mask_dir.glob("*.png"))
         self.suffix = {p.stem: p.suffix for p in list_images(self.image_dir)}
+        self.mask_paths = files_by_stem(self.mask_dir, MASK_SUFFIXES, "mask")
+        if dataset == "coco":
+            stems = sorted(self.mask_paths)                                   # every rendered mask
         if split_list is not None:
             list_path, pairs = _hsnet_list(split_list, fold)
-            kept = [(s, c) for s, c in pairs if s in self.suffix and (self.mask_dir / f"{s}.png").is_file()]
+            kept = [(s, c) for s, c in pairs if s in self.suffix and s in self.mask_paths]
             if len(kept) < len(pairs):
                 warnings.warn(f"{list_path}: {len(pairs) - len(kept)} of {len(pairs)} entries have no image "
                               f"or mask under {self.image_dir.parent} and are dropped")
@@ -908,6 +1038,10 @@ class FewShotEpisodes(torch.utils.data.Dataset):
                             for s in sorted({s for s, _ in self.candidates})}
             self.query_images = sorted(self.present)
         self._episodes = [self._draw(i) for i in range(episodes)]
+        if pseudo_masks is not None:            # the queries' pseudo-masks: all there, not all empty
+            queries = sorted({q for q, _, _ in self._episodes} - self.without_pseudo_mask)
+            self.pseudo_paths = dict(zip(queries, _mask_paths(pseudo_masks, queries)))
+            foreground_counts(list(self.pseudo_paths.values()), pseudo_masks, cache_dir)
 
     def _draw(self, i):
         rng = np.random.default_rng([self.seed, i])
@@ -937,10 +1071,9 @@ class FewShotEpisodes(torch.utils.data.Dataset):
 
     def load(self, image_id, class_id):
         """(PIL image, mask [H,W] uint8: 1 class, 255 ignore, 0 other) at original resolution."""
-        image_path, mask_path = self.image_path(image_id), self.mask_dir / f"{image_id}.png"
-        image, mask = load_image(image_path), load_mask(mask_path)
+        image_path, mask_path = self.image_path(image_id), self.mask_paths[image_id]
+        image, mask = load_image(image_path), load_mask(mask_path, self.num_classes)
         _check_same_size(image, image_path, mask, mask_path)
-        _check_classes(mask, mask_path, self.num_classes)
         return image, np.where(mask == IGNORE, IGNORE, mask == class_id).astype(np.uint8)
 
     def __getitem__(self, i):
@@ -957,7 +1090,7 @@ class FewShotEpisodes(torch.utils.data.Dataset):
             if query_id in self.without_pseudo_mask:
                 pm = np.zeros(mask.shape, bool)
             else:
-                pm = load_pseudo_mask(self.pseudo_masks, query_id, size=mask.shape)
+                pm = load_pseudo_mask(self.pseudo_paths[query_id], size=mask.shape)
             item["query_pseudo_mask"] = torch.from_numpy(pm.astype(np.int64))
         return item
 
@@ -969,11 +1102,14 @@ class FewShotEpisodes(torch.utils.data.Dataset):
 class SalientObjects(torch.utils.data.Dataset):
     """Image folder (+ optional mask folder with the same stems; masks via load_binary_mask), e.g. MSRA-B, ECSSD,
     DUTS, SOD, or images + pseudo-masks. Items: image [3,S,S] (ImageNet-normalised), image_id str, orig_size
-    tensor [2] (H, W); with masks also mask [S,S] float 0/1 (nearest)."""
+    tensor [2] (H, W); with masks also mask [S,S] float 0/1 (nearest). A mask folder whose every mask is empty
+    is a ValueError (foreground_counts)."""
 
-    def __init__(self, images_dir, masks_dir=None, list_file=None, image_size=400):
+    def __init__(self, images_dir, masks_dir=None, list_file=None, image_size=400, cache_dir=None):
         self.images = list_images(images_dir, list_file)
         self.masks = None if masks_dir is None else _mask_paths(masks_dir, [p.stem for p in self.images])
+        if self.masks is not None:
+            foreground_counts(self.masks, masks_dir, cache_dir)
         self.image_size = image_size
 
     def __len__(self):

@@ -6,6 +6,7 @@
     python evaluate.py saliency --pred DIR --gt DIR                                      # saliency quality
 """
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -17,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets import (IMAGENET_MEAN, IMAGENET_STD, FewShotEpisodes, default_workers, image_to_tensor, list_images,
-                      load_binary_mask, load_image, make_loader, mask_to_tensor, resize_mask, save_png, write_json)
-from model import FSSNet, HelpFormatter, configure_backends, load_checkpoint, mixed_precision, pick_device
+from datasets import (IMAGENET_MEAN, IMAGENET_STD, FewShotEpisodes, atomic_file, check_output, default_workers,
+                      foreground_counts, image_to_tensor, list_images, load_binary_mask, load_image, make_loader,
+                      mask_to_tensor, resize_mask, save_png, write_json)
+from model import (FSSNet, HelpFormatter, configure_backends, device_flag, load_checkpoint, mixed_precision,
+                   nonnegative_int, pick_device, positive_int)
 
 
 # ---- fss: one-shot / k-shot evaluation (paper section 4) ----
@@ -98,9 +101,9 @@ def add_fss_args(p):
     p.add_argument("--dataset", choices=["pascal", "coco"], default="pascal", help="PASCAL-5i or COCO-20i (section 4)")
     p.add_argument("--root", required=True, help="VOC2012 folder (pascal) or COCO root (coco)")
     p.add_argument("--fold", default="all", help="0, 1, 2, 3, all, or a list like 1,2,3")
-    p.add_argument("--shots", type=int, default=1, help="support images per episode (paper: one-shot)")
-    p.add_argument("--runs", type=int, default=5, help="runs; run r uses seed + r (paper section 4: 5 runs)")
-    p.add_argument("--episodes", type=int, default=2500, help="episodes per run (paper section 4: 2500 tasks)")
+    p.add_argument("--shots", type=positive_int, default=1, help="support images per episode (paper: one-shot)")
+    p.add_argument("--runs", type=positive_int, default=5, help="runs; run r uses seed + r (paper section 4: 5 runs)")
+    p.add_argument("--episodes", type=positive_int, default=2500, help="episodes per run (paper section 4: 2500 tasks)")
     p.add_argument("--seed", type=int, default=0, help="episodes of run r are drawn with seed + r")
     p.add_argument("--coco-folds", choices=["interleaved", "contiguous"], default="interleaved",
                    help="COCO-20i classes of fold i: interleaved {4k+i+1} (HSNet, PFENet, RePRI) or contiguous "
@@ -116,7 +119,7 @@ def add_fss_args(p):
                                    "split name, e.g. val2014 (default: the only annotations/instances_*.json)")
     p.add_argument("--split-list", help="file of '<image id>__<class>' lines restricting the episodes "
                                          "(e.g. HSNet's splits/pascal/val/fold1.txt)")
-    p.add_argument("--image-size", type=int, default=400, help="query/support side (paper section 4: 400)")
+    p.add_argument("--image-size", type=positive_int, default=400, help="query/support side (paper section 4: 400)")
     p.add_argument("--eval-resolution", choices=["resized", "original"], default="resized",
                    help="resized: compare at image-size, as the paper's code; original: logits upsampled to the "
                         "original mask")
@@ -130,11 +133,11 @@ def add_fss_args(p):
     p.add_argument("--save-episodes", help="JSON-lines file: one line per episode to recompute the metric")
     p.add_argument("--figure", help="PNG: a grid of episodes like the paper's Figure 5, with column titles and each "
                                     "row's fold, class and IoU")
-    p.add_argument("--figure-episodes", type=int, default=2,
+    p.add_argument("--figure-episodes", type=positive_int, default=2,
                    help="rows of --figure per evaluated fold (the first episodes of run 0)")
-    p.add_argument("--workers", type=int, default=default_workers(),
+    p.add_argument("--workers", type=nonnegative_int, default=default_workers(),
                    help="data loading processes (default: usable cores - 1, at most 16; here %(default)s)")
-    p.add_argument("--device", default="auto",
+    p.add_argument("--device", type=device_flag, default="auto",
                    help="auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", default="results.json", help="results JSON (per fold, mean over folds, config)")
 
@@ -281,48 +284,55 @@ def mean_std(values):
     return float(np.mean(values)), float(np.std(values))
 
 
+def run_fold(net, fold, args, device, log_file, figure_rows):
+    """The --runs runs of one fold -> (its results entry, backbone forwards, episodes)."""
+    runs, forwards, episodes = [], 0, 0
+    for run in range(args.runs):
+        try:
+            ds = FewShotEpisodes(dataset=args.dataset, root=args.root, fold=fold, shots=args.shots,
+                                 episodes=args.episodes, seed=args.seed + run, image_size=args.image_size,
+                                 coco_folds=args.coco_folds, split_list=args.split_list, pseudo_masks=args.masks,
+                                 split=args.split, sampling=args.episode_sampling, coco_masks=args.coco_masks)
+        except ValueError as e:  # missing folder, bad file, or no episode possible: named in the message
+            raise SystemExit(f"error: {e}") from None
+        try:
+            summary, n = run_episodes(net, ds, args, device, run, log_file, figure_rows)
+        except ValueError as e:  # an unreadable image or mask (in a worker: the last line names it)
+            raise SystemExit(f"error: {str(e).strip().splitlines()[-1]}") from None
+        runs.append(summary)
+        forwards += n
+        episodes += len(ds)
+    entry = {}
+    for key in ("miou", "fbiou", "miou_episode_mean"):
+        entry[key], entry[f"{key}_std"] = mean_std([r[key] for r in runs])
+    entry["per_class"] = {c: float(np.mean([r["per_class"][c] for r in runs if c in r["per_class"]]))
+                          for c in sorted({c for r in runs for c in r["per_class"]}, key=int)}
+    entry["runs"] = runs
+    return entry, forwards, episodes
+
+
 def run_fss(args):
     if args.baseline == "saliency" and not args.masks:
         raise SystemExit("error: --baseline saliency needs --masks DIR (the pseudo-mask folder)")
     if args.baseline is None and not args.checkpoint:
         raise SystemExit("error: pass --checkpoint last.pt (or --baseline saliency --masks DIR)")
     folds = parse_folds(args.fold, args.dataset)
+    for path in (args.out, args.save_episodes, args.figure):
+        if path:
+            check_output(path)
     device = pick_device(args.device)
     configure_backends(device)
     net = None if args.baseline else load_fss_model(args.checkpoint, device)
-    log_file = open(args.save_episodes + ".tmp", "w") if args.save_episodes else None
     results, figure_rows, forwards, episodes, start = {}, [], 0, 0, time.time()
-    for fold in folds:
-        runs = []
-        for run in range(args.runs):
-            try:
-                ds = FewShotEpisodes(dataset=args.dataset, root=args.root, fold=fold, shots=args.shots,
-                                     episodes=args.episodes, seed=args.seed + run, image_size=args.image_size,
-                                     coco_folds=args.coco_folds, split_list=args.split_list, pseudo_masks=args.masks,
-                                     split=args.split, sampling=args.episode_sampling, coco_masks=args.coco_masks)
-            except ValueError as e:  # missing folder, bad file, or no episode possible: named in the message
-                raise SystemExit(f"error: {e}") from None
-            try:
-                summary, n = run_episodes(net, ds, args, device, run, log_file, figure_rows)
-            except ValueError as e:  # an unreadable image or mask (in a worker: the last line names it)
-                raise SystemExit(f"error: {str(e).strip().splitlines()[-1]}") from None
-            runs.append(summary)
-            forwards += n
-            episodes += len(ds)
-        entry = {}
-        for key in ("miou", "fbiou", "miou_episode_mean"):
-            entry[key], entry[f"{key}_std"] = mean_std([r[key] for r in runs])
-        entry["per_class"] = {c: float(np.mean([r["per_class"][c] for r in runs if c in r["per_class"]]))
-                              for c in sorted({c for r in runs for c in r["per_class"]}, key=int)}
-        entry["runs"] = runs
-        results[f"fold{fold}"] = entry
+    episode_log = atomic_file(args.save_episodes, "w") if args.save_episodes else contextlib.nullcontext()
+    with episode_log as log_file:  # a temporary file unique to this run until every episode is in
+        for fold in folds:
+            results[f"fold{fold}"], n, m = run_fold(net, fold, args, device, log_file, figure_rows)
+            forwards, episodes = forwards + n, episodes + m
     results["mean"] = fold_mean(results, folds)
     results["backbone_forwards"] = forwards
     results["episodes_per_s"] = episodes / (time.time() - start)
     results["config"] = {k: v for k, v in vars(args).items() if k != "command"}
-    if log_file is not None:
-        log_file.close()
-        os.replace(args.save_episodes + ".tmp", args.save_episodes)
     write_json(results, args.out)
     if args.figure:
         figure_grid(figure_rows, args.figure)
@@ -373,6 +383,7 @@ def merge_results(paths):
 
 
 def run_merge(args):
+    check_output(args.out)
     merged, folds = merge_results(args.results)
     write_json(merged, args.out)
     print_table(merged, folds)
@@ -406,18 +417,18 @@ support (missing file, mask size not its image's, empty mask) stops with one lin
 def add_predict_args(p):
     p.add_argument("--checkpoint", required=True, help="train_fss.py checkpoint (last.pt)")
     p.add_argument("--support", nargs=2, action="append", required=True, metavar=("IMAGE", "MASK"),
-                   help="a support image and its mask (PNG; pixels >= 128, or palette colours as bright, are the "
-                        "object); repeat for k-shot: the k prototypes are averaged")
+                   help="a support image and its mask (a binary PNG, read as every mask here: README, Bad input); "
+                        "repeat for k-shot: the k prototypes are averaged")
     p.add_argument("--query", nargs="+", required=True, help="query image files and/or folders of images")
     p.add_argument("--out", default="predictions", help="folder of the predicted 0/255 masks, <query stem>.png")
     p.add_argument("--overlay", help="folder of overlay PNGs (prediction in red over the query), <query stem>.png")
-    p.add_argument("--image-size", type=int, default=400,
+    p.add_argument("--image-size", type=positive_int, default=400,
                    help="query/support side the network sees (section 4: 400; the size the checkpoint was "
                         "trained at is usually best)")
-    p.add_argument("--batch-size", type=int, default=8, help="queries per forward pass")
-    p.add_argument("--workers", type=int, default=default_workers(),
+    p.add_argument("--batch-size", type=positive_int, default=8, help="queries per forward pass")
+    p.add_argument("--workers", type=nonnegative_int, default=default_workers(),
                    help="query loading processes (default: usable cores - 1, at most 16; here %(default)s)")
-    p.add_argument("--device", default="auto",
+    p.add_argument("--device", type=device_flag, default="auto",
                    help="auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:1, ...")
 
 
@@ -465,7 +476,7 @@ def load_support(image_path, mask_path, image_size):
         raise ValueError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image {image_path} is "
                          f"{image.width}x{image.height}")
     if not mask.any():
-        raise ValueError(f"{mask_path}: support mask is empty (no pixel >= 128): nothing to segment")
+        raise ValueError(f"{mask_path}: support mask is empty (no foreground pixel): nothing to segment")
     return image_to_tensor(image, image_size), mask_to_tensor(mask, image_size).float()
 
 
@@ -478,6 +489,9 @@ def overlay_png(path, mask, out):
 
 
 def run_predict(args):
+    for folder in (args.out, args.overlay):
+        if folder:
+            check_output(folder, folder=True)
     device = pick_device(args.device)
     configure_backends(device)
     supports = [load_support(image, mask, args.image_size) for image, mask in args.support]
@@ -628,17 +642,18 @@ def _read_prediction(path, size):
 
 
 def run_saliency(args):
+    out = check_output(args.out or os.path.join(args.pred, "saliency_metrics.json"))
     gts = list_images(args.gt, args.list)
     preds = {p.stem: p for p in list_images(args.pred)}
     missing = [g.stem for g in gts if g.stem not in preds]
     if missing:
         raise SystemExit(f"error: {len(missing)} prediction(s) missing in {args.pred}, e.g. {missing[:3]}")
+    foreground_counts(gts, args.gt)
     masks = (load_binary_mask(g) for g in gts)
     pairs = ((_read_prediction(preds[g.stem], m.shape), m) for g, m in zip(gts, masks))
     pairs = tqdm(pairs, total=len(gts), desc="saliency")
     metrics = saliency_metrics(pairs)
     metrics.update(pred=os.fspath(args.pred), gt=os.fspath(args.gt))
-    out = args.out or os.path.join(args.pred, "saliency_metrics.json")
     write_json(metrics, out)
     print(f"{metrics['images']} images  MAE {metrics['mae']:.4f}  max F-beta {metrics['max_fbeta']:.4f}  "
           f"mean F-beta {metrics['mean_fbeta']:.4f}  S-measure {metrics['s_measure']:.4f}  -> {out}")

@@ -6,10 +6,12 @@ saliency network) over PASCAL / COCO images.
 
 Post-processing as in MaskContrast: threshold 0.5, drop 4-connected regions smaller than 1% of the image, and
 write no mask (logged) when what remains is under 1% of the image. Masks: 0/255 PNGs named like the images,
-written atomically. A rerun skips images already done (written, or logged as without mask), so an interrupted run
-resumes; --shard k/n processes every n-th image starting at k (0 <= k < n).
+written atomically. A rerun with the same checkpoint and settings (OUT/settings.json) skips images already done
+(written, or logged as without mask), so an interrupted run resumes; a rerun with others is refused.
+--shard k/n processes every n-th image starting at k (0 <= k < n).
 """
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -19,8 +21,10 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm import tqdm
 
-from datasets import SalientObjects, default_workers, images_without_mask, make_loader, save_png
-from model import BASNet, HelpFormatter, SaliencyNet, configure_backends, load_checkpoint, mixed_precision, pick_device
+from datasets import (SalientObjects, check_output, default_workers, images_without_mask, make_loader, save_png,
+                      write_json)
+from model import (BASNet, HelpFormatter, SaliencyNet, configure_backends, device_flag, load_checkpoint,
+                   mixed_precision, nonnegative_int, pick_device, positive_int, unit_float)
 
 
 def remove_small_regions(mask, min_pixels):
@@ -83,24 +87,49 @@ def parse_args(argv=None):
     p.add_argument("--list", default=None, help="optional file of image stems")
     p.add_argument("--out", required=True, help="folder for the 0/255 masks")
     p.add_argument("--save-prob", default=None, help="also write the raw probability maps (0..255) here")
-    p.add_argument("--threshold", type=float, default=0.5, help="salient = probability >= this")
-    p.add_argument("--min-fraction", type=float, default=0.01,
+    p.add_argument("--threshold", type=unit_float, default=0.5, help="salient = probability >= this")
+    p.add_argument("--min-fraction", type=unit_float, default=0.01,
                    help="drop regions under this fraction of the image; no mask when under it in total")
     p.add_argument("--shard", type=parse_shard, default=(0, 1), help="k/n: this process's share of the images")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=default_workers(),
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
+    p.add_argument("--workers", type=nonnegative_int, default=default_workers(),
                    help="data loading processes (default: usable cores - 1, at most 16; here %(default)s)")
-    p.add_argument("--device", default="auto",
+    p.add_argument("--device", type=device_flag, default="auto",
                    help="auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:1, ...")
     return p.parse_args(argv)
 
 
+def claim_settings(out, args):
+    """What is done in OUT is done for one checkpoint (its contents) and one post-processing: OUT/settings.json
+    records them on the first run; a rerun with other ones is a ValueError naming the differences."""
+    digest = hashlib.sha1()
+    with open(args.checkpoint, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    settings = {"checkpoint_sha1": digest.hexdigest(), "threshold": args.threshold, "min_fraction": args.min_fraction}
+    path = out / "settings.json"
+    if path.is_file():
+        try:
+            done = json.loads(path.read_text())
+        except ValueError:
+            raise ValueError(f"{path}: not a JSON file") from None
+        differ = [f"{k} {done.get(k)} -> {v}" for k, v in settings.items() if done.get(k) != v]
+        if differ:
+            raise ValueError(f"{out} holds pseudo-masks of other settings ({', '.join(differ)}); pass another --out, "
+                             f"or empty the folder to redo them")
+    else:
+        write_json(settings, path)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    out = check_output(args.out, folder=True)
+    if args.save_prob:
+        check_output(args.save_prob, folder=True)
     device = pick_device(args.device)
     configure_backends(device)
-    out = Path(args.out)
     net, size, kind = load_network(args.checkpoint, device)
+    claim_settings(out, args)
     data = SalientObjects(args.images, list_file=args.list, image_size=size)
     k, n = args.shard
     log_path = out / f"log_shard{k}of{n}.jsonl"
@@ -109,7 +138,6 @@ def main(argv=None):
             and not (out / f"{data.images[i].stem}.png").is_file()]
     loader = make_loader(torch.utils.data.Subset(data, todo), device, args.workers, batch_size=args.batch_size)
     written = skipped = 0
-    out.mkdir(parents=True, exist_ok=True)
     for batch in tqdm(loader, desc=f"pseudo-masks {k}/{n}"):
         probs = saliency_probabilities(net, kind, batch["image"].to(device, non_blocking=True))
         for prob, stem, (h, w) in zip(probs, batch["image_id"], batch["orig_size"].tolist()):

@@ -1,13 +1,15 @@
 """Networks and the small helpers every script shares.
 
 Read top to bottom beside the paper:
-  1. helpers: command-line help, device, backend switches, mixed precision, RNG state, the one checkpoint format
+  1. helpers: command-line help, device, flag types, backend switches, mixed precision, RNG state, the one
+     checkpoint format, the non-finite guard and the --resume check of every trainer
   2. frozen backbones (paper section 3.3 "Backbone"): ResNet-101 (paper), ResNet-50, EfficientNet-Lite0
   3. FSSNet: projection + prototype mixing module + upsampling module (paper section 3.3, Figure 4)
   4. saliency networks (paper section 3.2), at the end of the file
 """
 import argparse
 import contextlib
+import math
 import os
 import random
 
@@ -17,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ---------------------------------------------------------------------------------------------------------------
-# helpers: command-line help, device, backend switches, mixed precision, RNG state, checkpoints
+# helpers: command-line help, device, flag types, backend switches, mixed precision, RNG state, checkpoints,
+# training guards
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -29,6 +32,45 @@ def pick_device(name="auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+# command-line flags: argparse types shared by every script, so a bad value is refused before any work with one
+# line naming the flag ("argument --batch-size: expected an integer > 0, got 0")
+
+def _flag_type(kind, accept, wanted):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = _flag_type(int, lambda v: v > 0, "an integer > 0")
+nonnegative_int = _flag_type(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _flag_type(float, lambda v: 0 < v < math.inf, "a number > 0")
+nonnegative_float = _flag_type(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+unit_float = _flag_type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+momentum_float = _flag_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def device_flag(text):
+    """--device: auto or a torch device name (cpu, cuda, cuda:N, mps, ...) that this machine has; kept as text."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}") from None
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise argparse.ArgumentTypeError(f"{text}: no such CUDA GPU on this machine ({gpus} visible)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine")
+    return text
 
 
 def configure_backends(device, deterministic=False):
@@ -96,18 +138,17 @@ CHECKPOINT_KEYS = ("kind", "config", "model")
 
 
 def save_checkpoint(path, **state):
-    """Write the one checkpoint format atomically (tmp file + os.replace).
+    """Write the one checkpoint format atomically (datasets.atomic_file: a unique temporary file + os.replace).
 
     Keys: kind ('fss' | 'saliency' | 'basnet'), config (rebuilds the model), model (state_dict), and
     optionally optimizer, scaler, epoch, step, rng, args."""
+    from datasets import atomic_file
+
     missing = [k for k in CHECKPOINT_KEYS if k not in state]
     if missing:
         raise ValueError(f"save_checkpoint({path}): missing keys {missing}")
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path):
@@ -125,6 +166,64 @@ def load_checkpoint(path):
     if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
         raise ValueError(f"checkpoint {path} is not in this project's format (needs keys {list(CHECKPOINT_KEYS)})")
     return state
+
+
+def _same_setting(saved, now):
+    """Flag values compared as settings: text also as a resolved path, so "data/" and "./data" are no change."""
+    if isinstance(saved, str) and isinstance(now, str):
+        return saved == now or os.path.realpath(saved) == os.path.realpath(now)
+    return saved == now
+
+
+def resume_checkpoint(path, kind, args, free, default=None):
+    """The one --resume check of every trainer: the checkpoint at `path`, of `kind`, written by a run whose flags
+    (its saved args) are those of `args` (argparse namespace) except the flags in `free`. ValueError naming the
+    file and every changed flag otherwise. default(flag) (the parser's get_default): the value of a flag newer
+    than the checkpoint, whose run had the flag's default behaviour."""
+    state = load_checkpoint(path)
+    if state["kind"] != kind:
+        raise ValueError(f"{path} is a {state['kind']!r} checkpoint, not a {kind!r} one")
+    saved = dict(state.get("args") or {})
+    if default is not None:
+        saved.update({k: default(k) for k in vars(args) if k not in saved})
+    changed = [k for k, v in vars(args).items() if k not in free and not _same_setting(saved.get(k), v)]
+    if changed:
+        raise ValueError(f"cannot --resume {path} with different flags: " + ", ".join(
+            f"--{k.replace('_', '-')} {saved.get(k)} -> {vars(args)[k]}" for k in changed))
+    return state
+
+
+class NonFinite(SystemExit):
+    """Raised by FiniteGuard; exits with one clear line when not caught."""
+
+
+class FiniteGuard:
+    """The non-finite guard of every trainer. record(step, loss) after each optimiser step keeps the first step
+    whose loss is not finite, on the loss's device (no wait for the GPU); check(step, model), at every log line
+    and before every checkpoint, raises NonFinite naming that step, or a weight of `model` that is not finite
+    (a step can overflow the weights with a finite loss). The run stops there with one line and a non-zero exit,
+    and no checkpoint with a non-finite weight is ever written."""
+
+    def __init__(self):
+        self.first_step = self.first_loss = None
+
+    def record(self, step, loss):
+        loss = torch.as_tensor(loss).detach().float()
+        if self.first_step is None:
+            self.first_step, self.first_loss = torch.full_like(loss, -1, dtype=torch.int64), loss
+        new = ~torch.isfinite(loss) & (self.first_step < 0)
+        self.first_step = torch.where(new, step, self.first_step)
+        self.first_loss = torch.where(new, loss, self.first_loss)
+
+    def check(self, step, model):
+        if self.first_step is not None and int(self.first_step) >= 0:
+            raise NonFinite(f"error: step {int(self.first_step)}: the loss is {float(self.first_loss)}; stopped "
+                             f"without writing a checkpoint (a smaller --lr?)")
+        weights = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        if not bool(torch.stack([v.isfinite().all() for v in weights.values()]).all()):
+            name = next(k for k, v in weights.items() if not v.isfinite().all())
+            raise NonFinite(f"error: step {step}: weight {name} is not finite; stopped without writing a checkpoint "
+                             f"(a smaller --lr?)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ grid of source pixels; no HS prior; no augmentation (see README).
 import argparse
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import skimage.segmentation
@@ -30,9 +29,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from datasets import image_to_tensor, list_images, load_image, save_png, trim_log
-from model import (BACKBONES, HelpFormatter, SaliencyNet, capture_rng, configure_backends, load_checkpoint,
-                   mixed_precision, pick_device, restore_rng, save_checkpoint)
+from datasets import check_output, image_to_tensor, list_images, load_image, save_png, trim_log
+from model import (BACKBONES, FiniteGuard, HelpFormatter, SaliencyNet, capture_rng, configure_backends, device_flag,
+                   mixed_precision, momentum_float, nonnegative_float, pick_device, positive_float, positive_int,
+                   restore_rng, resume_checkpoint, save_checkpoint, unit_float)
 
 # DeepUSPS's per-prior binarisation thresholds for the first round (Nguyen et al. 2019).
 PRIOR_THRESHOLDS = {"mc": 0.31, "hs": 0.36, "dsr": 0.23, "rbd": 0.25}
@@ -431,7 +431,7 @@ def predict(net, feats, idx, size):
 def train_epoch(net, opt, precision, feats, target_dirs, stems, args, beta2, generator):
     """One epoch over the images on fixed targets: the maps in target_dirs binarised at their threshold (one label
     set per directory; the loss is averaged over them). target_dirs: list of (folder, threshold); precision: the
-    (autocast, scaler) of model.mixed_precision. Mean loss."""
+    (autocast, scaler) of model.mixed_precision. Mean loss (not finite when any batch's loss was not)."""
     autocast, scaler = precision
     net.train()
     size, device = args.image_size, next(net.parameters()).device
@@ -446,8 +446,6 @@ def train_epoch(net, opt, precision, feats, target_dirs, stems, args, beta2, gen
             loss = torch.stack([f_measure_loss(torch.sigmoid(logits), t, beta2) for t in targets]).mean()
         else:
             loss = torch.stack([F.binary_cross_entropy_with_logits(logits, t) for t in targets]).mean()
-        if not torch.isfinite(loss):
-            raise SystemExit(f"error: non-finite loss ({loss.item()}); stopping without writing a checkpoint")
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -474,58 +472,73 @@ def decoder_state(net):
     return {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("backbone.")}
 
 
+def priors_flag(text):
+    """--priors: a comma-separated subset of PRIORS -> list."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or set(names) - set(PRIORS):
+        raise argparse.ArgumentTypeError(f"expected a subset of {','.join(PRIORS)}, got {text!r}")
+    return names
+
+
+def prior_thresholds_flag(text):
+    """--prior-thresholds: name=value,... (names of PRIORS, values in [0, 1]) -> every prior's threshold."""
+    thresholds = dict(PRIOR_THRESHOLDS)
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        name, _, value = (part.strip() for part in item.partition("="))
+        if name not in PRIORS:
+            raise argparse.ArgumentTypeError(f"{item!r}: unknown prior {name!r} (available: {', '.join(PRIORS)})")
+        thresholds[name] = unit_float(value)
+    return thresholds
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--images", required=True, help="folder of unlabelled training images")
     p.add_argument("--list", default=None, help="optional file of image stems to use")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--priors", default=",".join(PRIORS), help=f"comma-separated subset of {','.join(PRIORS)}")
+    p.add_argument("--priors", type=priors_flag, default=",".join(PRIORS),
+                   help=f"comma-separated subset of {','.join(PRIORS)}")
     p.add_argument("--priors-only", action="store_true", help="only write OUT/priors/<prior>/<stem>.png")
-    p.add_argument("--prior-size", type=int, default=256, help="priors are computed at this square size")
-    p.add_argument("--superpixels", type=int, default=200, help="SLIC superpixels per image for the priors")
-    p.add_argument("--rbd-bg-lambda", type=float, default=1.0,
+    p.add_argument("--prior-size", type=positive_int, default=256, help="priors are computed at this square size")
+    p.add_argument("--superpixels", type=positive_int, default=200, help="SLIC superpixels per image for the priors")
+    p.add_argument("--rbd-bg-lambda", type=nonnegative_float, default=1.0,
                    help="weight of RBD's background term: 1 as in the RBD paper, 5 in the RBD authors' code")
-    p.add_argument("--prior-thresholds", default=None,
+    p.add_argument("--prior-thresholds", type=prior_thresholds_flag, default="",
                    help="first-round binarisation per prior, e.g. rbd=0.25,mc=0.31 (default: DeepUSPS's values)")
     p.add_argument("--backbone", default="resnet101", choices=BACKBONES,
                    help="frozen ImageNet backbone of the saliency networks (DeepUSPS: a Cityscapes DRN)")
     p.add_argument("--weights", default="imagenet", help="imagenet | none | PATH (backbone weights)")
-    p.add_argument("--image-size", type=int, default=320, help="square training size of the saliency networks")
-    p.add_argument("--rounds", type=int, default=3, help="DeepUSPS refinement rounds per prior (DeepUSPS: 3)")
-    p.add_argument("--epochs", type=int, default=25, help="epochs per refinement round (DeepUSPS: 25)")
-    p.add_argument("--fusion-epochs", type=int, default=None,
+    p.add_argument("--image-size", type=positive_int, default=320, help="square training size of the saliency networks")
+    p.add_argument("--rounds", type=positive_int, default=3, help="DeepUSPS refinement rounds per prior (DeepUSPS: 3)")
+    p.add_argument("--epochs", type=positive_int, default=25, help="epochs per refinement round (DeepUSPS: 25)")
+    p.add_argument("--fusion-epochs", type=positive_int, default=None,
                    help="epochs of the fusion network (DeepUSPS: 200; default: --epochs)")
-    p.add_argument("--momentum", type=float, default=0.7, help="moving average: momentum * mva + (1-momentum) * crf")
-    p.add_argument("--threshold", type=float, default=0.5, help="binarisation of the moving averages (rounds 2+)")
+    p.add_argument("--momentum", type=momentum_float, default=0.7,
+                   help="moving average: momentum * mva + (1-momentum) * crf")
+    p.add_argument("--threshold", type=unit_float, default=0.5, help="binarisation of the moving averages (rounds 2+)")
     p.add_argument("--loss", default="fmeasure", choices=("fmeasure", "bce"),
                    help="DeepUSPS's continuous F-measure loss, or per-pixel BCE")
-    p.add_argument("--beta2", type=float, default=1.0, help="F-measure loss weight of recall per prior (DeepUSPS 1)")
-    p.add_argument("--fusion-beta2", type=float, default=4.0, help="the same for the fusion network (DeepUSPS 4)")
+    p.add_argument("--beta2", type=positive_float, default=1.0,
+                   help="F-measure loss weight of recall per prior (DeepUSPS 1)")
+    p.add_argument("--fusion-beta2", type=positive_float, default=4.0,
+                   help="the same for the fusion network (DeepUSPS 4)")
     p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=True,
                    help="dense CRF on the predictions before the moving average and on the final maps (DeepUSPS)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per training step")
-    p.add_argument("--feature-cache-gb", type=float, default=4.0,
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per training step")
+    p.add_argument("--feature-cache-gb", type=nonnegative_float, default=4.0,
                    help="keep at most this much of the frozen backbone's features (fp16); recompute the rest")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the decoder")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate of the decoder")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same run)")
-    p.add_argument("--device", default="auto",
+    p.add_argument("--device", type=device_flag, default="auto",
                    help="auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:1, ...")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt at its last finished epoch")
     args = p.parse_args(argv)
-    args.priors = [n.strip() for n in args.priors.split(",") if n.strip()]
-    if not args.priors or set(args.priors) - set(PRIORS):
-        p.error(f"--priors must be a subset of {','.join(PRIORS)}, got {','.join(args.priors) or 'nothing'}")
-    thresholds = dict(PRIOR_THRESHOLDS)
-    for item in (args.prior_thresholds or "").split(","):
-        if item.strip():
-            name, _, value = item.partition("=")
-            try:
-                thresholds[name.strip()] = float(value)
-            except ValueError:
-                p.error(f"--prior-thresholds: {item!r} is not name=value")
-    args.prior_thresholds = thresholds
     args.fusion_epochs = args.fusion_epochs or args.epochs
     return args
+
+
+# flags that may change on --resume; every other flag must match the checkpoint's run
+RESUME_FREE = ("resume", "device", "feature_cache_gb", "priors_only")
 
 
 class Progress:
@@ -538,8 +551,8 @@ class Progress:
         self.config, self.args, self.stems = config, args, [p.stem for p in paths]
         self.task, self.epoch, self.model, self.optimizer, self.log_lines = 0, 0, None, None, 0
         if resume and self.path.is_file():
-            ck = load_checkpoint(self.path)
-            if ck["kind"] != "saliency" or ck.get("stems") != self.stems or ck["config"] != config:
+            ck = resume_checkpoint(self.path, "saliency", args, RESUME_FREE)
+            if ck.get("stems") != self.stems or ck["config"] != config:
                 raise SystemExit(f"error: {self.path} belongs to another run (other images or network); "
                                  f"use another --out or drop --resume")
             self.task, self.epoch, self.log_lines = ck["task"], ck["epoch"], ck["log_lines"]
@@ -588,8 +601,11 @@ def train_network(net, feats, paths, args, progress, task, init, name, target_di
         torch.randperm(len(paths), generator=generator)
     stems = [p.stem for p in paths]
     bar = tqdm(range(first, epochs), desc=name if refine_to is None else f"{name} round {refine_to[2] + 1}")
+    guard = FiniteGuard()
     for epoch in bar:
         loss = train_epoch(net, opt, (autocast, scaler), feats, target_dirs, stems, args, beta2, generator)
+        guard.record(progress.log_lines + 1, loss)  # an epoch is a step of log.jsonl
+        guard.check(progress.log_lines + 1, net)    # before its moving averages and its checkpoint
         bar.set_postfix(loss=f"{loss:.4f}")
         if refine_to is not None:
             out, prior, rnd = refine_to
@@ -601,9 +617,9 @@ def train_network(net, feats, paths, args, progress, task, init, name, target_di
 
 def main(argv=None):
     args = parse_args(argv)
+    out = check_output(args.out, folder=True)
     device = pick_device(args.device)
     configure_backends(device)
-    out = Path(args.out)
     paths = list_images(args.images, args.list)
     write_priors(paths, out, args.priors, args.prior_size, args.superpixels, args.batch_size, device,
                  args.rbd_bg_lambda)

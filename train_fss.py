@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets import (EpochItems, MaskSplitPairs, SupervisedPairs, default_workers, fold_train_ids, make_loader,
-                      trim_log, voc_paths, voc_split, write_json)
+from datasets import (EpochItems, MaskSplitPairs, SupervisedPairs, check_output, default_workers, fold_train_ids,
+                      make_loader, trim_log, voc_paths, voc_split, write_json)
 from masksplit import MaskSplit
-from model import (BACKBONES, FSSNet, HelpFormatter, capture_rng, configure_backends, load_checkpoint, mixed_precision,
-                   pick_device, restore_rng, save_checkpoint)
+from model import (BACKBONES, FiniteGuard, FSSNet, HelpFormatter, capture_rng, configure_backends, device_flag,
+                   mixed_precision, nonnegative_float, nonnegative_int, pick_device, positive_float, positive_int,
+                   restore_rng, resume_checkpoint, save_checkpoint, unit_float)
 
 
 def build_parser():
@@ -51,17 +52,19 @@ def build_parser():
                      help="frozen: BatchNorm in eval mode, as the paper says all layers are frozen; batch: the "
                           "authors' code, whose backbone BatchNorm uses batch statistics in training")
     opt = p.add_argument_group("optimisation (paper section 4)")
-    opt.add_argument("--image-size", type=int, default=400, help="query/support side in pixels (section 4: 400)")
-    opt.add_argument("--batch-size", type=int, default=16, help="episodes per step (section 4: 16)")
-    opt.add_argument("--epochs", type=int, default=100, help="paper: 100 on PASCAL, 20 on COCO")
-    opt.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
-    opt.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay (section 4)")
+    opt.add_argument("--image-size", type=positive_int, default=400,
+                     help="query/support side in pixels (section 4: 400)")
+    opt.add_argument("--batch-size", type=positive_int, default=16, help="episodes per step (section 4: 16)")
+    opt.add_argument("--epochs", type=positive_int, default=100, help="paper: 100 on PASCAL, 20 on COCO")
+    opt.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate")
+    opt.add_argument("--weight-decay", type=nonnegative_float, default=1e-5, help="Adam weight decay (section 4)")
     split = p.add_argument_group("MaskSplit (paper section 3.2, Table 1)")
     split.add_argument("--split", choices=["vertical", "horizontal", "mixed", "none"], default="vertical",
                        help="Vsplit, Hsplit, MixedSplit, or none (whole mask is support and query: Table 1 row 1)")
-    split.add_argument("--max-shift", type=int, default=40, help="slope: line shift range in pixels (0 = no slope)")
+    split.add_argument("--max-shift", type=nonnegative_int, default=40,
+                       help="slope: line shift range in pixels (0 = no slope)")
     split.add_argument("--no-alternate", action="store_true", help="support is always the right/bottom half")
-    split.add_argument("--split-prob", type=float, default=1.0, help="probability of splitting (Table 1's prob)")
+    split.add_argument("--split-prob", type=unit_float, default=1.0, help="probability of splitting (Table 1's prob)")
     split.add_argument("--split-line", choices=["paper", "official"], default="paper",
                        help="official: the line of the authors' public code, which differs from the paper")
     split.add_argument("--reject", choices=["split", "image"], default="split",
@@ -73,15 +76,16 @@ def build_parser():
                             "and background in the support mask; reflect = the authors' code (albumentations' "
                             "BORDER_REFLECT_101 on image and mask)")
     run = p.add_argument_group("run")
-    run.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (all epochs if unset)")
-    run.add_argument("--workers", type=int, default=default_workers(),
+    run.add_argument("--max-steps", type=positive_int,
+                     help="stop after this many optimiser steps (all epochs if unset)")
+    run.add_argument("--workers", type=nonnegative_int, default=default_workers(),
                      help="data loading processes (default: usable cores - 1, at most 16; here %(default)s)")
     run.add_argument("--seed", type=int, default=0, help="random seed (same seed, same run on the CPU)")
-    run.add_argument("--device", default="auto",
+    run.add_argument("--device", type=device_flag, default="auto",
                      help="auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:1, ...")
     run.add_argument("--deterministic", action="store_true",
                      help="torch's deterministic algorithms (CUDA; the CPU is deterministic anyway, see README)")
-    run.add_argument("--log-every", type=int, default=10, help="steps between log.jsonl lines")
+    run.add_argument("--log-every", type=positive_int, default=10, help="steps between log.jsonl lines")
     run.add_argument("--out", default="runs/fss", help="output folder: last.pt, log.jsonl, args.json")
     run.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.pt")
     return p
@@ -190,25 +194,12 @@ def train_step(model, optimizer, batch, device, autocast, scaler, fmt=torch.cont
 RESUME_FREE = ("resume", "max_steps", "epochs", "workers", "device", "deterministic", "log_every")
 
 
-def resume_state(ckpt_path, args):
-    try:
-        state = load_checkpoint(ckpt_path)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: cannot --resume: {e}")
-    if state["kind"] != "fss":
-        sys.exit(f"error: {ckpt_path} is a {state['kind']!r} checkpoint, not a train_fss.py one")
-    defaults = build_parser()  # a flag newer than the checkpoint: its run had the flag's default behaviour
-    before = {k: state["args"].get(k, defaults.get_default(k)) for k in vars(args)}
-    changed = [k for k, v in vars(args).items() if k not in RESUME_FREE and before[k] != v]
-    if changed:
-        sys.exit(f"error: cannot --resume {ckpt_path} with different flags: " +
-                 ", ".join(f"--{k.replace('_', '-')} {before[k]} -> {vars(args)[k]}" for k in changed))
-    return state
-
-
 def main(argv=None):
     args = get_args(argv)
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        check_output(args.out, folder=True)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     ckpt_path, log_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "log.jsonl")
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -217,7 +208,10 @@ def main(argv=None):
     configure_backends(device, args.deterministic)
     state = None
     if args.resume and os.path.isfile(ckpt_path):
-        state = resume_state(ckpt_path, args)
+        try:
+            state = resume_checkpoint(ckpt_path, "fss", args, RESUME_FREE, build_parser().get_default)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     elif args.resume:  # killed before its first checkpoint: nothing to continue, start afresh
         print(f"--resume: no {ckpt_path} yet, starting from step 0")
     try:
@@ -244,6 +238,7 @@ def main(argv=None):
                                                                              args.epochs * steps_per_epoch)
 
     def checkpoint(epoch):
+        guard.check(step, model)
         save_checkpoint(ckpt_path, kind="fss", config=model.config, model=model.state_dict(),
                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step=step,
                         rng=capture_rng(), args=vars(args))
@@ -252,6 +247,7 @@ def main(argv=None):
     bar = tqdm(total=total, initial=step, desc="train_fss", dynamic_ncols=True)
     loader = make_loader(EpochItems(dataset), device, args.workers,
                          batch_sampler=RunBatches(len(dataset), args.batch_size, args.seed, step, total))
+    guard = FiniteGuard()
     with open(log_path, "a" if args.resume else "w") as log:  # a fresh run starts a fresh log
         since = tick = time.time()
         waited, pairs, logged = 0.0, 0, step
@@ -259,9 +255,11 @@ def main(argv=None):
             waited += time.time() - tick  # time the step waited for the loader
             loss = train_step(model, optimizer, batch, device, autocast, scaler, fmt)
             step += 1
+            guard.record(step, loss)
             pairs += len(batch["query_img"])
             bar.update(1)
             if step % args.log_every == 0 or step == total:
+                guard.check(step, model)
                 loss = loss.item()  # waits for the GPU
                 rate = pairs / (time.time() - since)
                 log.write(json.dumps({"step": step, "epoch": (step - 1) // steps_per_epoch, "loss": loss,

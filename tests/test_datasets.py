@@ -207,9 +207,9 @@ def test_hsnet_split_list_and_pseudo_mask(tmp_path):
     item = ep[2]
     q = item["query_id"]
     assert torch.equal(item["query_pseudo_mask"], torch.from_numpy((labels[q] > 0).astype(np.int64)))
-    assert D.load_pseudo_mask(tmp_path / "pseudo", q, size=(60, 60)).sum() == 2500
+    assert D.load_pseudo_mask(tmp_path / "pseudo" / f"{q}.png", size=(60, 60)).sum() == 2500
     with pytest.raises(ValueError, match="im0.png"):
-        D.load_pseudo_mask(tmp_path / "pseudo", "im0", size=(61, 60))
+        D.load_pseudo_mask(tmp_path / "pseudo" / "im0.png", size=(61, 60))
     (lists / "fold2.txt").write_text("im0__03\n")
     with pytest.raises(ValueError, match="not in fold"):
         D.FewShotEpisodes("pascal", voc, 2, split_list=lists, cache_dir=tmp_path / "c")

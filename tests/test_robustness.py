@@ -1,5 +1,7 @@
 """Nothing lost, clear errors (issue 6): SIGKILL + rerun of make_pseudomasks.py, and bad inputs given to the
-scripts' command lines: either correct output or one line `error: ...` naming the file, never a traceback."""
+scripts' command lines: either correct output or one line `error: ...` naming the file, never a traceback.
+Nothing silently wrong (issue 13): one test per class of bad input, at the end."""
+import json
 import os
 import signal
 import subprocess
@@ -10,12 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
+import basnet_train
 import evaluate
 import make_pseudomasks
-from datasets import MaskSplitPairs, load_image
-from model import SaliencyNet, save_checkpoint
+import saliency_train
+import train_fss
+from datasets import (MaskSplitPairs, SalientObjects, _read_list, _writer, check_output, list_images, load_binary_mask,
+                      load_image, render_coco_masks, save_png, trim_log, voc_palette, write_json)
+from model import FiniteGuard, SaliencyNet, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,3 +171,229 @@ def test_image_and_mask_variants_give_correct_pairs_or_named_errors(tmp_path):
     (masks / "im05.png").unlink()  # an image without mask
     with pytest.raises(ValueError, match="im05.png"):
         MaskSplitPairs(images, masks, image_size=32, cache_dir=tmp_path / "cache3")
+
+
+# ---- issue 13: every input gives the right result or one line naming the file, checked before the work ----
+
+def tiny_fss_args(data, out, *extra):
+    return ["--images", str(data / "images"), "--masks", str(data / "masks"), "--backbone", "efficientnet_lite0",
+            "--weights", "none", "--image-size", "32", "--batch-size", "2", "--workers", "0", "--out", str(out),
+            *extra]
+
+
+def test_non_finite_training_stops_with_one_line_and_writes_no_checkpoint(tmp_path):
+    data = write_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"^error: step \d+: (the loss is nan|the loss is inf|weight \S+ is not "
+                                         r"finite); stopped without writing a checkpoint"):
+        train_fss.main(tiny_fss_args(data, out, "--lr", "1e30", "--max-steps", "4", "--log-every", "100"))
+    assert not (out / "last.pt").exists()
+    guard = FiniteGuard()  # a weight overflowed by a step whose loss was finite is caught too
+    net = torch.nn.Linear(2, 2)
+    guard.record(5, torch.tensor(0.3))
+    with torch.no_grad():
+        net.weight[0, 0] = float("inf")
+    with pytest.raises(SystemExit, match="error: step 5: weight weight is not finite"):
+        guard.check(5, net)
+
+
+def test_binary_masks_in_every_encoding_and_an_all_empty_set_is_an_error(tmp_path):
+    truth = np.zeros((12, 16), bool)
+    truth[3:9, 2:11] = True
+    Image.fromarray(truth.astype(np.uint8)).save(tmp_path / "zero_one.png")                  # 0/1 8-bit
+    Image.fromarray(truth.astype(np.uint16) * 255).save(tmp_path / "sixteen.png")            # 16-bit 0/255
+    pal = Image.fromarray(truth.astype(np.uint8) * 8, "P")                                   # VOC index 8
+    pal.putpalette(voc_palette())                                                            # (64, 0, 0): dark
+    pal.save(tmp_path / "voc_palette.png")
+    Image.fromarray(np.where(truth[..., None], np.uint8([64, 0, 0]), np.uint8(0))).save(tmp_path / "voc_rgb.png")
+    Image.fromarray(np.where(truth, 200, 60).astype(np.uint8)).save(tmp_path / "soft.png")   # 8-bit: >= 128
+    for name in ("zero_one", "sixteen", "voc_palette", "voc_rgb", "soft"):
+        assert Image.open(tmp_path / f"{name}.png").mode in ("L", "I;16", "I", "P", "RGB")
+        np.testing.assert_array_equal(load_binary_mask(tmp_path / f"{name}.png"), truth, err_msg=name)
+    data = write_folder(tmp_path / "data")
+    for p in (data / "masks").iterdir():
+        Image.fromarray(np.zeros((40, 48), np.uint8)).save(p)
+    with pytest.raises(ValueError, match=f"{data / 'masks'}: every mask is empty"):
+        SalientObjects(data / "images", data / "masks", cache_dir=tmp_path / "cache")   # BAS-Net labels
+    with pytest.raises(SystemExit, match=f"{data / 'masks'}: every mask is empty"):
+        evaluate.main(["saliency", "--pred", str(data / "images"), "--gt", str(data / "masks"),
+                       "--out", str(tmp_path / "m.json")])
+
+
+def test_images_are_read_in_their_exif_orientation(tmp_path):
+    data = write_folder(tmp_path / "data", n=2, size=(40, 48))
+    stored = np.asarray(Image.open(data / "images" / "im00.jpg"))                           # 48 wide, 40 high
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                                         # displayed turned
+    Image.fromarray(stored).save(data / "images" / "im00.jpg", exif=exif, quality=95)
+    shown = load_image(data / "images" / "im00.jpg")
+    assert shown.size == (40, 48)
+    np.testing.assert_array_equal(np.asarray(shown), np.asarray(ImageOps.exif_transpose(Image.open(
+        data / "images" / "im00.jpg"))))
+    mask = np.asarray(Image.open(data / "masks" / "im00.png"))
+    Image.fromarray(np.ascontiguousarray(np.rot90(mask, -1))).save(data / "masks" / "im00.png")  # as displayed
+    pairs = MaskSplitPairs(data / "images", data / "masks", image_size=32, cache_dir=tmp_path / "cache")
+    assert pairs[0]["image_id"] == "im00" and (pairs[0]["query_target"] == 1).any()
+
+
+def test_output_locations_are_checked_before_any_work(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    nowhere = tmp_path / "no_dataset_here"                  # the work would fail on it: the output is checked first
+    for out, what in ((tmp_path, "is a folder"), (a_file / "r.json", "cannot write there")):
+        with pytest.raises(SystemExit, match=f"{out}: .*{what}"):
+            evaluate.main(["fss", "--baseline", "foreground", "--root", str(nowhere), "--out", str(out)])
+        with pytest.raises(SystemExit, match=f"{out}: .*{what}"):
+            evaluate.main(["fss", "--baseline", "foreground", "--root", str(nowhere), "--out",
+                           str(tmp_path / "r.json"), "--save-episodes", str(out)])
+    with pytest.raises(SystemExit, match=f"{a_file}: cannot write there"):
+        train_fss.main(["--images", str(nowhere), "--masks", str(nowhere), "--out", str(a_file)])
+    proc = run("make_pseudomasks.py", "--checkpoint", str(saliency_checkpoint(tmp_path / "sal.pt")), "--images",
+               str(nowhere), "--out", str(a_file))
+    assert_one_line_error(proc, str(a_file))
+    proc = run("basnet_train.py", "--images", str(nowhere), "--labels", str(nowhere), "--out", str(a_file / "x"))
+    assert_one_line_error(proc, str(a_file / "x"))
+
+
+@pytest.mark.parametrize("script, argv, flag", [
+    (train_fss.get_args, ["--images", "i", "--masks", "m", "--batch-size", "0"], "--batch-size"),
+    (train_fss.get_args, ["--images", "i", "--masks", "m", "--image-size", "-4"], "--image-size"),
+    (train_fss.get_args, ["--images", "i", "--masks", "m", "--log-every", "0"], "--log-every"),
+    (train_fss.get_args, ["--images", "i", "--masks", "m", "--epochs", "0"], "--epochs"),
+    (train_fss.get_args, ["--images", "i", "--masks", "m", "--split-prob", "1.5"], "--split-prob"),
+    (train_fss.get_args, ["--images", "i", "--masks", "m", "--device", "cuda:99"], "--device"),
+    (train_fss.get_args, ["--images", "i", "--masks", "m", "--device", "gpu"], "--device"),
+    (saliency_train.parse_args, ["--images", "i", "--out", "o", "--superpixels", "0"], "--superpixels"),
+    (saliency_train.parse_args, ["--images", "i", "--out", "o", "--rounds", "0"], "--rounds"),
+    (saliency_train.parse_args, ["--images", "i", "--out", "o", "--epochs", "0"], "--epochs"),
+    (saliency_train.parse_args, ["--images", "i", "--out", "o", "--threshold", "2"], "--threshold"),
+    (saliency_train.parse_args, ["--images", "i", "--out", "o", "--momentum", "1"], "--momentum"),
+    (saliency_train.parse_args, ["--images", "i", "--out", "o", "--prior-thresholds", "rdb=0.3"],
+     "--prior-thresholds"),
+    (saliency_train.parse_args, ["--images", "i", "--out", "o", "--prior-thresholds", "rbd=1.3"],
+     "--prior-thresholds"),
+    (basnet_train.parse_args, ["--images", "i", "--labels", "l", "--out", "o", "--save-every", "0"], "--save-every"),
+    (basnet_train.parse_args, ["--images", "i", "--labels", "l", "--out", "o", "--batch-size", "0"], "--batch-size"),
+    (make_pseudomasks.parse_args, ["--checkpoint", "c", "--images", "i", "--out", "o", "--threshold", "2"],
+     "--threshold"),
+    (make_pseudomasks.parse_args, ["--checkpoint", "c", "--images", "i", "--out", "o", "--batch-size", "0"],
+     "--batch-size"),
+    (evaluate.main, ["fss", "--root", "r", "--runs", "0"], "--runs"),
+    (evaluate.main, ["fss", "--root", "r", "--episodes", "0"], "--episodes"),
+])
+def test_bad_flag_values_are_refused_by_argparse_naming_the_flag(script, argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script(argv)
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}:" in last, last
+
+
+def test_every_trainer_refuses_changed_settings_on_resume_and_survives_a_truncated_log(tmp_path):
+    data = write_folder(tmp_path / "data")
+    out = tmp_path / "basnet"
+    flags = ["--labels", str(data / "masks"), "--out", str(out), "--size", "32", "--crop", "24",
+             "--batch-size", "2", "--weights", "none", "--encoder", "efficientnet_lite0", "--width", "0.125",
+             "--workers", "0", "--log-every", "1", "--save-every", "1"]
+    basnet_train.main(["--images", str(data / "images"), "--iters", "2", *flags])
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')                                         # killed mid-write
+    basnet_train.main(["--images", f"{data / 'images'}/", "--iters", "3", "--resume", *flags])  # same folder
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    with pytest.raises(ValueError, match=r"cannot --resume .*last.pt with different flags: --lr 0.001 -> 0.01"):
+        basnet_train.main(["--images", str(data / "images"), "--iters", "4", "--resume", "--lr", "1e-2", *flags])
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"st')
+    trim_log(log, 5)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_make_pseudomasks_rerun_with_other_settings_is_refused(tmp_path):
+    data = write_folder(tmp_path / "data")
+    args = ["--checkpoint", str(saliency_checkpoint(tmp_path / "sal.pt")), "--images", str(data / "images"),
+            "--out", str(tmp_path / "masks"), "--workers", "0"]
+    make_pseudomasks.main(args + ["--threshold", "1"])                     # nothing reaches 1: no mask at all
+    assert not list((tmp_path / "masks").glob("*.png"))
+    with pytest.raises(ValueError, match=r"masks holds pseudo-masks of other settings \(threshold 1.0 -> 0.5\)"):
+        make_pseudomasks.main(args + ["--threshold", "0.5"])
+    make_pseudomasks.main(args + ["--threshold", "1"])                     # the same settings: done is done
+
+
+def test_data_files_bom_duplicates_encodings_case_and_class_values(tmp_path):
+    data = write_folder(tmp_path / "data")
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "bom.txt").write_bytes("\ufeffim00\nim01\n".encode("utf-8"))
+    (lists / "utf16.txt").write_bytes("im00\r\nim02\r\n".encode("utf-16"))
+    (lists / "latin1.txt").write_bytes("im00\nim\xe9\n".encode("latin-1"))
+    (lists / "twice.txt").write_text("im00\nim01\nim00\n")
+    assert [p.stem for p in list_images(data / "images", lists / "bom.txt")] == ["im00", "im01"]
+    assert [p.stem for p in list_images(data / "images", lists / "utf16.txt")] == ["im00", "im02"]
+    with pytest.raises(ValueError, match="latin1.txt: list file is not UTF-8"):
+        list_images(data / "images", lists / "latin1.txt")
+    with pytest.warns(UserWarning, match="twice.txt: 1 repeated entries ignored"):
+        assert _read_list(lists / "twice.txt") == ["im00", "im01"]
+    (data / "masks" / "im01.png").rename(data / "masks" / "im01.PNG")     # upper-case suffixes found too
+    (data / "images" / "im02.jpg").rename(data / "images" / "im02.JPG")
+    pairs = MaskSplitPairs(data / "images", data / "masks", image_size=32, cache_dir=tmp_path / "cache")
+    assert [p.name for p in pairs.masks][:2] == ["im00.png", "im01.PNG"] and len(pairs) == 4
+    classes = np.asarray(Image.open(data / "masks" / "im03.png")) // 255 * 50  # class 50: not a VOC class
+    Image.fromarray(classes.astype(np.uint8)).save(data / "masks" / "im03.png")
+    with pytest.raises(ValueError, match=r"im03.png: unknown class index \[50\]"):
+        MaskSplitPairs(data / "images", data / "masks", mask_source="groundtruth", cache_dir=tmp_path / "cache")
+
+
+def test_coco_annotations_without_segmentation_and_rle_of_another_size(tmp_path):
+    pytest.importorskip("pycocotools")
+    root = tmp_path / "coco"
+    (root / "val2014").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    Image.new("RGB", (40, 30)).save(root / "val2014" / "a.jpg")
+    box = [[5, 5, 20, 5, 20, 20, 5, 20]]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": box, "iscrowd": 0, "area": 225.0,
+             "bbox": [5, 5, 15, 15]},
+            {"id": 2, "image_id": 1, "category_id": 1, "segmentation": [], "iscrowd": 0, "area": 1.0,
+             "bbox": [1, 1, 1, 1]},
+            {"id": 3, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 1.0, "bbox": [1, 1, 1, 1]}]
+    ann_file = root / "annotations" / "instances_val2014.json"
+
+    def write(annotations):
+        ann_file.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "height": 30, "width": 40}],
+                                        "annotations": annotations,
+                                        "categories": [{"id": 1, "name": "x", "supercategory": "x"}]}))
+    write(anns)
+    with pytest.warns(UserWarning, match=r"instances_val2014.json: 2 annotation\(s\) without a segmentation"):
+        out = render_coco_masks(root, cache_dir=tmp_path / "cache")
+    assert (np.asarray(Image.open(out / "a.png")) == 1).sum() >= 15 * 15
+    rle = {"counts": [0, 10 * 10], "size": [10, 10]}                      # the RLE of a 10x10 image
+    write(anns[:1] + [{**anns[0], "id": 7, "segmentation": rle, "iscrowd": 1}])
+    with pytest.raises(ValueError, match=r"instances_val2014.json: annotation 7 \(image 1\): segmentation is 10x10"):
+        render_coco_masks(root, cache_dir=tmp_path / "cache")
+
+
+def test_temporary_files_are_unique_removed_on_any_exit_and_outputs_follow_the_umask(tmp_path, monkeypatch):
+    old = os.umask(0o022)
+    try:
+        save_png(np.eye(4, dtype=bool), tmp_path / "m.png")
+        write_json({"a": 1}, tmp_path / "r.json")
+        save_checkpoint(tmp_path / "c.pt", kind="fss", config={}, model={})
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {
+        "m.png": 0o644, "r.json": 0o644, "c.pt": 0o644}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt                                            # Ctrl-C during the episodes
+    monkeypatch.setattr(evaluate, "FewShotEpisodes", interrupted)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(["fss", "--baseline", "foreground", "--root", str(tmp_path), "--out",
+                       str(tmp_path / "out" / "r.json"), "--save-episodes", str(tmp_path / "out" / "e.jsonl")])
+    assert not list((tmp_path / "out").iterdir())                         # no temporary file left behind
+    killed = subprocess.Popen([sys.executable, "-c", ""])                 # SIGKILL leaves its temporary file:
+    killed.wait()                                                          # the next run's check removes it
+    tag = _writer().rpartition("-")[0]
+    (tmp_path / "out" / f".r.json.{tag}-{killed.pid}.abc.tmp").write_text("x")
+    (tmp_path / "out" / f".r.json.{tag}-{os.getpid()}.abc.tmp").write_text("x")  # a running writer's: kept
+    check_output(tmp_path / "out" / "r.json")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [f".r.json.{tag}-{os.getpid()}.abc.tmp"]
