@@ -198,10 +198,15 @@ def test_coco_masks_repri_style(tmp_path):
 
 def test_resume_of_a_run_older_than_the_new_flags(tmp_path):
     import train_fss
-    from model import save_checkpoint
+    from model import resume_checkpoint, save_checkpoint
     argv = ["--images", "i", "--masks", "m"]
     old = {k: v for k, v in vars(train_fss.get_args(argv)).items() if k not in ("reject", "rotation_border")}
     save_checkpoint(tmp_path / "last.pt", kind="fss", config={}, model={}, args=old)
-    assert train_fss.resume_state(tmp_path / "last.pt", train_fss.get_args(argv))["kind"] == "fss"
-    with pytest.raises(SystemExit, match="--reject split -> image"):
-        train_fss.resume_state(tmp_path / "last.pt", train_fss.get_args(argv + ["--reject", "image"]))
+    default = train_fss.build_parser().get_default
+
+    def resume(more):
+        return resume_checkpoint(tmp_path / "last.pt", "fss", train_fss.get_args(argv + more), train_fss.RESUME_FREE,
+                                 default)
+    assert resume([])["kind"] == "fss"
+    with pytest.raises(ValueError, match="--reject split -> image"):
+        resume(["--reject", "image"])
