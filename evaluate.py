@@ -489,12 +489,12 @@ def overlay_png(path, mask, out):
 
 
 def run_predict(args):
-    for folder in (args.out, args.overlay):
+    supports = [load_support(image, mask, args.image_size) for image, mask in args.support]
+    for folder in (args.out, args.overlay):  # after the supports (a bad one leaves nothing), before the queries
         if folder:
             check_output(folder, folder=True)
     device = pick_device(args.device)
     configure_backends(device)
-    supports = [load_support(image, mask, args.image_size) for image, mask in args.support]
     paths, errors = query_paths(args.query)
     for line in errors:
         print(f"error: {line}", file=sys.stderr)
