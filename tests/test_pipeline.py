@@ -39,7 +39,8 @@ def test_full_mode_runs_every_stage_and_a_rerun_skips_them(tmp_path):
     run = tmp_path / "run"
     env = pipeline_env(run, data, COCO=str(data["coco"]), COCO_TRAIN=data["coco_split"],
                        COCO_VAL=data["coco_split"], BACKBONE="efficientnet_lite0",
-                       BASNET_FLAGS="--iters 2 --size 32 --crop 24 --batch-size 2 --weights none --save-every 1",
+                       BASNET_FLAGS="--iters 2 --size 32 --crop 24 --batch-size 2 --weights none --save-every 1 "
+                                    "--encoder efficientnet_lite0 --width 0.25",
                        FSS_FLAGS="--image-size 64 --batch-size 4 --epochs 1 --workers 0",
                        EVAL_FLAGS="--image-size 64 --runs 1 --episodes 4 --workers 0 --fold 0")
     first = run_pipeline(env)
