@@ -794,29 +794,28 @@ class MaskSplitPairs(torch.utils.data.Dataset):
         min_pixels, then leaves the mask unsplit). N > 0, the authors' code (N = 512, with a one-draw MaskSplit of
         min_pixels 0): when the support or the query half has fewer than N pixels, another image is drawn at
         random instead.
-    skip_bad: leave out unreadable masks (warning at construction) and replace an unreadable image by the next
-        one (warning); item["skipped"] counts the replaced ones, so a trainer can sum and report them.
     Items: query_img [3,S,S], query_target [S,S] int64 (1 query fg, 255 support fg / outside image, 0 bg),
-    support_img [3,S,S], support_mask [S,S] float, image_id str, skipped int.
+    support_img [3,S,S], support_mask [S,S] float, image_id str.
     """
 
     def __init__(self, images, masks=None, list_file=None, image_size=400, split=None, augment=True, seed=0,
-                 mask_source="pseudo", min_pixels=1, skip_bad=False, cache_dir=None, redraw_image_below=0,
+                 mask_source="pseudo", min_pixels=1, cache_dir=None, redraw_image_below=0,
                  **augment_args):
         if masks is None:
             raise ValueError("MaskSplitPairs needs a mask folder (pseudo-masks, or class masks with "
                              "mask_source='groundtruth')")
         if mask_source not in ("pseudo", "groundtruth"):
             raise ValueError(f"mask_source must be 'pseudo' or 'groundtruth', got {mask_source!r}")
-        self.mask_source, self.image_size, self.seed = mask_source, image_size, seed
+        self.mask_source, self.seed = mask_source, seed
         self.split = split if split is not None else MaskSplit()
         self.transform = build_augmentation(image_size, augment, **augment_args)
-        self.skip_bad, self.epoch, self.redraw_image_below = skip_bad, 0, redraw_image_below
+        self.epoch, self.redraw_image_below = 0, redraw_image_below
         image_paths = list_images(images, list_file)
         no_mask = images_without_mask(masks) if mask_source == "pseudo" else set()
         with_mask = [p for p in image_paths if p.stem not in no_mask]
         mask_paths = _mask_paths(masks, [p.stem for p in with_mask])
-        counts = foreground_counts(mask_paths, masks, cache_dir, self._count, mask_source)
+        counts = foreground_counts(mask_paths, masks, cache_dir, lambda path: int(self._load_fg(path).sum()),
+                                   mask_source)
         keep = [i for i, p in enumerate(mask_paths) if counts[p.stem] >= max(min_pixels, 1)]
         self.dropped = sorted({p.stem for p in image_paths} - {with_mask[i].stem for i in keep})
         if self.dropped:
@@ -833,15 +832,6 @@ class MaskSplitPairs(torch.utils.data.Dataset):
             return load_binary_mask(path)
         return union_mask(load_mask(path, VOC_CLASSES))  # VOC 255 boundaries count as background here
 
-    def _count(self, path):
-        try:
-            return int(self._load_fg(path).sum())
-        except ValueError as err:
-            if not self.skip_bad:
-                raise
-            warnings.warn(f"skipping: {err}")
-            return -1                                     # left out below, with the empty masks
-
     def set_epoch(self, epoch):
         """Call before each epoch (before creating the DataLoader iterator) for new draws every epoch."""
         self.epoch = int(epoch)
@@ -857,16 +847,9 @@ class MaskSplitPairs(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        skipped, redrawn, i = 0, 0, index
+        redrawn, i = 0, index
         while True:
-            try:
-                image, fg = self._load(i)
-            except ValueError as err:
-                if not self.skip_bad or skipped + 1 >= len(self):
-                    raise
-                warnings.warn(f"skipping: {err}")
-                skipped, i = skipped + 1, (i + 1) % len(self)
-                continue
+            image, fg = self._load(i)
             support_fg, query_fg = self.split(fg, generator=rng)
             if min(int(support_fg.sum()), int(query_fg.sum())) >= self.redraw_image_below:
                 break
@@ -876,7 +859,7 @@ class MaskSplitPairs(torch.utils.data.Dataset):
                                  f"{self.redraw_image_below} pixels")
             i = int(rng.integers(len(self)))
         item = _pair(self.transform, image, query_target(query_fg, support_fg), image, support_fg, rng)
-        item.update(image_id=self.images[i].stem, skipped=skipped)
+        item.update(image_id=self.images[i].stem)
         return item
 
 
@@ -890,7 +873,7 @@ class SupervisedPairs(torch.utils.data.Dataset):
     def __init__(self, voc_root, fold, image_size=400, seed=0, split="train_aug", augment=True, min_pixels=2048,
                  cache_dir=None, **augment_args):
         paths = voc_paths(voc_root)
-        self.image_size, self.seed, self.epoch = image_size, seed, 0
+        self.seed, self.epoch = seed, 0
         self.transform = build_augmentation(image_size, augment, **augment_args)
         test = set(pascal_fold_classes(fold))
         self.classes = [c for c in range(1, VOC_CLASSES + 1) if c not in test]
@@ -982,7 +965,7 @@ class FewShotEpisodes(torch.utils.data.Dataset):
         if shots < 1 or episodes < 1:
             raise ValueError("shots and episodes must be >= 1")
         self.dataset, self.fold, self.shots, self.seed, self.sampling = dataset, fold, shots, seed, sampling
-        self.image_size, self.min_pixels, self.pseudo_masks = image_size, min_pixels, pseudo_masks
+        self.image_size, self.pseudo_masks = image_size, pseudo_masks
         self.without_pseudo_mask = images_without_mask(pseudo_masks) if pseudo_masks is not None else set()
         if dataset == "pascal":
             paths = voc_paths(root)

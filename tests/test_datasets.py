@@ -436,10 +436,6 @@ def test_bad_inputs_name_the_file(tmp_path):
     (images / "y.png").write_bytes((images / "x.png").read_bytes()[:200])               # truncated image
     with pytest.raises(ValueError, match="y.png"):
         ds[1]
-    skip = D.MaskSplitPairs(images, masks, image_size=16, skip_bad=True, cache_dir=tmp_path / "c")
-    with pytest.warns(UserWarning, match="y.png"):
-        item = skip[1]
-    assert item["skipped"] == 1 and item["image_id"] == "x"
     D.save_png(np.zeros((11, 10), bool), masks / "y.png")
     with pytest.warns(UserWarning, match="1 of 2"):                                     # empty mask left out
         assert len(D.MaskSplitPairs(images, masks, cache_dir=tmp_path / "c")) == 1
@@ -452,15 +448,12 @@ def test_bad_inputs_name_the_file(tmp_path):
         D.FewShotEpisodes("pascal", tmp_path / "nowhere", 0)
 
 
-def test_unreadable_mask_is_an_error_or_left_out_with_skip_bad(tmp_path):
+def test_unreadable_mask_is_an_error_naming_it(tmp_path):
     images, masks = encoded_pair(tmp_path)
     D.save_png(np.zeros((90, 120, 3), np.uint8), images / "z.png")
     (masks / "z.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(ValueError, match="z.png"):
         D.MaskSplitPairs(images, masks, cache_dir=tmp_path / "c")
-    with pytest.warns(UserWarning, match="z.png"):
-        ds = D.MaskSplitPairs(images, masks, skip_bad=True, cache_dir=tmp_path / "c")
-    assert ds.dropped == ["z"] and len(ds) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
