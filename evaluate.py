@@ -171,15 +171,9 @@ def predict_episode(net, item, device, cache=None, episode=0):
     query_proj = cache.get(item["query_id"], query)
     support_proj = [cache.get(sid, img) for sid, img in zip(item["support_ids"], supports)]
     support_proj = [torch.cat(level) for level in zip(*support_proj)]
-    logits = net.decode(query_proj, support_prototypes(net, support_proj, masks[0]), query.shape[-2:])
+    logits = net.decode(query_proj, net.prototypes(support_proj, masks[0], shots=len(supports)), query.shape[-2:])
     cache.release(episode)
     return logits, cache.forwards - before
-
-
-def support_prototypes(net, support_proj, support_masks):
-    """The prototype of k supports (projected features, three levels of [k,C,h,w]; masks [k,S,S]): per level the
-    mean of their masked average pools -> [1,C], which FSSNet.decode broadcasts over any batch of queries."""
-    return [p.mean(0, keepdim=True) for p in net.prototypes(support_proj, support_masks)]
 
 
 def predicted_mask(logits, size):
@@ -503,7 +497,8 @@ def run_predict(args):
     with torch.no_grad(), autocast():  # the support side once
         support_imgs = torch.stack([img for img, _ in supports]).to(device)
         support_masks = torch.stack([m for _, m in supports]).to(device)
-        prototypes = support_prototypes(net, net.project_features(net.extract(support_imgs)), support_masks)
+        prototypes = net.prototypes(net.project_features(net.extract(support_imgs)), support_masks,
+                                    shots=len(support_masks))
     loader = make_loader(QueryImages(paths, args.image_size), device, args.workers, batch_size=args.batch_size,
                          collate_fn=list)
     written = 0

@@ -564,9 +564,8 @@ class FSSNet(nn.Module):
     def forward_features(self, query_feats, support_feats, support_masks, size):
         """The network after the backbone. query_feats: three [B,C,h,w]; support_feats: three [B*k,C,h,w];
         support_masks [B,k,H,W]; size: (H, W) of the output logits."""
-        b, k = support_masks.shape[:2]
-        prototypes = self.prototypes(self.project_features(support_feats), support_masks.flatten(0, 1))
-        prototypes = [p.view(b, k, -1).mean(1) for p in prototypes]  # k-shot: average the k prototypes
+        prototypes = self.prototypes(self.project_features(support_feats), support_masks.flatten(0, 1),
+                                     shots=support_masks.shape[1])
         return self.decode(self.project_features(query_feats), prototypes, size)
 
     # the three steps of forward_features, separately usable so evaluate.py can cache per image
@@ -574,9 +573,10 @@ class FSSNet(nn.Module):
         """Mixing module, projection: per level Conv3x3 -> 128 + GroupNorm + ReLU (shared by query/support)."""
         return [project(f) for project, f in zip(self.project, feats)]
 
-    def prototypes(self, projected_support, support_masks):
-        """Support prototype per level: masked average of the projected support features. [N,...] -> [N,C]."""
-        return [masked_average_pool(f, support_masks) for f in projected_support]
+    def prototypes(self, projected_support, support_masks, shots=1):
+        """Support prototype per level: masked average of the projected support features, the k = `shots`
+        prototypes of an episode averaged (k-shot; an episode's supports are consecutive). [B*k,...] -> [B,C]."""
+        return [masked_average_pool(f, support_masks).unflatten(0, (-1, shots)).mean(1) for f in projected_support]
 
     def decode(self, projected_query, prototypes, size):
         """Mixing module (query + broadcast prototype per level, concatenated, shared conv) and the

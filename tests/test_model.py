@@ -133,6 +133,17 @@ def test_forward_features_equals_forward():
     torch.testing.assert_close(direct, split)
 
 
+def test_k_shot_prototype_is_the_mean_of_each_episodes_own_supports():
+    torch.manual_seed(0)
+    net = FSSNet("efficientnet_lite0", "none").eval()
+    projected = [torch.randn(6, 4, 8, 8) for _ in range(3)]          # 2 episodes x 3 shots, consecutive
+    masks = (torch.rand(6, 32, 32) > 0.5).float()
+    one_by_one = net.prototypes(projected, masks)
+    for level, single in zip(net.prototypes(projected, masks, shots=3), one_by_one):
+        assert single.shape == (6, 4) and level.shape == (2, 4)
+        torch.testing.assert_close(level, torch.stack([single[:3].mean(0), single[3:].mean(0)]))
+
+
 def test_prototype_ignores_pixels_outside_the_support_mask():
     torch.manual_seed(0)
     features = torch.randn(2, 8, 16, 16)
