@@ -695,7 +695,8 @@ def _adjust_hue(image, hue_factor):
     x = image.as_subclass(torch.Tensor)
     f = x.float().div_(255)
     r, g, b = f
-    high, low = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)  # 20x aminmax(dim=0)
+    # torch.maximum / minimum: aminmax over the channel dimension is 20x slower on the CPU
+    high, low = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)
     chroma = high - low
     d = torch.where(chroma > 0, chroma, 1.0)
     hue = torch.where(high == r, (g - b).div_(d),

@@ -45,7 +45,8 @@ if [[ $mode == demo ]]; then
   BACKBONE=${BACKBONE:-efficientnet_lite0}
   WEIGHTS=${WEIGHTS:-imagenet}
   # small settings: a CPU finishes the whole demo in minutes; the numbers are demo numbers, not the paper's
-  # BCE without the CRF: on 40 demo images the F-measure loss spreads every label to the whole image
+  # BCE without the CRF, as the cpu mode: on 40 demo images the F-measure loss and the CRF spread every label
+  # to the whole image
   saliency_flags=(--prior-size 128 --image-size 128 --rounds 2 --epochs 3 --batch-size 8 --loss bce --no-crf)
   basnet_flags=(--iters 60 --size 64 --crop 56 --encoder efficientnet_lite0 --width 0.25 --save-every 20)
   pseudo_flags=()
