@@ -1,6 +1,18 @@
-"""Data: file I/O, real dataset layouts, MaskSplit training pairs, one-shot test episodes, demo data.
+"""Data: image / mask I/O, real dataset layouts, augmentations, MaskSplit training pairs, one-shot test episodes,
+loaders, demo data.
 
 Everything that reads images and masks lives here; the scripts only choose. Items are dicts with named keys.
+Writing files, checkpoints and the rest of a run's plumbing live in model.py (this module imports it, never the
+reverse). Sections, in order:
+  File I/O              load_image, load_mask, load_binary_mask, list_images, save_png, foreground_counts
+  Layouts               voc_paths / voc_split (PASCAL), coco_paths / render_coco_masks (COCO), folds
+  Augmentation          build_augmentation: the two independent views (paper section 3.2)
+  Training pairs        MaskSplitPairs: one pseudo-mask -> support half + query half (paper section 3.2; the
+                        split line itself is masksplit.py); SupervisedPairs (Table 2's supervised row)
+  Test episodes         FewShotEpisodes: seeded one-shot / k-shot episodes of PASCAL-5i / COCO-20i (section 4)
+  Salient objects       SalientObjects: image + saliency-label folders (stages 1-3)
+  Loaders               make_loader, EpochItems
+  Demo data             make_demo_data: synthetic data of the quick start, at the end (never a benchmark)
 
 Layouts read (the real ones):
 - PASCAL VOC 2012   VOCdevkit/VOC2012/{JPEGImages, SegmentationClassAug | SegmentationClass,
@@ -25,8 +37,6 @@ import json
 import math
 import os
 import pathlib
-import socket
-import tempfile
 import warnings
 
 import numpy as np
@@ -37,9 +47,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from masksplit import MaskSplit, query_target
+from model import IMAGENET_MEAN, IMAGENET_STD, atomic_file, write_file, write_json
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 MASK_SUFFIXES = (".png",)
 EXIF_ORIENTATION = 0x0112
@@ -194,41 +203,6 @@ def list_images(folder, list_file=None):
     return sorted(by_stem[s] for s in dict.fromkeys(stems))
 
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _writer():
-    """This process as temporary names spell it: <host>-<pid>."""
-    return f"{socket.gethostname().replace('.', '_').replace('-', '_')}-{os.getpid()}"
-
-
-@contextlib.contextmanager
-def atomic_file(path, mode="wb"):
-    """The one writer of every output file: yields a temporary file beside `path` (parent folders created), named
-    .<name>.<host>-<pid>.<random>.tmp, unique to this process; moved onto `path` when the block ends, removed on
-    any exit before that (an error, Ctrl-C). The file follows the user's umask like any other new file."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_writer()}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        os.chmod(tmp, 0o666 & ~_umask())                  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write(path, write):
-    with atomic_file(path) as f:
-        write(f)
-
-
 def save_png(image, path):
     """Write a PNG atomically (atomic_file), creating parent folders. `image`: PIL image, or a uint8 / bool numpy
     array [H, W] (gray) or [H, W, 3] (RGB)."""
@@ -239,66 +213,8 @@ def save_png(image, path):
         if arr.dtype != np.uint8:
             raise ValueError(f"{path}: save_png needs uint8 or bool data, got {arr.dtype}")
         image = Image.fromarray(arr)
-    _atomic_write(path, lambda f: image.save(f, format="PNG"))
-
-
-def write_json(obj, path):
-    """Write JSON atomically."""
-    data = json.dumps(obj, indent=1).encode()
-    _atomic_write(path, lambda f: f.write(data))
-
-
-def check_output(path, folder=False):
-    """The one check of an output location, before any work: a folder (folder=True) is created; a file's parent
-    folder is created and the file must not be a folder; either way the folder must take a new file. Temporary
-    files that killed processes of this machine left there (SIGKILL: no cleanup possible) are removed. Returns
-    the path; ValueError naming it otherwise."""
-    path = pathlib.Path(path)
-    target = path if folder else path.parent
-    if not folder and path.is_dir():
-        raise ValueError(f"{path}: output file is a folder")
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=target).close()
-    except OSError as err:
-        raise ValueError(f"{path}: cannot write there ({err.strerror or err})") from None
-    host = _writer().rpartition("-")[0]
-    for tmp in target.glob(f".*.{host}-*.tmp"):
-        pid = tmp.name.rsplit(f".{host}-", 1)[1].split(".")[0]
-        if pid.isdigit() and not _running(int(pid)):
-            tmp.unlink(missing_ok=True)
-    return path
-
-
-def _running(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:                               # another user's process
-        return True
-    return True
-
-
-def trim_log(path, step):
-    """On resume: keep only the lines of a training log.jsonl whose "step" the checkpoint already holds (step 0:
-    none), atomically, so an interrupted run never logs a step twice. A last line cut short by a kill is dropped;
-    any other unreadable line is a ValueError naming the file and line."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines()
-    kept = []
-    for n, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            if n == len(lines):
-                break
-            raise ValueError(f"{path}:{n}: not a JSON line") from None
-        if record is not None and record["step"] <= step:
-            kept.append(line + "\n")
-    _atomic_write(path, lambda f: f.write("".join(kept).encode()))
+    with atomic_file(path) as f:
+        image.save(f, format="PNG")
 
 
 def image_to_tensor(pil, size):
@@ -337,20 +253,19 @@ def union_mask(class_mask):
     return (class_mask > 0) & (class_mask < IGNORE)
 
 
-def _cache_dir(cache_dir):
-    if cache_dir is not None:
-        return pathlib.Path(cache_dir)
+def cache_dir():
+    """Where scans and rendered COCO masks are cached: $MASKSPLIT_CACHE, else ~/.cache/masksplit."""
     return pathlib.Path(os.environ.get("MASKSPLIT_CACHE", pathlib.Path.home() / ".cache" / "masksplit"))
 
 
-def _cached_scan(kind, paths, scan, cache_dir, desc):
-    """{stem: scan(path)} for `paths`, cached as JSON under cache_dir; the key covers the paths, sizes and
+def _cached_scan(kind, paths, scan, desc):
+    """{stem: scan(path)} for `paths`, cached as JSON under cache_dir(); the key covers the paths, sizes and
     modification times, so a changed mask folder is rescanned."""
     h = hashlib.sha1(kind.encode())
     for p in paths:
         st = os.stat(p)
         h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    cache = _cache_dir(cache_dir) / f"{kind}-{h.hexdigest()[:20]}.json"
+    cache = cache_dir() / f"{kind}-{h.hexdigest()[:20]}.json"
     if cache.is_file():
         try:
             return json.loads(cache.read_text())
@@ -365,12 +280,12 @@ def _cached_scan(kind, paths, scan, cache_dir, desc):
     return result
 
 
-def foreground_counts(mask_paths, folder, cache_dir=None, count=None, kind="binary"):
+def foreground_counts(mask_paths, folder, count=None, kind="binary"):
     """{stem: foreground pixels} of the masks (count(path); default: load_binary_mask's), scanned once and cached;
     ValueError naming `folder` when every mask is empty (a mask set in an encoding read as background, or a
     saliency network that found nothing)."""
     count = count or (lambda p: int(load_binary_mask(p).sum()))
-    counts = _cached_scan(f"foreground-{kind}", mask_paths, count, cache_dir, "scanning masks")
+    counts = _cached_scan(f"foreground-{kind}", mask_paths, count, "scanning masks")
     if counts and max(counts.values()) <= 0:
         raise ValueError(f"{folder}: every mask is empty (no foreground pixel in {len(counts)} masks)")
     return counts
@@ -431,11 +346,11 @@ def _mask_paths(mask_dir, stems):
     return [by_stem[s] for s in stems]
 
 
-def voc_class_counts(root, split="val", cache_dir=None):
+def voc_class_counts(root, split="val"):
     """{stem: {class_id(str): pixels}} over a VOC split, computed once and cached."""
     paths = voc_paths(root)
     stems = voc_split(root, split)
-    return _cached_scan("voc-counts", _mask_paths(paths["masks"], stems), _class_counts(VOC_CLASSES), cache_dir,
+    return _cached_scan("voc-counts", _mask_paths(paths["masks"], stems), _class_counts(VOC_CLASSES),
                         "scanning VOC masks")
 
 
@@ -458,10 +373,10 @@ def coco_fold_classes(fold, convention="interleaved"):
     raise ValueError(f"coco_folds must be one of {COCO_FOLD_CONVENTIONS}, got {convention!r}")
 
 
-def fold_train_ids(root, fold, split="train", cache_dir=None):
+def fold_train_ids(root, fold, split="train"):
     """Stems of a VOC split with no pixel of a test-fold class (fold-based training, Table 2's "train: fold")."""
     test = {str(c) for c in pascal_fold_classes(fold)}
-    counts = voc_class_counts(root, split, cache_dir)
+    counts = voc_class_counts(root, split)
     return [s for s in voc_split(root, split) if not test & counts[s].keys()]
 
 
@@ -487,7 +402,7 @@ def coco_paths(root, split=None):
 COCO_MASK_STYLES = ("full", "repri")
 
 
-def render_coco_masks(root, split=None, cache_dir=None, style="full"):
+def render_coco_masks(root, split=None, style="full"):
     """Render per-image class masks of a COCO split into PNGs (once; cached) and return the mask folder.
     Categories -> 1..80 in sorted category-id order; objects drawn in annotation order (later on top, as
     the usual label-PNG converters do); annotations without a segmentation (bbox-only) are skipped with a warning.
@@ -505,7 +420,7 @@ def render_coco_masks(root, split=None, cache_dir=None, style="full"):
     ann = paths["annotations"]
     st = ann.stat()
     key = hashlib.sha1(f"{ann.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
-    out = _cache_dir(cache_dir) / f"coco-masks-{paths['split']}-{key}{'' if style == 'full' else '-' + style}"
+    out = cache_dir() / f"coco-masks-{paths['split']}-{key}{'' if style == 'full' else '-' + style}"
     if (out / "done.json").is_file():
         return out
     import io
@@ -800,7 +715,7 @@ class MaskSplitPairs(torch.utils.data.Dataset):
     """
 
     def __init__(self, images, masks=None, list_file=None, image_size=400, split=None, augment=True, seed=0,
-                 mask_source="pseudo", min_pixels=1, cache_dir=None, redraw_image_below=0,
+                 mask_source="pseudo", min_pixels=1, redraw_image_below=0,
                  **augment_args):
         if masks is None:
             raise ValueError("MaskSplitPairs needs a mask folder (pseudo-masks, or class masks with "
@@ -815,7 +730,7 @@ class MaskSplitPairs(torch.utils.data.Dataset):
         no_mask = images_without_mask(masks) if mask_source == "pseudo" else set()
         with_mask = [p for p in image_paths if p.stem not in no_mask]
         mask_paths = _mask_paths(masks, [p.stem for p in with_mask])
-        counts = foreground_counts(mask_paths, masks, cache_dir, lambda path: int(self._load_fg(path).sum()),
+        counts = foreground_counts(mask_paths, masks, lambda path: int(self._load_fg(path).sum()),
                                    mask_source)
         keep = [i for i, p in enumerate(mask_paths) if counts[p.stem] >= max(min_pixels, 1)]
         self.dropped = sorted({p.stem for p in image_paths} - {with_mask[i].stem for i in keep})
@@ -872,13 +787,13 @@ class SupervisedPairs(torch.utils.data.Dataset):
     Items: as MaskSplitPairs (query_target 255 = VOC boundary / outside image) plus class_id, support_id."""
 
     def __init__(self, voc_root, fold, image_size=400, seed=0, split="train_aug", augment=True, min_pixels=2048,
-                 cache_dir=None, **augment_args):
+                 **augment_args):
         paths = voc_paths(voc_root)
         self.seed, self.epoch = seed, 0
         self.transform = build_augmentation(image_size, augment, **augment_args)
         test = set(pascal_fold_classes(fold))
         self.classes = [c for c in range(1, VOC_CLASSES + 1) if c not in test]
-        counts = voc_class_counts(voc_root, split, cache_dir)
+        counts = voc_class_counts(voc_root, split)
         self.images = {p.stem: p for p in list_images(paths["images"], list(counts))}
         self.masks = files_by_stem(paths["masks"], MASK_SUFFIXES, "mask")
         self.holders = {c: sorted(s for s, cnt in counts.items() if cnt.get(str(c), 0) >= min_pixels)
@@ -954,7 +869,7 @@ class FewShotEpisodes(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset, root, fold, shots=1, episodes=1000, seed=0, image_size=400,
-                 coco_folds="interleaved", min_pixels=2048, split_list=None, split=None, cache_dir=None,
+                 coco_folds="interleaved", min_pixels=2048, split_list=None, split=None,
                  pseudo_masks=None, sampling="pair", coco_masks="full"):
         if dataset not in ("pascal", "coco"):
             raise ValueError(f"dataset must be 'pascal' or 'coco', got {dataset!r}")
@@ -968,41 +883,17 @@ class FewShotEpisodes(torch.utils.data.Dataset):
         self.dataset, self.fold, self.shots, self.seed, self.sampling = dataset, fold, shots, seed, sampling
         self.image_size, self.pseudo_masks = image_size, pseudo_masks
         self.without_pseudo_mask = images_without_mask(pseudo_masks) if pseudo_masks is not None else set()
-        if dataset == "pascal":
-            paths = voc_paths(root)
-            self.image_dir, self.mask_dir, self.num_classes = paths["images"], paths["masks"], VOC_CLASSES
-            self.classes = pascal_fold_classes(fold)
-            self.names = VOC_CLASS_NAMES
-            stems = voc_split(root, split or "val")
-        else:
-            if split_list is not None:
-                raise ValueError("split_list is for pascal (HSNet lists); COCO candidates are scanned")
-            paths = coco_paths(root, split)
-            self.image_dir, self.num_classes = paths["images"], COCO_CLASSES
-            self.mask_dir = render_coco_masks(root, split, cache_dir, coco_masks)
-            self.classes = coco_fold_classes(fold, coco_folds)
-            self.names = json.loads((self.mask_dir / "done.json").read_text()).get("names", ())  # older caches: none
-        self.suffix = {p.stem: p.suffix for p in list_images(self.image_dir)}
-        self.mask_paths = files_by_stem(self.mask_dir, MASK_SUFFIXES, "mask")
-        if dataset == "coco":
-            stems = sorted(self.mask_paths)                                   # every rendered mask
+        stems = self._open_layout(root, fold, split, split_list, coco_folds, coco_masks)
+        counts = None
         if split_list is not None:
-            list_path, pairs = _hsnet_list(split_list, fold)
-            kept = [(s, c) for s, c in pairs if s in self.suffix and s in self.mask_paths]
-            if len(kept) < len(pairs):
-                warnings.warn(f"{list_path}: {len(pairs) - len(kept)} of {len(pairs)} entries have no image "
-                              f"or mask under {self.image_dir.parent} and are dropped")
-            outside = sorted({c for _, c in kept} - set(self.classes))
-            if outside:
-                raise ValueError(f"{list_path}: classes {outside} are not in fold {fold} ({self.classes})")
-            candidates = sorted(kept, key=lambda sc: (sc[1], sc[0]))
+            candidates = self._listed_candidates(split_list, fold)
         else:
             missing = [s for s in stems if s not in self.suffix]
             if missing:
                 raise ValueError(f"{self.image_dir}: {len(missing)} image(s) of the list missing, e.g. {missing[:3]}")
             kind = {"pascal": "voc-counts", "coco": "coco-counts"}[dataset]      # shared with voc_class_counts
             counts = _cached_scan(kind, _mask_paths(self.mask_dir, stems), _class_counts(self.num_classes),
-                                  cache_dir, "scanning masks")
+                                  "scanning masks")
             candidates = [(s, c) for c in self.classes for s in stems if counts[s].get(str(c), 0) >= min_pixels]
         holders = {}
         for s, c in candidates:
@@ -1025,7 +916,39 @@ class FewShotEpisodes(torch.utils.data.Dataset):
         if pseudo_masks is not None:            # the queries' pseudo-masks: all there, not all empty
             queries = sorted({q for q, _, _ in self._episodes} - self.without_pseudo_mask)
             self.pseudo_paths = dict(zip(queries, _mask_paths(pseudo_masks, queries)))
-            foreground_counts(list(self.pseudo_paths.values()), pseudo_masks, cache_dir)
+            foreground_counts(list(self.pseudo_paths.values()), pseudo_masks)
+
+    def _open_layout(self, root, fold, split, split_list, coco_folds, coco_masks):
+        """Image and mask folders, classes of the fold and their names; returns the stems of the split."""
+        if self.dataset == "pascal":
+            paths = voc_paths(root)
+            self.image_dir, self.mask_dir, self.num_classes = paths["images"], paths["masks"], VOC_CLASSES
+            self.classes = pascal_fold_classes(fold)
+            self.names = VOC_CLASS_NAMES
+            stems = voc_split(root, split or "val")
+        else:
+            if split_list is not None:
+                raise ValueError("split_list is for pascal (HSNet lists); COCO candidates are scanned")
+            paths = coco_paths(root, split)
+            self.image_dir, self.num_classes = paths["images"], COCO_CLASSES
+            self.mask_dir = render_coco_masks(root, split, coco_masks)
+            self.classes = coco_fold_classes(fold, coco_folds)
+            self.names = json.loads((self.mask_dir / "done.json").read_text()).get("names", ())  # older caches: none
+        self.suffix = {p.stem: p.suffix for p in list_images(self.image_dir)}
+        self.mask_paths = files_by_stem(self.mask_dir, MASK_SUFFIXES, "mask")
+        return sorted(self.mask_paths) if self.dataset == "coco" else stems   # COCO: every rendered mask
+
+    def _listed_candidates(self, split_list, fold):
+        """The (image, class) pairs of an HSNet-style split list that have an image and a mask here."""
+        list_path, pairs = _hsnet_list(split_list, fold)
+        kept = [(s, c) for s, c in pairs if s in self.suffix and s in self.mask_paths]
+        if len(kept) < len(pairs):
+            warnings.warn(f"{list_path}: {len(pairs) - len(kept)} of {len(pairs)} entries have no image "
+                          f"or mask under {self.image_dir.parent} and are dropped")
+        outside = sorted({c for _, c in kept} - set(self.classes))
+        if outside:
+            raise ValueError(f"{list_path}: classes {outside} are not in fold {fold} ({self.classes})")
+        return sorted(kept, key=lambda sc: (sc[1], sc[0]))
 
     def _draw(self, i):
         rng = np.random.default_rng([self.seed, i])
@@ -1089,11 +1012,11 @@ class SalientObjects(torch.utils.data.Dataset):
     tensor [2] (H, W); with masks also mask [S,S] float 0/1 (nearest). A mask folder whose every mask is empty
     is a ValueError (foreground_counts)."""
 
-    def __init__(self, images_dir, masks_dir=None, list_file=None, image_size=400, cache_dir=None):
+    def __init__(self, images_dir, masks_dir=None, list_file=None, image_size=400):
         self.images = list_images(images_dir, list_file)
         self.masks = None if masks_dir is None else _mask_paths(masks_dir, [p.stem for p in self.images])
         if self.masks is not None:
-            foreground_counts(self.masks, masks_dir, cache_dir)
+            foreground_counts(self.masks, masks_dir)
         self.image_size = image_size
 
     def __len__(self):
@@ -1113,16 +1036,6 @@ class SalientObjects(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------------------------------------------
 # Loaders: one per run, shared by the scripts
 # ---------------------------------------------------------------------------------------------------------------
-
-def default_workers():
-    """Loader processes when a script's --workers is not given: the cores this process may use minus one for the
-    main process (which feeds the GPU), at least 1, at most 16."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:                                 # no sched_getaffinity (macOS, Windows)
-        cores = os.cpu_count() or 1
-    return max(1, min(cores - 1, 16))
-
 
 def make_loader(dataset, device, workers, **batching):
     """The DataLoader of every script (batching: batch_sampler= or batch_size=): workers started once and kept for
@@ -1286,40 +1199,13 @@ def _rle_uncompressed(mask):
 
 
 def _save_jpeg(image, path):
-    _atomic_write(path, lambda f: image.save(f, format="JPEG", quality=92))
+    with atomic_file(path) as f:
+        image.save(f, format="JPEG", quality=92)
 
 
-def make_demo_data(root, seed=0, train_images=120, val_images=60, salient_images=40, coco_images=48,
-                   size_range=(160, 240)):
-    """Write small synthetic DEMO data (not a benchmark) in the real layouts, deterministically:
-    - VOCdevkit/VOC2012: JPEGImages, SegmentationClass (VOC palette PNG: 20 shape x texture classes, 255 on
-      object boundaries), ImageSets/Segmentation/{train,val}.txt. Image j's main object is of class j % 20, drawn
-      last, so every class has >= 3 val images with > 2048 pixels (one-shot episodes in every PASCAL-5i fold).
-    - salient/{images,masks}: one object per image, 0/255 gray PNG masks (a salient-object folder pair).
-    - coco/val2014 + coco/annotations/instances_val2014.json: polygons, one crowd RLE per 8 images; objects of
-      16 categories spread so that every COCO-20i fold has classes in both fold conventions.
-    Returns {"root", "voc", "voc_images", "voc_masks", "train_list", "val_list", "salient_images",
-    "salient_masks", "coco", "coco_split"}. A finished tree with the same arguments is reused."""
-    root = pathlib.Path(root)
-    config = {"seed": seed, "train_images": train_images, "val_images": val_images,
-              "salient_images": salient_images, "coco_images": coco_images, "size_range": list(size_range),
-              "version": 1}
-    voc = root / "VOCdevkit" / "VOC2012"
-    paths = {"root": root, "voc": voc, "voc_images": voc / "JPEGImages", "voc_masks": voc / "SegmentationClass",
-             "train_list": voc / "ImageSets" / "Segmentation" / "train.txt",
-             "val_list": voc / "ImageSets" / "Segmentation" / "val.txt",
-             "salient_images": root / "salient" / "images", "salient_masks": root / "salient" / "masks",
-             "coco": root / "coco", "coco_split": "val2014"}
-    marker = root / "DEMO_DATA.json"
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()).get("config") == config:
-                return paths
-        except ValueError:
-            pass
-    rng = np.random.default_rng(seed)
+def _write_demo_voc(rng, paths, train_images, val_images, size_range):
+    """The demo's VOC tree: images, palette class masks with 255 boundaries, train / val lists."""
     palette = voc_palette()
-    lists = {}
     for split, count in (("train", train_images), ("val", val_images)):
         stems = []
         for j in range(count):
@@ -1334,12 +1220,11 @@ def make_demo_data(root, seed=0, train_images=120, val_images=60, salient_images
             _save_jpeg(image, paths["voc_images"] / f"{stem}.jpg")
             save_png(mask, paths["voc_masks"] / f"{stem}.png")
             stems.append(stem)
-        lists[split] = stems
-        _atomic_write(paths[f"{split}_list"], lambda f, s=stems: f.write(("\n".join(s) + "\n").encode()))
-    for j in range(salient_images):
-        image, label, _ = _demo_scene(rng, [int(rng.integers(VOC_CLASSES))], size_range)
-        _save_jpeg(image, paths["salient_images"] / f"demo_salient_{j:04d}.jpg")
-        save_png(label > 0, paths["salient_masks"] / f"demo_salient_{j:04d}.png")
+        write_file(paths[f"{split}_list"], ("\n".join(stems) + "\n").encode())
+
+
+def _write_demo_coco(rng, paths, coco_images, size_range):
+    """The demo's COCO split: images and instances JSON (polygons, one crowd RLE per 8 images)."""
     # COCO: category index idx (1..80) = 20 i + j + 1, j = 0..3: each contiguous fold i gets 4 of them and each
     # interleaved fold (idx - 1) % 4 gets 4; demo class for the texture/shape: (idx - 1) % 20
     indices = [20 * i + j + 1 for i in range(4) for j in range(4)]
@@ -1375,8 +1260,45 @@ def make_demo_data(root, seed=0, train_images=120, val_images=60, salient_images
                     "iscrowd": 1, "area": float(crowd.sum()),
                     "bbox": [float(cols.min()), float(rows.min()), float(np.ptp(cols) + 1), float(np.ptp(rows) + 1)]})
     write_json(coco, paths["coco"] / "annotations" / "instances_val2014.json")
-    _atomic_write(root / "README.txt", lambda f: f.write(b"masksplit DEMO data: synthetic textured shapes written "
-                                                          b"by datasets.make_demo_data. Not a benchmark.\n"))
+
+
+def make_demo_data(root, seed=0, train_images=120, val_images=60, salient_images=40, coco_images=48,
+                   size_range=(160, 240)):
+    """Write small synthetic DEMO data (not a benchmark) in the real layouts, deterministically:
+    - VOCdevkit/VOC2012: JPEGImages, SegmentationClass (VOC palette PNG: 20 shape x texture classes, 255 on
+      object boundaries), ImageSets/Segmentation/{train,val}.txt. Image j's main object is of class j % 20, drawn
+      last, so every class has >= 3 val images with > 2048 pixels (one-shot episodes in every PASCAL-5i fold).
+    - salient/{images,masks}: one object per image, 0/255 gray PNG masks (a salient-object folder pair).
+    - coco/val2014 + coco/annotations/instances_val2014.json: polygons, one crowd RLE per 8 images; objects of
+      16 categories spread so that every COCO-20i fold has classes in both fold conventions.
+    Returns {"root", "voc", "voc_images", "voc_masks", "train_list", "val_list", "salient_images",
+    "salient_masks", "coco", "coco_split"}. A finished tree with the same arguments is reused."""
+    root = pathlib.Path(root)
+    config = {"seed": seed, "train_images": train_images, "val_images": val_images,
+              "salient_images": salient_images, "coco_images": coco_images, "size_range": list(size_range),
+              "version": 1}
+    voc = root / "VOCdevkit" / "VOC2012"
+    paths = {"root": root, "voc": voc, "voc_images": voc / "JPEGImages", "voc_masks": voc / "SegmentationClass",
+             "train_list": voc / "ImageSets" / "Segmentation" / "train.txt",
+             "val_list": voc / "ImageSets" / "Segmentation" / "val.txt",
+             "salient_images": root / "salient" / "images", "salient_masks": root / "salient" / "masks",
+             "coco": root / "coco", "coco_split": "val2014"}
+    marker = root / "DEMO_DATA.json"
+    if marker.is_file():
+        try:
+            if json.loads(marker.read_text()).get("config") == config:
+                return paths
+        except ValueError:
+            pass
+    rng = np.random.default_rng(seed)       # one stream, drawn in this order: VOC, salient objects, COCO
+    _write_demo_voc(rng, paths, train_images, val_images, size_range)
+    for k in range(salient_images):
+        image, label, _ = _demo_scene(rng, [int(rng.integers(VOC_CLASSES))], size_range)
+        _save_jpeg(image, paths["salient_images"] / f"demo_salient_{k:04d}.jpg")
+        save_png(label > 0, paths["salient_masks"] / f"demo_salient_{k:04d}.png")
+    _write_demo_coco(rng, paths, coco_images, size_range)
+    write_file(root / "README.txt", b"masksplit DEMO data: synthetic textured shapes written by "
+                                    b"datasets.make_demo_data. Not a benchmark.\n")
     write_json({"config": config, "note": "DEMO data, synthetic, not a benchmark",
                 "paths": {k: str(v) for k, v in paths.items()}}, marker)
     return paths

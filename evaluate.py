@@ -16,13 +16,14 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from datasets import (IMAGENET_MEAN, IMAGENET_STD, FewShotEpisodes, atomic_file, check_output, default_workers,
-                      foreground_counts, image_to_tensor, list_images, load_binary_mask, load_image, make_loader,
-                      mask_to_tensor, resize_mask, save_png, write_json)
-from model import (FSSNet, HelpFormatter, configure_backends, device_flag, load_checkpoint, mixed_precision,
-                   nonnegative_int, pick_device, positive_int)
+from datasets import (IGNORE, FewShotEpisodes, foreground_counts, image_to_tensor, list_images, load_binary_mask,
+                      load_image, make_loader, mask_to_tensor, resize_mask, save_png)
+from model import (IMAGENET_MEAN, IMAGENET_STD, HelpFormatter, add_device_flags, atomic_file, check_output,
+                   configure_backends, exits_on_bad_input, load_network, mixed_precision, pick_device, positive_int,
+                   write_json)
 
 
 # ---- fss: one-shot / k-shot evaluation (paper section 4) ----
@@ -51,7 +52,7 @@ class FewShotMetric:
         foreground as ints."""
         if pred.shape != target.shape:
             raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-        valid = target != 255
+        valid = target != IGNORE
         fb = []
         for value in (0, 1):
             p, t = (pred == value) & valid, (target == value) & valid
@@ -135,10 +136,7 @@ def add_fss_args(p):
                                     "row's fold, class and IoU")
     p.add_argument("--figure-episodes", type=positive_int, default=2,
                    help="rows of --figure per evaluated fold (the first episodes of run 0)")
-    p.add_argument("--workers", type=nonnegative_int, default=default_workers(),
-                   help="data loading processes (default: usable cores - 1, at most 16; here %(default)s)")
-    p.add_argument("--device", type=device_flag, default="auto",
-                   help="auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:1, ...")
+    add_device_flags(p)
     p.add_argument("--out", default="results.json", help="results JSON (per fold, mean over folds, config)")
 
 
@@ -224,7 +222,6 @@ def figure_grid(rows, path):
     """Figure 5 style grid, one episode per row (item, prediction, fold, class name, IoU): query | support with its
     mask | saliency (the pseudo-mask, with --masks) | prediction | ground truth under column titles, the row's
     fold, class and IoU (the episode's, as the metric counted it) on its left."""
-    from PIL import Image, ImageDraw, ImageFont
     from torchvision.utils import draw_segmentation_masks, make_grid
 
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -262,47 +259,31 @@ def figure_grid(rows, path):
     save_png(canvas, path)
 
 
-def load_fss_model(path, device):
-    try:
-        state = load_checkpoint(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    if state["kind"] != "fss":
-        raise SystemExit(f"error: {path} is a {state['kind']!r} checkpoint, not a train_fss.py one")
-    net = FSSNet.from_config(state["config"])
-    net.load_state_dict(state["model"])
-    return net.to(device).eval()
-
-
-def mean_std(values):
-    return float(np.mean(values)), float(np.std(values))
+def mean_over_runs(runs):
+    """The paper's number of a fold (section 4): the mean, and the standard deviation, over the runs (5 runs of
+    1000 episodes, each run its own seed) of each run's mIoU / FB-IoU; per class the mean over the runs."""
+    entry = {}
+    for key in ("miou", "fbiou", "miou_episode_mean"):
+        values = [r[key] for r in runs]
+        entry[key], entry[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
+    entry["per_class"] = {c: float(np.mean([r["per_class"][c] for r in runs if c in r["per_class"]]))
+                          for c in sorted({c for r in runs for c in r["per_class"]}, key=int)}
+    return entry
 
 
 def run_fold(net, fold, args, device, log_file, figure_rows):
     """The --runs runs of one fold -> (its results entry, backbone forwards, episodes)."""
     runs, forwards, episodes = [], 0, 0
     for run in range(args.runs):
-        try:
-            ds = FewShotEpisodes(dataset=args.dataset, root=args.root, fold=fold, shots=args.shots,
-                                 episodes=args.episodes, seed=args.seed + run, image_size=args.image_size,
-                                 coco_folds=args.coco_folds, split_list=args.split_list, pseudo_masks=args.masks,
-                                 split=args.split, sampling=args.episode_sampling, coco_masks=args.coco_masks)
-        except ValueError as e:  # missing folder, bad file, or no episode possible: named in the message
-            raise SystemExit(f"error: {e}") from None
-        try:
-            summary, n = run_episodes(net, ds, args, device, run, log_file, figure_rows)
-        except ValueError as e:  # an unreadable image or mask (in a worker: the last line names it)
-            raise SystemExit(f"error: {str(e).strip().splitlines()[-1]}") from None
+        ds = FewShotEpisodes(dataset=args.dataset, root=args.root, fold=fold, shots=args.shots,
+                             episodes=args.episodes, seed=args.seed + run, image_size=args.image_size,
+                             coco_folds=args.coco_folds, split_list=args.split_list, pseudo_masks=args.masks,
+                             split=args.split, sampling=args.episode_sampling, coco_masks=args.coco_masks)
+        summary, n = run_episodes(net, ds, args, device, run, log_file, figure_rows)
         runs.append(summary)
         forwards += n
         episodes += len(ds)
-    entry = {}
-    for key in ("miou", "fbiou", "miou_episode_mean"):
-        entry[key], entry[f"{key}_std"] = mean_std([r[key] for r in runs])
-    entry["per_class"] = {c: float(np.mean([r["per_class"][c] for r in runs if c in r["per_class"]]))
-                          for c in sorted({c for r in runs for c in r["per_class"]}, key=int)}
-    entry["runs"] = runs
-    return entry, forwards, episodes
+    return {**mean_over_runs(runs), "runs": runs}, forwards, episodes
 
 
 def run_fss(args):
@@ -316,7 +297,7 @@ def run_fss(args):
             check_output(path)
     device = pick_device(args.device)
     configure_backends(device)
-    net = None if args.baseline else load_fss_model(args.checkpoint, device)
+    net = None if args.baseline else load_network(args.checkpoint, ("fss",), device)[0]
     results, figure_rows, forwards, episodes, start = {}, [], 0, 0, time.time()
     episode_log = atomic_file(args.save_episodes, "w") if args.save_episodes else contextlib.nullcontext()
     with episode_log as log_file:  # a temporary file unique to this run until every episode is in
@@ -420,10 +401,7 @@ def add_predict_args(p):
                    help="query/support side the network sees (section 4: 400; the size the checkpoint was "
                         "trained at is usually best)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="queries per forward pass")
-    p.add_argument("--workers", type=nonnegative_int, default=default_workers(),
-                   help="query loading processes (default: usable cores - 1, at most 16; here %(default)s)")
-    p.add_argument("--device", type=device_flag, default="auto",
-                   help="auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:1, ...")
+    add_device_flags(p)
 
 
 class QueryImages(torch.utils.data.Dataset):
@@ -492,7 +470,7 @@ def run_predict(args):
     paths, errors = query_paths(args.query)
     for line in errors:
         print(f"error: {line}", file=sys.stderr)
-    net = load_fss_model(args.checkpoint, device)
+    net = load_network(args.checkpoint, ("fss",), device)[0]
     autocast, _ = mixed_precision(device)
     with torch.no_grad(), autocast():  # the support side once
         support_imgs = torch.stack([img for img, _ in supports]).to(device)
@@ -528,8 +506,6 @@ def run_predict(args):
 
 
 # ---- saliency: MAE, F-beta, S-measure ----
-
-from PIL import Image  # noqa: E402  (the saliency section's own I/O)
 
 BETA2 = 0.3  # F-beta weight of precision, beta^2 = 0.3 (Achanta et al. 2009, the saliency convention)
 
@@ -655,6 +631,7 @@ def run_saliency(args):
     return metrics
 
 
+@exits_on_bad_input
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -675,10 +652,7 @@ def main(argv=None):
                               "MAE, max / mean F-beta (beta^2 = 0.3) and S-measure of saliency maps (8-bit PNGs) "
                               "against ground-truth masks with the same stems."))
     args = parser.parse_args(argv)
-    try:
-        {"fss": run_fss, "merge": run_merge, "predict": run_predict, "saliency": run_saliency}[args.command](args)
-    except ValueError as e:  # an unreadable or missing image / mask file, named in the message
-        raise SystemExit(f"error: {str(e).strip().splitlines()[-1]}") from None
+    {"fss": run_fss, "merge": run_merge, "predict": run_predict, "saliency": run_saliency}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm import tqdm
 
-from datasets import (SalientObjects, check_output, default_workers, images_without_mask, make_loader, save_png,
-                      write_json)
-from model import (BASNet, HelpFormatter, SaliencyNet, configure_backends, device_flag, load_checkpoint,
-                   mixed_precision, nonnegative_int, pick_device, positive_int, unit_float)
+from datasets import SalientObjects, images_without_mask, make_loader, save_png
+from model import (HelpFormatter, add_device_flags, check_output, configure_backends, exits_on_bad_input, load_network,
+                   mixed_precision, pick_device, positive_int, unit_float, write_json)
 
 
 def remove_small_regions(mask, min_pixels):
@@ -42,23 +41,6 @@ def postprocess(prob, threshold=0.5, min_fraction=0.01):
     min_pixels = min_fraction * prob.numel()
     mask = remove_small_regions(prob >= threshold, min_pixels)
     return mask if mask.sum() >= min_pixels else None
-
-
-def load_network(path, device):
-    """A 'basnet' or 'saliency' checkpoint -> (network in eval mode, input size, kind)."""
-    ck = load_checkpoint(path)
-    if ck["kind"] == "basnet":
-        net = BASNet(weights="none", encoder=ck["config"].get("encoder", "resnet34"),
-                     width=ck["config"].get("width", 1.0))
-    elif ck["kind"] == "saliency":
-        net = SaliencyNet(ck["config"]["backbone"], weights="none", channels=ck["config"]["channels"])
-    else:
-        raise SystemExit(f"error: {path} is a {ck['kind']!r} checkpoint; expected 'basnet' or 'saliency'")
-    try:
-        net.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise SystemExit(f"error: {path}: weights do not fit the {ck['kind']} network ({e})") from None
-    return net.to(device).eval(), ck["config"]["image_size"], ck["kind"]
 
 
 @torch.no_grad()
@@ -92,10 +74,7 @@ def parse_args(argv=None):
                    help="drop regions under this fraction of the image; no mask when under it in total")
     p.add_argument("--shard", type=parse_shard, default=(0, 1), help="k/n: this process's share of the images")
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
-    p.add_argument("--workers", type=nonnegative_int, default=default_workers(),
-                   help="data loading processes (default: usable cores - 1, at most 16; here %(default)s)")
-    p.add_argument("--device", type=device_flag, default="auto",
-                   help="auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:1, ...")
+    add_device_flags(p)
     return p.parse_args(argv)
 
 
@@ -121,6 +100,7 @@ def claim_settings(out, args):
         write_json(settings, path)
 
 
+@exits_on_bad_input
 def main(argv=None):
     args = parse_args(argv)
     out = check_output(args.out, folder=True)
@@ -128,7 +108,8 @@ def main(argv=None):
         check_output(args.save_prob, folder=True)
     device = pick_device(args.device)
     configure_backends(device)
-    net, size, kind = load_network(args.checkpoint, device)
+    net, checkpoint = load_network(args.checkpoint, ("basnet", "saliency"), device)
+    size, kind = checkpoint["config"]["image_size"], checkpoint["kind"]
     claim_settings(out, args)
     data = SalientObjects(args.images, list_file=args.list, image_size=size)
     k, n = args.shard
@@ -160,7 +141,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad input (unreadable image, missing file): one clear line
-        raise SystemExit(f"error: {str(e).strip().splitlines()[-1]}")  # from a worker: its last line
+    main()

@@ -1,26 +1,39 @@
-"""Networks and the small helpers every script shares.
+"""Networks, and the run plumbing every script shares.
 
 Read top to bottom beside the paper:
-  1. helpers: command-line help, device, flag types, backend switches, mixed precision, RNG state, the one
-     checkpoint format, the non-finite guard and the --resume check of every trainer
+  1. run plumbing: the one home of what every script does around its work: command-line help and flag types,
+     device, backend switches, mixed precision, atomic output files (every file any script writes), output
+     checks, training logs, RNG state and seeded streams, the one checkpoint format and its loader, the --resume
+     check and state of every trainer, the non-finite guard, the error wrapper of every main()
   2. frozen backbones (paper section 3.3 "Backbone"): ResNet-101 (paper), ResNet-50, EfficientNet-Lite0
-  3. FSSNet: projection + prototype mixing module + upsampling module (paper section 3.3, Figure 4)
-  4. saliency networks (paper section 3.2), at the end of the file
+  3. saliency networks (paper section 3.2): the DeepUSPS network, BAS-Net and its hybrid loss
+  4. FSSNet: projection + masked average pooling + prototype mixing module + upsampling module (section 3.3)
+  5. trained networks rebuilt from their checkpoints (NETWORKS, load_network)
+The rule: model.py imports nothing of ours; datasets.py (data) and the five scripts import from it.
 """
 import argparse
 import contextlib
+import functools
+import inspect
+import json
 import math
 import os
+import pathlib
 import random
+import socket
+import tempfile
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)   # the input normalisation of every ImageNet backbone here (torchvision's)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 # ---------------------------------------------------------------------------------------------------------------
-# helpers: command-line help, device, flag types, backend switches, mixed precision, RNG state, checkpoints,
-# training guards
+# run plumbing: command-line help, device, flag types, backend switches, mixed precision, output files, RNG state,
+# checkpoints, training guards, the error wrapper of main()
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -73,6 +86,29 @@ def device_flag(text):
     return text
 
 
+def default_workers():
+    """Loader processes when a script's --workers is not given: the cores this process may use minus one for the
+    main process (which feeds the GPU), at least 1, at most 16."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:                                 # no sched_getaffinity (macOS, Windows)
+        cores = os.cpu_count() or 1
+    return max(1, min(cores - 1, 16))
+
+
+def add_device_flags(p, workers=True, deterministic=False):
+    """The flags of where a script runs, one definition for all: --device, --workers (loader processes) and, for
+    the trainers, --deterministic."""
+    p.add_argument("--device", type=device_flag, default="auto",
+                   help="auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:1, ...")
+    if workers:
+        p.add_argument("--workers", type=nonnegative_int, default=default_workers(),
+                       help="data loading processes (default: usable cores - 1, at most 16; here %(default)s)")
+    if deterministic:
+        p.add_argument("--deterministic", action="store_true",
+                       help="torch's deterministic algorithms (CUDA; the CPU is deterministic anyway, see README)")
+
+
 def configure_backends(device, deterministic=False):
     """The backend switches of a run on `device`; call before its first CUDA operation.
 
@@ -115,6 +151,101 @@ def mixed_precision(device):
     return autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _writer():
+    """This process as temporary names spell it: <host>-<pid>."""
+    return f"{socket.gethostname().replace('.', '_').replace('-', '_')}-{os.getpid()}"
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode="wb"):
+    """The one writer of every output file: yields a temporary file beside `path` (parent folders created), named
+    .<name>.<host>-<pid>.<random>.tmp, unique to this process; moved onto `path` when the block ends, removed on
+    any exit before that (an error, Ctrl-C). The file follows the user's umask like any other new file."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_writer()}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.chmod(tmp, 0o666 & ~_umask())                  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_file(path, data):
+    """Write bytes atomically (atomic_file)."""
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+def write_json(obj, path):
+    """Write JSON atomically."""
+    data = json.dumps(obj, indent=1).encode()
+    write_file(path, data)
+
+
+def check_output(path, folder=False):
+    """The one check of an output location, before any work: a folder (folder=True) is created; a file's parent
+    folder is created and the file must not be a folder; either way the folder must take a new file. Temporary
+    files that killed processes of this machine left there (SIGKILL: no cleanup possible) are removed. Returns
+    the path; ValueError naming it otherwise."""
+    path = pathlib.Path(path)
+    target = path if folder else path.parent
+    if not folder and path.is_dir():
+        raise ValueError(f"{path}: output file is a folder")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=target).close()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot write there ({err.strerror or err})") from None
+    host = _writer().rpartition("-")[0]
+    for tmp in target.glob(f".*.{host}-*.tmp"):
+        pid = tmp.name.rsplit(f".{host}-", 1)[1].split(".")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                               # another user's process
+        return True
+    return True
+
+
+def trim_log(path, step):
+    """On resume: keep only the lines of a training log.jsonl whose "step" the checkpoint already holds (step 0:
+    none), atomically, so an interrupted run never logs a step twice. A last line cut short by a kill is dropped;
+    any other unreadable line is a ValueError naming the file and line."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break
+            raise ValueError(f"{path}:{n}: not a JSON line") from None
+        if record is not None and record["step"] <= step:
+            kept.append(line + "\n")
+    write_file(path, "".join(kept).encode())
+
+
 def capture_rng():
     """Every RNG state a run depends on (python, numpy, torch cpu and the current CUDA device's), for an exact
     --resume; the tensors are CPU ByteTensors."""
@@ -138,12 +269,10 @@ CHECKPOINT_KEYS = ("kind", "config", "model")
 
 
 def save_checkpoint(path, **state):
-    """Write the one checkpoint format atomically (datasets.atomic_file: a unique temporary file + os.replace).
+    """Write the one checkpoint format atomically (atomic_file: a unique temporary file + os.replace).
 
-    Keys: kind ('fss' | 'saliency' | 'basnet'), config (rebuilds the model), model (state_dict), and
-    optionally optimizer, scaler, epoch, step, rng, args."""
-    from datasets import atomic_file
-
+    Keys: kind ('fss' | 'saliency' | 'basnet': NETWORKS), config (rebuilds the network: from_config), model
+    (state_dict), and optionally a trainer's training_state (optimizer, scaler, rng), epoch, step, args."""
     missing = [k for k in CHECKPOINT_KEYS if k not in state]
     if missing:
         raise ValueError(f"save_checkpoint({path}): missing keys {missing}")
@@ -151,10 +280,11 @@ def save_checkpoint(path, **state):
         torch.save(state, f)
 
 
-def load_checkpoint(path):
-    """The one checkpoint loader of every script. Always onto the CPU, wherever it was written: callers move what
-    belongs on their device (model.load_state_dict copies into the device's parameters, optimizer.load_state_dict
-    casts its state to them), and the RNG states must stay CPU ByteTensors for restore_rng."""
+def load_checkpoint(path, kinds=("fss", "saliency", "basnet")):
+    """The one checkpoint loader of every script: ValueError naming the file unless it is a checkpoint of one of
+    `kinds`. Always onto the CPU, wherever it was written: callers move what belongs on their device
+    (model.load_state_dict copies into the device's parameters, optimizer.load_state_dict casts its state to
+    them), and the RNG states must stay CPU ByteTensors for restore_rng."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -165,6 +295,8 @@ def load_checkpoint(path):
         raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
         raise ValueError(f"checkpoint {path} is not in this project's format (needs keys {list(CHECKPOINT_KEYS)})")
+    if state["kind"] not in kinds:
+        raise ValueError(f"{path} is a {state['kind']!r} checkpoint, not {' or '.join(map(repr, kinds))}")
     return state
 
 
@@ -175,15 +307,14 @@ def _same_setting(saved, now):
     return saved == now
 
 
-def resume_checkpoint(path, kind, args, free, default=None):
+def resume_checkpoint(path, kind, args, free, default=None, renamed=None):
     """The one --resume check of every trainer: the checkpoint at `path`, of `kind`, written by a run whose flags
     (its saved args) are those of `args` (argparse namespace) except the flags in `free`. ValueError naming the
     file and every changed flag otherwise. default(flag) (the parser's get_default): the value of a flag newer
-    than the checkpoint, whose run had the flag's default behaviour."""
-    state = load_checkpoint(path)
-    if state["kind"] != kind:
-        raise ValueError(f"{path} is a {state['kind']!r} checkpoint, not a {kind!r} one")
-    saved = dict(state.get("args") or {})
+    than the checkpoint, whose run had the flag's default behaviour; renamed: {old name: new name} of flags a
+    checkpoint may have saved under an old name."""
+    state = load_checkpoint(path, (kind,))
+    saved = {(renamed or {}).get(k, k): v for k, v in (state.get("args") or {}).items()}
     if default is not None:
         saved.update({k: default(k) for k in vars(args) if k not in saved})
     changed = [k for k, v in vars(args).items() if k not in free and not _same_setting(saved.get(k), v)]
@@ -191,6 +322,43 @@ def resume_checkpoint(path, kind, args, free, default=None):
         raise ValueError(f"cannot --resume {path} with different flags: " + ", ".join(
             f"--{k.replace('_', '-')} {saved.get(k)} -> {vars(args)[k]}" for k in changed))
     return state
+
+
+def training_state(model_state, optimizer, scaler):
+    """What every trainer's checkpoint holds besides its kind, config and progress: weights, optimiser, loss scaler
+    and every RNG state (capture_rng), for an exact --resume (load_training_state, restore_rng)."""
+    return dict(model=model_state, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=capture_rng())
+
+
+def load_training_state(state, model, optimizer, scaler, strict=True):
+    """The one --resume of a trainer's model, optimiser and loss scaler from its checkpoint `state`; the scaler's
+    only when float16 both then and now (a disabled scaler saves {})."""
+    model.load_state_dict(state["model"], strict=strict)
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
+
+
+def seeded_generator(seed, index):
+    """The one derivation of a run's random stream number `index` (an epoch's batch order, a step's crops, a task):
+    a CPU generator seeded by (seed, index) alone, so a resumed run draws exactly what an uninterrupted one drew."""
+    return torch.Generator().manual_seed(seed * 100003 + index)
+
+
+def exits_on_bad_input(main):
+    """The one error wrapper of every script's main(argv=None): bad input, a ValueError or FileNotFoundError naming
+    the file, ends the run with one line "error: ..." and exit status 1, whether main runs from the shell or is
+    called (tests). From a DataLoader worker, the original error is the message's last line."""
+    @functools.wraps(main)
+    def main_with_one_line_errors(argv=None):
+        try:
+            return main(argv)
+        except (ValueError, FileNotFoundError) as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            if "Original Traceback (most recent call last):" in lines:
+                lines = lines[-1:]
+            raise SystemExit("error: " + "; ".join(lines)) from None
+    return main_with_one_line_errors
 
 
 class NonFinite(SystemExit):
@@ -400,7 +568,6 @@ class EfficientNetLite0Backbone(FrozenBackbone):
         # ends of stage 3 (1/8), stage 5 (1/16) and stage 7 (1/32)
         self.taps = (taps[2], taps[4], taps[6])
         self.out_channels = (LITE0_STAGES[2][4], LITE0_STAGES[4][4], LITE0_STAGES[6][4])
-        from datasets import IMAGENET_MEAN, IMAGENET_STD
         self.register_buffer("in_scale", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255 / 128, persistent=False)
         self.register_buffer("in_shift", (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255 - 127) / 128,
                              persistent=False)
@@ -501,8 +668,9 @@ def build_backbone(name="resnet101", weights="imagenet", batch_norm="frozen"):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# FSSNet (paper section 3.3, Figure 4): frozen backbone -> mixing module (projection + support prototype) ->
-# upsampling module -> 2-class logits at the input resolution
+# saliency networks (paper section 3.2)
+# Pseudo-masks with no human labels: DeepUSPS saliency networks (SaliencyNet), then BAS-Net trained on their
+# outputs (BASNet, hybrid_loss); owned by saliency_train.py / basnet_train.py / make_pseudomasks.py.
 
 
 def conv_gn_relu(cin, cout, groups=4):
@@ -510,95 +678,19 @@ def conv_gn_relu(cin, cout, groups=4):
                          nn.ReLU(inplace=True))
 
 
-def masked_average_pool(features, mask):
-    """Support prototype: average of features [N,C,h,w] over the mask [N,H,W] (resized to h,w) -> [N,C].
-    Pixels outside the mask do not contribute; an empty mask gives a zero prototype."""
-    mask = F.interpolate(mask[:, None].float(), size=features.shape[-2:], mode="bilinear", align_corners=True)
-    return (features * mask).sum((2, 3)) / mask.sum((2, 3)).clamp_min(1e-5)
-
-
-class FSSNet(nn.Module):
-    """Prototype network of Figure 4.
-
-    forward(query_img [B,3,H,W], support_imgs [B,k,3,H,W], support_masks [B,k,H,W]) -> logits [B,2,H,W].
-    forward_features(...) runs the same from precomputed backbone features (evaluate.py's cache)."""
-
-    def __init__(self, backbone="resnet101", weights="imagenet", channels=128, groups=4, backbone_bn="frozen"):
-        super().__init__()
-        self.config = dict(backbone=backbone, weights=weights, channels=channels, groups=groups,
-                           backbone_bn=backbone_bn)
-        self.backbone = build_backbone(backbone, weights, backbone_bn)
-        c = channels
-        # mixing module: one projection per level (block2, block3, block4), shared by support and query
-        self.project = nn.ModuleList(conv_gn_relu(cin, c, groups) for cin in self.backbone.out_channels)
-        # query (c) + broadcast prototype (c) per level, three levels -> shared convolution
-        self.mix = conv_gn_relu(2 * c * len(self.backbone.out_channels), c, groups)
-        # upsampling module: 3 blocks of two 3x3 convs + x2 bilinear, then 3x3 conv and 1x1 conv to 2 classes
-        self.up = nn.ModuleList([
-            nn.Sequential(conv_gn_relu(c, c, groups), conv_gn_relu(c, c, groups)),
-            nn.Sequential(conv_gn_relu(c, c // 2, groups), conv_gn_relu(c // 2, c // 2, groups)),
-            nn.Sequential(conv_gn_relu(c // 2, c // 4, groups), conv_gn_relu(c // 4, c // 4, groups)),
-        ])
-        self.head = nn.Sequential(conv_gn_relu(c // 4, c // 8, groups), nn.Conv2d(c // 8, 2, 1))
+class Rebuildable:
+    """A network its checkpoint rebuilds: `config` holds its constructor arguments (no weights), and
+    from_config(config) builds the same network without pretrained weights (the checkpoint holds them). Keys that
+    are no constructor argument (a trainer's image_size) are ignored; one a checkpoint predates takes the
+    constructor's default."""
 
     @classmethod
     def from_config(cls, config):
-        """Rebuild for loading a checkpoint: the backbone's weights come from the checkpoint itself."""
-        return cls(**{**config, "weights": "none"})
-
-    def trainable_parameters(self):
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def extract(self, images):
-        """Backbone features of images [N,3,H,W] -> list of three [N,C,h,w] (no gradient)."""
-        return self.backbone(images)
-
-    def forward(self, query_img, support_imgs, support_masks):
-        # query and support go through the backbone separately: with --backbone-bn batch one forward of both would
-        # mix their BatchNorm statistics, and with frozen BatchNorm (same features either way) one forward of the
-        # doubled batch is no faster on the CPU (slower with one thread, measured for tests/bench_fss.py step)
-        query_feats = self.extract(query_img)
-        support_feats = self.extract(support_imgs.flatten(0, 1))
-        return self.forward_features(query_feats, support_feats, support_masks, query_img.shape[-2:])
-
-    def forward_features(self, query_feats, support_feats, support_masks, size):
-        """The network after the backbone. query_feats: three [B,C,h,w]; support_feats: three [B*k,C,h,w];
-        support_masks [B,k,H,W]; size: (H, W) of the output logits."""
-        prototypes = self.prototypes(self.project_features(support_feats), support_masks.flatten(0, 1),
-                                     shots=support_masks.shape[1])
-        return self.decode(self.project_features(query_feats), prototypes, size)
-
-    # the three steps of forward_features, separately usable so evaluate.py can cache per image
-    def project_features(self, feats):
-        """Mixing module, projection: per level Conv3x3 -> 128 + GroupNorm + ReLU (shared by query/support)."""
-        return [project(f) for project, f in zip(self.project, feats)]
-
-    def prototypes(self, projected_support, support_masks, shots=1):
-        """Support prototype per level: masked average of the projected support features, the k = `shots`
-        prototypes of an episode averaged (k-shot; an episode's supports are consecutive). [B*k,...] -> [B,C]."""
-        return [masked_average_pool(f, support_masks).unflatten(0, (-1, shots)).mean(1) for f in projected_support]
-
-    def decode(self, projected_query, prototypes, size):
-        """Mixing module (query + broadcast prototype per level, concatenated, shared conv) and the
-        upsampling module -> logits [B,2,H,W] at size."""
-        mixed = []
-        for q, p in zip(projected_query, prototypes):
-            mixed += [q, p[:, :, None, None].expand_as(q)]
-        x = self.mix(torch.cat(mixed, 1))
-        for block in self.up:
-            x = F.interpolate(block(x), scale_factor=2, mode="bilinear", align_corners=False)
-        logits = self.head(x)
-        if logits.shape[-2:] != tuple(size):  # input sides not multiples of 8
-            logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
-        return logits
+        names = inspect.signature(cls.__init__).parameters
+        return cls(**{k: v for k, v in config.items() if k in names and k != "weights"}, weights="none")
 
 
-# ---- Saliency networks (paper section 3.2) ----
-# Pseudo-masks with no human labels: DeepUSPS saliency networks (SaliencyNet), then BAS-Net trained on their
-# outputs (BASNet, hybrid_loss); owned by saliency_train.py / basnet_train.py / make_pseudomasks.py.
-
-
-class SaliencyNet(nn.Module):
+class SaliencyNet(Rebuildable, nn.Module):
     """DeepUSPS saliency network (Nguyen et al. 2019; they used a Cityscapes-pretrained DRN): a frozen ImageNet
     backbone from build_backbone plus a light decoder (1x1 reductions of the three 1/8 feature maps,
     concatenated, two 3x3 conv-GN-ReLU, 1x1 conv) -> saliency logits [B,H,W] upsampled bilinearly."""
@@ -697,7 +789,7 @@ class Lite0Encoder(nn.Module):
         return out
 
 
-class BASNet(nn.Module):
+class BASNet(Rebuildable, nn.Module):
     """BAS-Net (Qin et al., CVPR 2019), as published: ResNet-34 encoder behind a stride-1 3x3 input conv (no 7x7
     stem, no max-pool) plus two extra 512-channel stages (max-pool + 3 basic blocks each), a bridge of three
     dilated (2) 3x3 convs, a 6-stage decoder with skip connections, side outputs from the bridge and every
@@ -822,3 +914,104 @@ def hybrid_loss(logits, target):
         iou_loss = (1 - inter / union.clamp_min(1e-6)).mean()
         total = total + bce + ssim_loss + iou_loss
     return total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSSNet (paper section 3.3, Figure 4): frozen backbone -> mixing module (projection + support prototype) ->
+# upsampling module -> 2-class logits at the input resolution
+
+
+def masked_average_pool(features, mask):
+    """Support prototype: average of features [N,C,h,w] over the mask [N,H,W] (resized to h,w) -> [N,C].
+    Pixels outside the mask do not contribute; an empty mask gives a zero prototype."""
+    mask = F.interpolate(mask[:, None].float(), size=features.shape[-2:], mode="bilinear", align_corners=True)
+    return (features * mask).sum((2, 3)) / mask.sum((2, 3)).clamp_min(1e-5)
+
+
+class FSSNet(Rebuildable, nn.Module):
+    """Prototype network of Figure 4.
+
+    forward(query_img [B,3,H,W], support_imgs [B,k,3,H,W], support_masks [B,k,H,W]) -> logits [B,2,H,W].
+    forward_features(...) runs the same from precomputed backbone features (evaluate.py's cache)."""
+
+    def __init__(self, backbone="resnet101", weights="imagenet", channels=128, groups=4, backbone_bn="frozen"):
+        super().__init__()
+        self.config = dict(backbone=backbone, weights=weights, channels=channels, groups=groups,
+                           backbone_bn=backbone_bn)
+        self.backbone = build_backbone(backbone, weights, backbone_bn)
+        c = channels
+        # mixing module: one projection per level (block2, block3, block4), shared by support and query
+        self.project = nn.ModuleList(conv_gn_relu(cin, c, groups) for cin in self.backbone.out_channels)
+        # query (c) + broadcast prototype (c) per level, three levels -> shared convolution
+        self.mix = conv_gn_relu(2 * c * len(self.backbone.out_channels), c, groups)
+        # upsampling module: 3 blocks of two 3x3 convs + x2 bilinear, then 3x3 conv and 1x1 conv to 2 classes
+        self.up = nn.ModuleList([
+            nn.Sequential(conv_gn_relu(c, c, groups), conv_gn_relu(c, c, groups)),
+            nn.Sequential(conv_gn_relu(c, c // 2, groups), conv_gn_relu(c // 2, c // 2, groups)),
+            nn.Sequential(conv_gn_relu(c // 2, c // 4, groups), conv_gn_relu(c // 4, c // 4, groups)),
+        ])
+        self.head = nn.Sequential(conv_gn_relu(c // 4, c // 8, groups), nn.Conv2d(c // 8, 2, 1))
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def extract(self, images):
+        """Backbone features of images [N,3,H,W] -> list of three [N,C,h,w] (no gradient)."""
+        return self.backbone(images)
+
+    def forward(self, query_img, support_imgs, support_masks):
+        # query and support go through the backbone separately: with --backbone-bn batch one forward of both would
+        # mix their BatchNorm statistics, and with frozen BatchNorm (same features either way) one forward of the
+        # doubled batch is no faster on the CPU (slower with one thread, measured for tests/bench_fss.py step)
+        query_feats = self.extract(query_img)
+        support_feats = self.extract(support_imgs.flatten(0, 1))
+        return self.forward_features(query_feats, support_feats, support_masks, query_img.shape[-2:])
+
+    def forward_features(self, query_feats, support_feats, support_masks, size):
+        """The network after the backbone. query_feats: three [B,C,h,w]; support_feats: three [B*k,C,h,w];
+        support_masks [B,k,H,W]; size: (H, W) of the output logits."""
+        prototypes = self.prototypes(self.project_features(support_feats), support_masks.flatten(0, 1),
+                                     shots=support_masks.shape[1])
+        return self.decode(self.project_features(query_feats), prototypes, size)
+
+    # the three steps of forward_features, separately usable so evaluate.py can cache per image
+    def project_features(self, feats):
+        """Mixing module, projection: per level Conv3x3 -> 128 + GroupNorm + ReLU (shared by query/support)."""
+        return [project(f) for project, f in zip(self.project, feats)]
+
+    def prototypes(self, projected_support, support_masks, shots=1):
+        """Support prototype per level: masked average of the projected support features, the k = `shots`
+        prototypes of an episode averaged (k-shot; an episode's supports are consecutive). [B*k,...] -> [B,C]."""
+        return [masked_average_pool(f, support_masks).unflatten(0, (-1, shots)).mean(1) for f in projected_support]
+
+    def decode(self, projected_query, prototypes, size):
+        """Mixing module (query + broadcast prototype per level, concatenated, shared conv) and the
+        upsampling module -> logits [B,2,H,W] at size."""
+        mixed = []
+        for q, p in zip(projected_query, prototypes):
+            mixed += [q, p[:, :, None, None].expand_as(q)]
+        x = self.mix(torch.cat(mixed, 1))
+        for block in self.up:
+            x = F.interpolate(block(x), scale_factor=2, mode="bilinear", align_corners=False)
+        logits = self.head(x)
+        if logits.shape[-2:] != tuple(size):  # input sides not multiples of 8
+            logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+        return logits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# trained networks from their checkpoints
+
+NETWORKS = {"saliency": SaliencyNet, "basnet": BASNet, "fss": FSSNet}   # checkpoint kind -> network
+
+
+def load_network(path, kinds, device):
+    """The network of a checkpoint whose kind is one of `kinds`, rebuilt from its config, its weights loaded, in
+    eval mode on `device` -> (network, checkpoint). ValueError naming the file when the weights do not fit."""
+    state = load_checkpoint(path, kinds)
+    net = NETWORKS[state["kind"]].from_config(state["config"])
+    try:
+        net.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit the {state['kind']} network ({e})") from None
+    return net.to(device).eval(), state

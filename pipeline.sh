@@ -48,7 +48,7 @@ if [[ $mode == demo ]]; then
   # BCE without the CRF, as the cpu mode: on 40 demo images the F-measure loss and the CRF spread every label
   # to the whole image
   saliency_flags=(--prior-size 128 --image-size 128 --rounds 2 --epochs 3 --batch-size 8 --loss bce --no-crf)
-  basnet_flags=(--iters 60 --size 64 --crop 56 --encoder efficientnet_lite0 --width 0.25 --save-every 20)
+  basnet_flags=(--max-steps 60 --image-size 64 --crop 56 --encoder efficientnet_lite0 --width 0.25 --save-every 20)
   pseudo_flags=()
   fss_flags=(--image-size 160 --batch-size 8 --epochs 8 --workers 1)
   eval_flags=(--image-size 160 --runs 1 --episodes 300 --workers 1)
@@ -66,7 +66,7 @@ else
     # (README "CPU recipe": the priors binarised at 0.5 for RBD / MC, BCE, no CRF, and a narrow BAS-Net decoder)
     saliency_flags=(--image-size 128 --rounds 2 --epochs 5 --batch-size 8 --loss bce --prior-thresholds rbd=0.5,mc=0.5
                     --no-crf)
-    basnet_flags=(--encoder efficientnet_lite0 --width 0.25 --size 72 --crop 64 --iters 1200 --save-every 50)
+    basnet_flags=(--encoder efficientnet_lite0 --width 0.25 --image-size 72 --crop 64 --max-steps 1200 --save-every 50)
     fss_flags=(--image-size 256 --batch-size 8 --max-steps 600 --workers 1)
     eval_flags=(--image-size 256 --runs 2 --episodes 1000 --workers 1 --eval-resolution original)
   fi
@@ -85,7 +85,7 @@ read -ra more <<< "${EVAL_FLAGS:-}"; eval_flags+=("${more[@]}")
 # 1. unsupervised saliency (DeepUSPS style), 2. BAS-Net on its labels
 stage saliency python saliency_train.py --images "$SAL_IMAGES" --out "$RUN/deepusps" --backbone "$BACKBONE" \
   --weights "$WEIGHTS" --device "$DEVICE" "${saliency_flags[@]}" --resume
-stage basnet python basnet_train.py --images "$SAL_IMAGES" --labels "$RUN/deepusps/labels" --out "$RUN/basnet" \
+stage basnet python basnet_train.py --images "$SAL_IMAGES" --masks "$RUN/deepusps/labels" --out "$RUN/basnet" \
   --device "$DEVICE" "${basnet_flags[@]}" --resume
 
 # 3. pseudo-masks over every PASCAL image (train images for stage 4; val images for the Saliency* baseline)

@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from datasets import check_output, image_to_tensor, list_images, load_image, save_png, trim_log
-from model import (BACKBONES, FiniteGuard, HelpFormatter, SaliencyNet, capture_rng, configure_backends, device_flag,
-                   mixed_precision, momentum_float, nonnegative_float, pick_device, positive_float, positive_int,
-                   restore_rng, resume_checkpoint, save_checkpoint, unit_float)
+from datasets import image_to_tensor, list_images, load_image, save_png
+from model import (BACKBONES, FiniteGuard, HelpFormatter, SaliencyNet, add_device_flags, check_output,
+                   configure_backends, exits_on_bad_input, load_training_state, mixed_precision, momentum_float,
+                   nonnegative_float, pick_device, positive_float, positive_int, restore_rng, resume_checkpoint,
+                   save_checkpoint, seeded_generator, training_state, trim_log, unit_float)
 
 # DeepUSPS's per-prior binarisation thresholds for the first round (Nguyen et al. 2019).
 PRIOR_THRESHOLDS = {"mc": 0.31, "hs": 0.36, "dsr": 0.23, "rbd": 0.25}
@@ -428,7 +429,7 @@ def predict(net, feats, idx, size):
     return torch.sigmoid(net.decode(feats[idx], (size, size)).float())
 
 
-def train_epoch(net, opt, precision, feats, target_dirs, stems, args, beta2, generator):
+def train_epoch(net, optimizer, precision, feats, target_dirs, stems, args, beta2, generator):
     """One epoch over the images on fixed targets: the maps in target_dirs binarised at their threshold (one label
     set per directory; the loss is averaged over them). target_dirs: list of (folder, threshold); precision: the
     (autocast, scaler) of model.mixed_precision. Mean loss (not finite when any batch's loss was not)."""
@@ -446,9 +447,9 @@ def train_epoch(net, opt, precision, feats, target_dirs, stems, args, beta2, gen
             loss = torch.stack([f_measure_loss(torch.sigmoid(logits), t, beta2) for t in targets]).mean()
         else:
             loss = torch.stack([F.binary_cross_entropy_with_logits(logits, t) for t in targets]).mean()
-        opt.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        scaler.step(opt)
+        scaler.step(optimizer)
         scaler.update()
         total += loss.item() * len(idx)
     return total / len(stems)
@@ -529,8 +530,7 @@ def parse_args(argv=None):
                    help="keep at most this much of the frozen backbone's features (fp16); recompute the rest")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate of the decoder")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same run)")
-    p.add_argument("--device", type=device_flag, default="auto",
-                   help="auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:1, ...")
+    add_device_flags(p, workers=False)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt at its last finished epoch")
     args = p.parse_args(argv)
     args.fusion_epochs = args.fusion_epochs or args.epochs
@@ -549,37 +549,33 @@ class Progress:
     def __init__(self, out, args, paths, config, resume):
         self.path, self.log_path = out / "last.pt", out / "log.jsonl"
         self.config, self.args, self.stems = config, args, [p.stem for p in paths]
-        self.task, self.epoch, self.model, self.optimizer, self.log_lines = 0, 0, None, None, 0
+        self.task, self.epoch, self.state, self.log_lines = 0, 0, None, 0
         if resume and self.path.is_file():
-            ck = resume_checkpoint(self.path, "saliency", args, RESUME_FREE)
-            if ck.get("stems") != self.stems or ck["config"] != config:
-                raise SystemExit(f"error: {self.path} belongs to another run (other images or network); "
-                                 f"use another --out or drop --resume")
-            self.task, self.epoch, self.log_lines = ck["task"], ck["epoch"], ck["log_lines"]
-            self.model, self.optimizer, self.scaler = ck["model"], ck["optimizer"], ck["scaler"]
-            restore_rng(ck["rng"])
+            state = resume_checkpoint(self.path, "saliency", args, RESUME_FREE)
+            if state.get("stems") != self.stems or state["config"] != config:
+                raise ValueError(f"{self.path} belongs to another run (other images or network); use another --out "
+                                 f"or drop --resume")
+            self.task, self.epoch, self.log_lines, self.state = state["task"], state["epoch"], state["log_lines"], state
+            restore_rng(state["rng"])
         trim_log(self.log_path, self.log_lines)  # drop epochs logged after the checkpoint (a kill between the two)
 
-    def start(self, task, net, opt, scaler, init):
+    def start(self, task, net, optimizer, scaler, init):
         """First epoch to run of task number `task` (the decoder and optimizer set accordingly), or None if done."""
         if task < self.task:
             return None
-        if task == self.task and self.model is not None:
-            net.load_state_dict(self.model, strict=False)
-            opt.load_state_dict(self.optimizer)
-            scaler.load_state_dict(self.scaler)
+        if task == self.task and self.state is not None:
+            load_training_state(self.state, net, optimizer, scaler, strict=False)  # the checkpoint holds the decoder
             return self.epoch
         net.load_state_dict(init, strict=False)  # every task starts from the same seeded decoder
         return 0
 
-    def epoch_done(self, task, epoch, net, opt, scaler, record):
+    def epoch_done(self, task, epoch, net, optimizer, scaler, record):
         with open(self.log_path, "a") as f:
             f.write(json.dumps({"step": self.log_lines + 1, **record}) + "\n")
         self.task, self.epoch, self.log_lines = task, epoch, self.log_lines + 1
-        save_checkpoint(self.path, kind="saliency", config=self.config, model=decoder_state(net),
-                        optimizer=opt.state_dict(), scaler=scaler.state_dict(), task=task, epoch=epoch,
-                        log_lines=self.log_lines,
-                        rng=capture_rng(), args=vars(self.args), stems=self.stems)
+        save_checkpoint(self.path, kind="saliency", config=self.config,
+                        **training_state(decoder_state(net), optimizer, scaler), task=task, epoch=epoch,
+                        log_lines=self.log_lines, args=vars(self.args), stems=self.stems)
 
 
 def mva_dir(out, name, rnd, epoch):
@@ -591,19 +587,19 @@ def mva_dir(out, name, rnd, epoch):
 def train_network(net, feats, paths, args, progress, task, init, name, target_dirs, epochs, beta2, refine_to=None):
     """Train a fresh decoder on fixed targets for `epochs` epochs (resuming where progress says); with refine_to =
     (out, prior, round), update the moving averages after every epoch (DeepUSPS)."""
-    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=args.lr)
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=args.lr)
     autocast, scaler = mixed_precision(next(net.parameters()).device)
-    first = progress.start(task, net, opt, scaler, init)
+    first = progress.start(task, net, optimizer, scaler, init)
     if first is None:
         return
-    generator = torch.Generator().manual_seed(args.seed * 100003 + task)
+    generator = seeded_generator(args.seed, task)
     for _ in range(first):  # the batch orders of the finished epochs, as in an uninterrupted run
         torch.randperm(len(paths), generator=generator)
     stems = [p.stem for p in paths]
     bar = tqdm(range(first, epochs), desc=name if refine_to is None else f"{name} round {refine_to[2] + 1}")
     guard = FiniteGuard()
     for epoch in bar:
-        loss = train_epoch(net, opt, (autocast, scaler), feats, target_dirs, stems, args, beta2, generator)
+        loss = train_epoch(net, optimizer, (autocast, scaler), feats, target_dirs, stems, args, beta2, generator)
         guard.record(progress.log_lines + 1, loss)  # an epoch is a step of log.jsonl
         guard.check(progress.log_lines + 1, net)    # before its moving averages and its checkpoint
         bar.set_postfix(loss=f"{loss:.4f}")
@@ -611,10 +607,11 @@ def train_network(net, feats, paths, args, progress, task, init, name, target_di
             out, prior, rnd = refine_to
             refine(net, feats, paths, args, epoch + 1, mva_dir(out, prior, rnd, epoch), mva_dir(out, prior, rnd,
                                                                                                  epoch + 1))
-        progress.epoch_done(task, epoch + 1, net, opt, scaler, {"task": name, "round": (refine_to or (0, 0, 0))[2] + 1,
-                                                        "epoch": epoch + 1, "loss": loss})
+        record = {"task": name, "round": (refine_to or (0, 0, 0))[2] + 1, "epoch": epoch + 1, "loss": loss}
+        progress.epoch_done(task, epoch + 1, net, optimizer, scaler, record)
 
 
+@exits_on_bad_input
 def main(argv=None):
     args = parse_args(argv)
     out = check_output(args.out, folder=True)
@@ -670,7 +667,4 @@ def save_network(net, progress, task, config, args, path):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad input (unreadable image, missing file): one clear line
-        raise SystemExit(f"error: {e}")
+    main()

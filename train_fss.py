@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import random
-import sys
 import time
 
 import numpy as np
@@ -20,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets import (EpochItems, MaskSplitPairs, SupervisedPairs, check_output, default_workers, fold_train_ids,
-                      make_loader, trim_log, voc_paths, voc_split, write_json)
+from datasets import (IGNORE, EpochItems, MaskSplitPairs, SupervisedPairs, fold_train_ids, make_loader, voc_paths,
+                      voc_split)
 from masksplit import MaskSplit
-from model import (BACKBONES, FiniteGuard, FSSNet, HelpFormatter, capture_rng, configure_backends, device_flag,
-                   mixed_precision, nonnegative_float, nonnegative_int, pick_device, positive_float, positive_int,
-                   restore_rng, resume_checkpoint, save_checkpoint, unit_float)
+from model import (BACKBONES, FSSNet, FiniteGuard, HelpFormatter, add_device_flags, check_output, configure_backends,
+                   exits_on_bad_input, load_training_state, mixed_precision, nonnegative_float, nonnegative_int,
+                   pick_device, positive_float, positive_int, restore_rng, resume_checkpoint, save_checkpoint,
+                   seeded_generator, training_state, trim_log, unit_float, write_json)
 
 
 def build_parser():
@@ -78,20 +78,15 @@ def build_parser():
     run = p.add_argument_group("run")
     run.add_argument("--max-steps", type=positive_int,
                      help="stop after this many optimiser steps (all epochs if unset)")
-    run.add_argument("--workers", type=nonnegative_int, default=default_workers(),
-                     help="data loading processes (default: usable cores - 1, at most 16; here %(default)s)")
     run.add_argument("--seed", type=int, default=0, help="random seed (same seed, same run on the CPU)")
-    run.add_argument("--device", type=device_flag, default="auto",
-                     help="auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:1, ...")
-    run.add_argument("--deterministic", action="store_true",
-                     help="torch's deterministic algorithms (CUDA; the CPU is deterministic anyway, see README)")
+    add_device_flags(run, deterministic=True)
     run.add_argument("--log-every", type=positive_int, default=10, help="steps between log.jsonl lines")
     run.add_argument("--out", default="runs/fss", help="output folder: last.pt, log.jsonl, args.json")
     run.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.pt")
     return p
 
 
-def get_args(argv=None):
+def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     if args.supervised and (args.voc_root is None or args.fold is None):
@@ -139,7 +134,7 @@ def build_dataset(args):
 def epoch_batches(n, batch_size, seed, epoch):
     """The batches of one epoch: a permutation that depends only on (seed, epoch), so --resume can skip the
     batches already done without loading them."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+    order = torch.randperm(n, generator=seeded_generator(seed, epoch)).tolist()
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
@@ -172,17 +167,17 @@ def memory_format(device):
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
-def train_step(model, optimizer, batch, device, autocast, scaler, fmt=torch.contiguous_format):
-    """One optimiser step on a batch of MaskSplit pairs (images in memory format fmt, like the model); returns the
+def train_step(net, optimizer, batch, device, autocast, scaler, fmt=torch.contiguous_format):
+    """One optimiser step on a batch of MaskSplit pairs (images in memory format fmt, like the net); returns the
     loss as a tensor on the device (reading it waits for the GPU: the caller does so only when it logs)."""
     query = batch["query_img"].to(device, non_blocking=True).contiguous(memory_format=fmt)
     support = batch["support_img"].to(device, non_blocking=True).contiguous(memory_format=fmt)
     support_mask = batch["support_mask"].to(device, non_blocking=True)
     target = batch["query_target"].to(device, non_blocking=True)
     with autocast():
-        logits = model(query, support[:, None], support_mask[:, None])
-    # pixel-wise cross-entropy; 255 = the support half of the query and pixels outside the image (3.2)
-    loss = F.cross_entropy(logits.float(), target, ignore_index=255)
+        logits = net(query, support[:, None], support_mask[:, None])
+    # pixel-wise cross-entropy; IGNORE (255) = the support half of the query and pixels outside the image (3.2)
+    loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -190,46 +185,41 @@ def train_step(model, optimizer, batch, device, autocast, scaler, fmt=torch.cont
     return loss.detach()
 
 
+def build_training(args, device, fmt, state=None):
+    """The network (section 3.3; memory format fmt), its Adam optimiser (section 4) and mixed precision of a run,
+    continued from the checkpoint `state` on --resume -> (net, optimizer, (autocast, scaler), first step)."""
+    net = FSSNet(args.backbone, args.weights, backbone_bn=args.backbone_bn).to(device, memory_format=fmt)
+    optimizer = torch.optim.Adam(net.trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    autocast, scaler = mixed_precision(device)
+    if state is None:
+        return net, optimizer, (autocast, scaler), 0
+    load_training_state(state, net, optimizer, scaler)
+    restore_rng(state["rng"])
+    return net, optimizer, (autocast, scaler), state["step"]
+
+
 # flags that may change on --resume; every other flag must match the checkpoint's run
 RESUME_FREE = ("resume", "max_steps", "epochs", "workers", "device", "deterministic", "log_every")
 
 
+@exits_on_bad_input
 def main(argv=None):
-    args = get_args(argv)
-    try:
-        check_output(args.out, folder=True)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    ckpt_path, log_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "log.jsonl")
+    args = parse_args(argv)
+    check_output(args.out, folder=True)
+    checkpoint_path, log_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "log.jsonl")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     configure_backends(device, args.deterministic)
     state = None
-    if args.resume and os.path.isfile(ckpt_path):
-        try:
-            state = resume_checkpoint(ckpt_path, "fss", args, RESUME_FREE, build_parser().get_default)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+    if args.resume and os.path.isfile(checkpoint_path):
+        state = resume_checkpoint(checkpoint_path, "fss", args, RESUME_FREE, build_parser().get_default)
     elif args.resume:  # killed before its first checkpoint: nothing to continue, start afresh
-        print(f"--resume: no {ckpt_path} yet, starting from step 0")
-    try:
-        dataset = build_dataset(args)
-    except ValueError as e:  # a missing folder or an unreadable / inconsistent file, named in the message
-        sys.exit(f"error: {e}")
+        print(f"--resume: no {checkpoint_path} yet, starting from step 0")
+    dataset = build_dataset(args)
     fmt = memory_format(device)
-    model = FSSNet(args.backbone, args.weights, backbone_bn=args.backbone_bn).to(device, memory_format=fmt)
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    autocast, scaler = mixed_precision(device)
-    step = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler") and scaler.is_enabled():  # float16 before and now (a disabled scaler saves {})
-            scaler.load_state_dict(state["scaler"])
-        step = state["step"]
-        restore_rng(state["rng"])
+    net, optimizer, (autocast, scaler), step = build_training(args, device, fmt, state)
     trim_log(log_path, step)  # drop log lines of steps after the checkpoint (all of them when starting afresh)
     write_json(vars(args), os.path.join(args.out, "args.json"))
 
@@ -238,12 +228,12 @@ def main(argv=None):
                                                                              args.epochs * steps_per_epoch)
 
     def checkpoint(epoch):
-        guard.check(step, model)
-        save_checkpoint(ckpt_path, kind="fss", config=model.config, model=model.state_dict(),
-                        optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step=step,
-                        rng=capture_rng(), args=vars(args))
+        guard.check(step, net)
+        save_checkpoint(checkpoint_path, kind="fss", config=net.config,
+                        **training_state(net.state_dict(), optimizer, scaler), epoch=epoch, step=step,
+                        args=vars(args))
 
-    model.train()  # the backbone stays in eval mode (FrozenBackbone)
+    net.train()  # the backbone stays in eval mode (FrozenBackbone)
     bar = tqdm(total=total, initial=step, desc="train_fss", dynamic_ncols=True)
     loader = make_loader(EpochItems(dataset), device, args.workers,
                          batch_sampler=RunBatches(len(dataset), args.batch_size, args.seed, step, total))
@@ -253,13 +243,13 @@ def main(argv=None):
         waited, pairs, logged = 0.0, 0, step
         for batch in loader:
             waited += time.time() - tick  # time the step waited for the loader
-            loss = train_step(model, optimizer, batch, device, autocast, scaler, fmt)
+            loss = train_step(net, optimizer, batch, device, autocast, scaler, fmt)
             step += 1
             guard.record(step, loss)
             pairs += len(batch["query_img"])
             bar.update(1)
             if step % args.log_every == 0 or step == total:
-                guard.check(step, model)
+                guard.check(step, net)
                 loss = loss.item()  # waits for the GPU
                 rate = pairs / (time.time() - since)
                 log.write(json.dumps({"step": step, "epoch": (step - 1) // steps_per_epoch, "loss": loss,
@@ -272,11 +262,8 @@ def main(argv=None):
                 checkpoint(step // steps_per_epoch)
             tick = time.time()
     bar.close()
-    print(f"done: {step} steps, checkpoint {ckpt_path}")
+    print(f"done: {step} steps, checkpoint {checkpoint_path}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:  # a bad image / mask met while training; from a worker, the last line names it
-        sys.exit(f"error: {str(e).strip().splitlines()[-1]}")
+    main()

@@ -72,8 +72,7 @@ def main():
             images, masks, source, list_file = demo["voc_images"], demo["voc_masks"], "groundtruth", None
         else:
             images, masks, source, list_file = args.images, args.masks, args.mask_source, args.list
-        ds = D.MaskSplitPairs(images, masks, list_file=list_file, image_size=args.image_size, mask_source=source,
-                              cache_dir=pathlib.Path(tmp) / "cache")
+        ds = D.MaskSplitPairs(images, masks, list_file=list_file, image_size=args.image_size, mask_source=source)
         print(f"{len(ds)} images from {images} ({source} masks), {args.image_size}x{args.image_size}, "
               f"batch {args.batch_size}, torch threads per worker 1")
         ds[0]                                                           # warm-up

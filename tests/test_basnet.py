@@ -158,8 +158,8 @@ def write_pairs(root, n=4, size=40):
 
 
 def _train(root, out, iters, *extra):
-    basnet_train.main(["--images", str(root / "images"), "--labels", str(root / "labels"), "--out", str(out),
-                       "--iters", str(iters), "--size", "32", "--crop", "24", "--batch-size", "2",
+    basnet_train.main(["--images", str(root / "images"), "--masks", str(root / "labels"), "--out", str(out),
+                       "--max-steps", str(iters), "--image-size", "32", "--crop", "24", "--batch-size", "2",
                        "--weights", "none", "--encoder", "efficientnet_lite0", "--width", "0.25", "--save-every", "1",
                        "--log-every", "1", *extra])
 

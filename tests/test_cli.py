@@ -27,7 +27,7 @@ def parsers(monkeypatch):
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
     out = {}
     for name, parse in (("saliency_train.py", saliency_train.parse_args), ("basnet_train.py", basnet_train.parse_args),
-                        ("make_pseudomasks.py", make_pseudomasks.parse_args), ("train_fss.py", train_fss.get_args),
+                        ("make_pseudomasks.py", make_pseudomasks.parse_args), ("train_fss.py", train_fss.parse_args),
                         ("evaluate.py", evaluate.main)):
         with pytest.raises(Captured):
             parse([])
@@ -47,6 +47,9 @@ def test_every_flag_has_help_and_shows_its_default(monkeypatch):
         formatter = parser._get_formatter()
         for action in parser._actions:
             if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            if action.help == argparse.SUPPRESS:                # an earlier spelling, hidden from --help
+                assert action.dest in {a.dest for a in parser._actions if a.help != argparse.SUPPRESS}, action
                 continue
             flag = f"{name} {'/'.join(action.option_strings) or action.dest}"
             assert action.help and action.help.strip(), f"{flag}: no help"

@@ -10,6 +10,7 @@ from PIL import Image
 
 import datasets as D
 import evaluate
+import model
 from evaluate import FewShotMetric
 
 
@@ -156,7 +157,7 @@ def test_rotation_border_and_reject_flags_of_train_fss(tmp_path):
     base = ["--images", str(images), "--masks", str(masks), "--image-size", "48", "--seed", "1"]
 
     def items(*extra):
-        data = train_fss.build_dataset(train_fss.get_args(base + list(extra)))
+        data = train_fss.build_dataset(train_fss.parse_args(base + list(extra)))
         return [data[i] for i in range(len(data))]
 
     default, fill, reflect = items(), items("--rotation-border", "fill"), items("--rotation-border", "reflect")
@@ -186,9 +187,9 @@ def test_coco_masks_repri_style(tmp_path):
                 "segmentation": [[2, 2, 12.7, 2, 12.7, 12.7, 2, 12.7], [20, 2, 30, 2, 30, 12, 20, 12]]},
                {"id": 2, "image_id": 1, "category_id": 1, "iscrowd": 1, "area": float(crowd.sum()),
                 "bbox": [40, 30, 18, 8], "segmentation": D._rle_uncompressed(crowd)}]}
-    D.write_json(ann, root / "annotations" / "instances_val2014.json")
-    full = D.load_mask(D.render_coco_masks(root, cache_dir=tmp_path / "cache") / "COCO_val2014_000000000001.png")
-    repri = D.load_mask(D.render_coco_masks(root, cache_dir=tmp_path / "cache", style="repri")
+    model.write_json(ann, root / "annotations" / "instances_val2014.json")
+    full = D.load_mask(D.render_coco_masks(root) / "COCO_val2014_000000000001.png")
+    repri = D.load_mask(D.render_coco_masks(root, style="repri")
                         / "COCO_val2014_000000000001.png")
     car = 2                                                        # category 3 is the second in sorted id order
     assert (full[5, 25], full[5, 5], full[34, 50]) == (car, car, 255)  # both polygons, crowd ignored
@@ -200,12 +201,12 @@ def test_resume_of_a_run_older_than_the_new_flags(tmp_path):
     import train_fss
     from model import resume_checkpoint, save_checkpoint
     argv = ["--images", "i", "--masks", "m"]
-    old = {k: v for k, v in vars(train_fss.get_args(argv)).items() if k not in ("reject", "rotation_border")}
+    old = {k: v for k, v in vars(train_fss.parse_args(argv)).items() if k not in ("reject", "rotation_border")}
     save_checkpoint(tmp_path / "last.pt", kind="fss", config={}, model={}, args=old)
     default = train_fss.build_parser().get_default
 
     def resume(more):
-        return resume_checkpoint(tmp_path / "last.pt", "fss", train_fss.get_args(argv + more), train_fss.RESUME_FREE,
+        return resume_checkpoint(tmp_path / "last.pt", "fss", train_fss.parse_args(argv + more), train_fss.RESUME_FREE,
                                  default)
     assert resume([])["kind"] == "fss"
     with pytest.raises(ValueError, match="--reject split -> image"):

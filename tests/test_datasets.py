@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 
 import datasets as D
+import model
 from masksplit import MaskSplit
 
-MEAN = torch.tensor(D.IMAGENET_MEAN).view(3, 1, 1)
-STD = torch.tensor(D.IMAGENET_STD).view(3, 1, 1)
+MEAN = torch.tensor(model.IMAGENET_MEAN).view(3, 1, 1)
+STD = torch.tensor(model.IMAGENET_STD).view(3, 1, 1)
 
 
 def unnormalise(x):
@@ -127,7 +128,7 @@ def test_list_images_and_atomic_writers(tmp_path):
         D.list_images(folder, tmp_path / "bad.txt")
     D.save_png(np.eye(5, dtype=bool), tmp_path / "deep" / "m.png")
     np.testing.assert_array_equal(D.load_binary_mask(tmp_path / "deep" / "m.png"), np.eye(5, dtype=bool))
-    D.write_json({"a": 1}, tmp_path / "deep" / "x.json")
+    model.write_json({"a": 1}, tmp_path / "deep" / "x.json")
     assert json.loads((tmp_path / "deep" / "x.json").read_text()) == {"a": 1}
     assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["m.png", "x.json"]     # no tmp files left
     t = D.image_to_tensor(Image.new("RGB", (30, 20), (124, 116, 104)), 16)
@@ -153,14 +154,15 @@ def test_fold_definitions():
 
 
 @pytest.mark.filterwarnings("ignore:.*give no episodes")
-def test_min_pixels_filter_and_episodes(tmp_path):
+def test_min_pixels_filter_and_episodes(tmp_path, monkeypatch):
+    monkeypatch.setenv("MASKSPLIT_CACHE", str(tmp_path / "cache"))   # the cache folder of datasets.cache_dir()
     h = w = 80
     labels = {"a": block(h, w, 1, 2048), "b": block(h, w, 1, 2047), "c": block(h, w, 1, 3000),
               "d": block(h, w, 2, 2100), "e": block(h, w, 2, 4000), "f": block(h, w, 7, 5000),
               "g": block(h, w, 1, 2600, top=10)}
     labels["a"][-1, -5:] = 255                                      # boundary pixels are not counted
     write_voc(tmp_path, labels)
-    kw = dict(episodes=40, seed=3, image_size=64, cache_dir=tmp_path / "cache")
+    kw = dict(episodes=40, seed=3, image_size=64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ep = D.FewShotEpisodes("pascal", tmp_path, fold=0, **kw)
@@ -202,7 +204,7 @@ def test_hsnet_split_list_and_pseudo_mask(tmp_path):
         D.save_png(label > 0, tmp_path / "pseudo" / f"{stem}.png")
     with pytest.warns(UserWarning, match="1 of 5"):
         ep = D.FewShotEpisodes("pascal", voc, 1, episodes=6, image_size=32, split_list=lists,
-                               cache_dir=tmp_path / "c", pseudo_masks=tmp_path / "pseudo")
+                               pseudo_masks=tmp_path / "pseudo")
     assert sorted(ep.candidates) == [("im0", 6), ("im1", 7), ("im2", 6), ("im3", 7)]
     item = ep[2]
     q = item["query_id"]
@@ -212,7 +214,7 @@ def test_hsnet_split_list_and_pseudo_mask(tmp_path):
         D.load_pseudo_mask(tmp_path / "pseudo" / "im0.png", size=(61, 60))
     (lists / "fold2.txt").write_text("im0__03\n")
     with pytest.raises(ValueError, match="not in fold"):
-        D.FewShotEpisodes("pascal", voc, 2, split_list=lists, cache_dir=tmp_path / "c")
+        D.FewShotEpisodes("pascal", voc, 2, split_list=lists)
 
 
 @pytest.mark.filterwarnings("ignore:.*give no episodes")
@@ -236,17 +238,16 @@ def test_coco_rendering_folds_and_cache(tmp_path, monkeypatch):
     crowd[55:, :] = True
     anns.append({"id": len(anns) + 1, "image_id": 1, "category_id": cat_ids[1], "iscrowd": 1, "area": 400,
                  "bbox": [0, 55, 80, 5], "segmentation": D._rle_uncompressed(crowd)})
-    D.write_json({"images": images, "annotations": anns,
+    model.write_json({"images": images, "annotations": anns,
                   "categories": [{"id": c, "name": str(c)} for c in reversed(cat_ids)]},
                  root / "annotations" / "instances_val2014.json")
-    cache = tmp_path / "cache"
-    out = D.render_coco_masks(root, cache_dir=cache)
+    out = D.render_coco_masks(root)
     m = D.load_mask(out / "COCO_val2014_000000000001.png")
     assert m.shape == (60, 80)
     assert (m == 2).sum() == 2500 and (m == 6).sum() == 100 and (m[55:] == 255).all()
     # both conventions: index 2 is in interleaved fold 1 and contiguous fold 0
-    inter = D.FewShotEpisodes("coco", root, 1, episodes=5, image_size=32, min_pixels=2048, cache_dir=cache)
-    contig = D.FewShotEpisodes("coco", root, 0, episodes=5, image_size=32, min_pixels=50, cache_dir=cache,
+    inter = D.FewShotEpisodes("coco", root, 1, episodes=5, image_size=32, min_pixels=2048)
+    contig = D.FewShotEpisodes("coco", root, 0, episodes=5, image_size=32, min_pixels=50,
                                coco_folds="contiguous")
     assert {c for _, c in inter.candidates} == {2} and len(inter.candidates) == 4
     assert {c for _, c in contig.candidates} == {2, 6}
@@ -256,7 +257,7 @@ def test_coco_rendering_folds_and_cache(tmp_path, monkeypatch):
     def no_second_render(*a, **k):
         raise AssertionError("COCO masks rendered twice")
     monkeypatch.setattr(pycocotools.coco, "COCO", no_second_render)
-    assert D.render_coco_masks(root, "val2014", cache_dir=cache) == out
+    assert D.render_coco_masks(root, "val2014") == out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,7 +284,7 @@ def decode(img):
 
 def test_augmentation_keeps_image_and_targets_aligned(tmp_path):
     images, masks = encoded_pair(tmp_path)
-    ds = D.MaskSplitPairs(images, masks, image_size=64, seed=0, cache_dir=tmp_path / "c",
+    ds = D.MaskSplitPairs(images, masks, image_size=64, seed=0,
                           jitter_p=0.0, gray_p=0.0, blur_p=0.0, rotation_p=1.0)
     outside_seen = 0
     for epoch in range(6):
@@ -306,7 +307,7 @@ def test_augmentation_keeps_image_and_targets_aligned(tmp_path):
 
 def test_full_augmentation_keeps_255_and_is_deterministic(tmp_path):
     images, masks = encoded_pair(tmp_path)
-    ds = D.MaskSplitPairs(images, masks, image_size=48, seed=5, cache_dir=tmp_path / "c")
+    ds = D.MaskSplitPairs(images, masks, image_size=48, seed=5)
     a, b = ds[0], ds[0]
     for k in ("query_img", "query_target", "support_img", "support_mask"):
         assert torch.equal(a[k], b[k]), k
@@ -315,15 +316,14 @@ def test_full_augmentation_keeps_255_and_is_deterministic(tmp_path):
     assert not torch.equal(a["query_img"], c["query_img"])
     assert a["query_target"].dtype == torch.int64 and (a["query_target"] == 255).any()
     assert a["query_img"].shape == a["support_img"].shape == (3, 48, 48) and a["image_id"] == "x"
-    plain = D.MaskSplitPairs(images, masks, image_size=48, augment=False, split=MaskSplit(prob=0.0),
-                             cache_dir=tmp_path / "c")[0]
+    plain = D.MaskSplitPairs(images, masks, image_size=48, augment=False, split=MaskSplit(prob=0.0))[0]
     assert set(torch.unique(plain["query_target"]).tolist()) == {0, 1}                  # no split: no 255
     assert torch.equal(plain["query_target"].float(), plain["support_mask"])
 
 
 def test_dataloader_workers_give_the_same_pairs(tmp_path):
     images, masks = encoded_pair(tmp_path)
-    ds = D.MaskSplitPairs(images, masks, image_size=32, seed=1, cache_dir=tmp_path / "c")
+    ds = D.MaskSplitPairs(images, masks, image_size=32, seed=1)
     loader = lambda n: next(iter(torch.utils.data.DataLoader(ds, batch_size=1, num_workers=n)))  # noqa: E731
     a, b = loader(0), loader(1)
     assert torch.equal(a["query_img"], b["query_img"]) and torch.equal(a["query_target"], b["query_target"])
@@ -335,7 +335,7 @@ def test_train_aug_is_every_masked_image_not_in_val(tmp_path):
     (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("t1\nt3\n")
     (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("t0\n")     # VOC's own, smaller train split
     assert D.voc_split(voc, "train_aug") == ["t0", "t2", "t4"] and D.voc_split(voc, "train") == ["t0"]
-    assert D.fold_train_ids(voc, 1, split="train_aug", cache_dir=tmp_path / "c") == ["t0", "t2", "t4"]
+    assert D.fold_train_ids(voc, 1, split="train_aug") == ["t0", "t2", "t4"]
     (voc / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("t4\nt2\n")  # a list file wins
     assert D.voc_split(voc, "train_aug") == ["t4", "t2"]
     (voc / "SegmentationClassAug").rename(voc / "SegmentationClass")         # plain VOC 2012: still derived
@@ -361,15 +361,15 @@ def test_images_make_pseudomasks_left_without_mask(tmp_path):
     (pseudo / "log_shard1of2.jsonl").write_text(json.dumps({"image": "im3", "written": True}) + "\n")
     assert D.images_without_mask(pseudo) == {"im1"} and D.images_without_mask(tmp_path) == set()
     with pytest.warns(UserWarning, match="1 of 4 images are left out"):
-        pairs = D.MaskSplitPairs(voc / "JPEGImages", pseudo, image_size=32, cache_dir=tmp_path / "c")
+        pairs = D.MaskSplitPairs(voc / "JPEGImages", pseudo, image_size=32)
     assert pairs.dropped == ["im1"] and [p.stem for p in pairs.images] == ["im0", "im2", "im3"]
-    episodes = D.FewShotEpisodes("pascal", voc, 1, episodes=8, image_size=32, cache_dir=tmp_path / "c",
+    episodes = D.FewShotEpisodes("pascal", voc, 1, episodes=8, image_size=32,
                                  pseudo_masks=pseudo)
     predicted = {item["query_id"]: int(item["query_pseudo_mask"].sum()) for item in episodes}
     assert predicted["im1"] == 0 and all(v == 2500 for k, v in predicted.items() if k != "im1")
     (pseudo / "im3.png").unlink()                                  # missing, and not recorded as without mask
     with pytest.raises(ValueError, match="im3.png"):
-        D.MaskSplitPairs(voc / "JPEGImages", pseudo, image_size=32, cache_dir=tmp_path / "c2")
+        D.MaskSplitPairs(voc / "JPEGImages", pseudo, image_size=32)
 
 
 def test_groundtruth_union_source_and_fold_training_ids(tmp_path):
@@ -379,13 +379,13 @@ def test_groundtruth_union_source_and_fold_training_ids(tmp_path):
     label[30:35, 5:40] = 255
     voc = write_voc(tmp_path, {"g": label, "h": block(70, 70, 8, 3000)}, split="train")
     ds = D.MaskSplitPairs(voc / "JPEGImages", voc / "SegmentationClassAug", mask_source="groundtruth",
-                          image_size=70, augment=False, split=MaskSplit(prob=0.0), cache_dir=tmp_path / "c")
+                          image_size=70, augment=False, split=MaskSplit(prob=0.0))
     t = {ds[i]["image_id"]: ds[i]["query_target"] for i in range(2)}
     assert torch.equal(t["g"], torch.from_numpy(((label > 0) & (label < 255)).astype(np.int64)))
-    assert D.fold_train_ids(voc, 0, cache_dir=tmp_path / "c") == ["h"]                 # "g" holds class 3
-    assert D.fold_train_ids(voc, 1, cache_dir=tmp_path / "c") == ["g"]                 # "h" holds class 8
-    assert D.fold_train_ids(voc, 2, cache_dir=tmp_path / "c") == ["h"]
-    assert D.fold_train_ids(voc, 3, cache_dir=tmp_path / "c") == ["g", "h"]
+    assert D.fold_train_ids(voc, 0) == ["h"]                 # "g" holds class 3
+    assert D.fold_train_ids(voc, 1) == ["g"]                 # "h" holds class 8
+    assert D.fold_train_ids(voc, 2) == ["h"]
+    assert D.fold_train_ids(voc, 3) == ["g", "h"]
 
 
 def test_supervised_pairs_exclude_test_fold(tmp_path):
@@ -393,16 +393,16 @@ def test_supervised_pairs_exclude_test_fold(tmp_path):
     labels["s0"][50:, :] = 255
     voc = write_voc(tmp_path, labels, split="train")
     with pytest.raises(ValueError, match="val.txt"):        # the default train_aug cannot be derived without val
-        D.SupervisedPairs(voc, fold=1, cache_dir=tmp_path / "c")
-    ds = D.SupervisedPairs(voc, fold=1, image_size=48, split="train", cache_dir=tmp_path / "c")  # fold 1 = 6..10
+        D.SupervisedPairs(voc, fold=1)
+    ds = D.SupervisedPairs(voc, fold=1, image_size=48, split="train")  # fold 1 = 6..10
     assert ds.classes == [c for c in range(1, 21) if c not in range(6, 11)]
     assert len(ds) == 2 and {c for _, c in ds.items} == {2}
     item = ds[0]
     assert item["class_id"] == 2 and item["support_id"] != item["image_id"]
     assert set(torch.unique(item["query_target"]).tolist()) <= {0, 1, 255} and item["support_mask"].sum() > 0
-    assert {c for _, c in D.SupervisedPairs(voc, fold=0, split="train", cache_dir=tmp_path / "c").items} == {9}
+    assert {c for _, c in D.SupervisedPairs(voc, fold=0, split="train").items} == {9}
     with pytest.raises(ValueError, match="fold 1"):
-        D.SupervisedPairs(voc, fold=1, split="train", min_pixels=2501, cache_dir=tmp_path / "c")
+        D.SupervisedPairs(voc, fold=1, split="train", min_pixels=2501)
 
 
 def test_salient_objects(tmp_path):
@@ -426,11 +426,11 @@ def test_bad_inputs_name_the_file(tmp_path):
     images, masks = encoded_pair(tmp_path)
     D.save_png(np.zeros((10, 10, 3), np.uint8) + 200, images / "y.png")
     with pytest.raises(ValueError, match="y.png"):                                      # missing mask
-        D.MaskSplitPairs(images, masks, cache_dir=tmp_path / "c")
+        D.MaskSplitPairs(images, masks)
     mask = np.zeros((11, 10), bool)
     mask[2:8, 2:8] = True
     D.save_png(mask, masks / "y.png")
-    ds = D.MaskSplitPairs(images, masks, image_size=16, cache_dir=tmp_path / "c")
+    ds = D.MaskSplitPairs(images, masks, image_size=16)
     with pytest.raises(ValueError, match=r"y\.png.*10x11"):                              # size mismatch
         ds[1]
     (images / "y.png").write_bytes((images / "x.png").read_bytes()[:200])               # truncated image
@@ -438,12 +438,12 @@ def test_bad_inputs_name_the_file(tmp_path):
         ds[1]
     D.save_png(np.zeros((11, 10), bool), masks / "y.png")
     with pytest.warns(UserWarning, match="1 of 2"):                                     # empty mask left out
-        assert len(D.MaskSplitPairs(images, masks, cache_dir=tmp_path / "c")) == 1
+        assert len(D.MaskSplitPairs(images, masks)) == 1
     label = block(60, 60, 1, 2500)
     label[0, 0] = 33                                                                     # unknown class
     voc = write_voc(tmp_path / "v", {"u": label, "w": block(60, 60, 1, 2500)})
     with pytest.raises(ValueError, match=r"u\.png.*unknown class index \[33\]"):
-        D.FewShotEpisodes("pascal", voc, 0, cache_dir=tmp_path / "c")
+        D.FewShotEpisodes("pascal", voc, 0)
     with pytest.raises(ValueError, match="not a PASCAL VOC tree"):
         D.FewShotEpisodes("pascal", tmp_path / "nowhere", 0)
 
@@ -453,7 +453,7 @@ def test_unreadable_mask_is_an_error_naming_it(tmp_path):
     D.save_png(np.zeros((90, 120, 3), np.uint8), images / "z.png")
     (masks / "z.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(ValueError, match="z.png"):
-        D.MaskSplitPairs(images, masks, cache_dir=tmp_path / "c")
+        D.MaskSplitPairs(images, masks)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -476,7 +476,7 @@ def test_demo_data_is_deterministic_fast_and_usable(tmp_path):
     mask = Image.open(paths["voc_masks"] / "demo_val_0000.png")
     assert mask.mode == "P" and 255 in np.asarray(mask)
     for fold in range(4):                                           # one-shot episodes in every PASCAL-5i fold
-        ep = D.FewShotEpisodes("pascal", paths["voc"], fold, episodes=20, image_size=32, cache_dir=tmp_path / "k")
+        ep = D.FewShotEpisodes("pascal", paths["voc"], fold, episodes=20, image_size=32)
         assert {c for _, c in ep.candidates} == set(D.pascal_fold_classes(fold))
     sal = D.SalientObjects(paths["salient_images"], paths["salient_masks"], image_size=32)
     assert len(sal) == 40 and 0.02 < float(sal[0]["mask"].mean()) < 0.6
@@ -487,5 +487,5 @@ def test_demo_data_is_deterministic_fast_and_usable(tmp_path):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     ep = D.FewShotEpisodes("coco", paths["coco"], fold, episodes=5, image_size=32,
-                                           coco_folds=conv, cache_dir=tmp_path / "k")
+                                           coco_folds=conv)
                 assert len({c for _, c in ep.candidates}) >= 3

@@ -61,9 +61,9 @@ def test_resume_loads_the_checkpoint_on_the_cpu_whatever_the_device(demo, straig
     assert {t.device.type for t in state["model"].values()} == {"cpu"}
 
     write_pairs(tmp_path / "sal", n=2)
-    args = ["--images", str(tmp_path / "sal" / "images"), "--labels", str(tmp_path / "sal" / "labels"),
-            "--out", str(tmp_path / "basnet"), "--iters", "1", "--size", "32", "--crop", "24", "--batch-size", "2",
-            "--weights", "none", "--workers", "0"]
+    args = ["--images", str(tmp_path / "sal" / "images"), "--masks", str(tmp_path / "sal" / "labels"),
+            "--out", str(tmp_path / "basnet"), "--max-steps", "1", "--image-size", "32", "--crop", "24",
+            "--batch-size", "2", "--weights", "none", "--workers", "0"]
     basnet_train.main(args)
     basnet_train.main(args + ["--resume", "--device", "meta"])
 
@@ -147,8 +147,8 @@ def test_trainers_under_gpu_mixed_precision(demo, tmp_path, monkeypatch, fake_gp
     assert bool(load_checkpoint(tmp_path / "fss" / "last.pt")["scaler"]) == scaled
     monkeypatch.setattr(basnet_train, "BASNet", TinySaliency)
     write_pairs(tmp_path / "sal", n=2)
-    basnet_train.main(["--images", str(tmp_path / "sal" / "images"), "--labels", str(tmp_path / "sal" / "labels"),
-                       "--out", str(tmp_path / "basnet"), "--iters", "2", "--size", "32", "--crop", "24",
+    basnet_train.main(["--images", str(tmp_path / "sal" / "images"), "--masks", str(tmp_path / "sal" / "labels"),
+                       "--out", str(tmp_path / "basnet"), "--max-steps", "2", "--image-size", "32", "--crop", "24",
                        "--batch-size", "2", "--weights", "none", "--workers", "0"])
     assert bool(load_checkpoint(tmp_path / "basnet" / "last.pt")["scaler"]) == scaled
     saliency_train.main(["--images", str(tmp_path / "sal" / "images"), "--out", str(tmp_path / "deepusps"),

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datasets import IMAGENET_MEAN, IMAGENET_STD
-from model import (EfficientNetLite0Backbone, FSSNet, MissingWeights, build_backbone, capture_rng,
-                   lite0_imagenet_logits, load_checkpoint, masked_average_pool, restore_rng, save_checkpoint)
+from model import (IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0Backbone, FSSNet, MissingWeights, build_backbone,
+                   capture_rng, lite0_imagenet_logits, load_checkpoint, masked_average_pool, restore_rng,
+                   save_checkpoint)
 
 SIZE = 64
 

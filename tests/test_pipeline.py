@@ -39,8 +39,8 @@ def test_full_mode_runs_every_stage_and_a_rerun_skips_them(tmp_path):
     run = tmp_path / "run"
     env = pipeline_env(run, data, COCO=str(data["coco"]), COCO_TRAIN=data["coco_split"],
                        COCO_VAL=data["coco_split"], BACKBONE="efficientnet_lite0",
-                       BASNET_FLAGS="--iters 2 --size 32 --crop 24 --batch-size 2 --weights none --save-every 1 "
-                                    "--encoder efficientnet_lite0 --width 0.25",
+                       BASNET_FLAGS="--max-steps 2 --image-size 32 --crop 24 --batch-size 2 --weights none "
+                                    "--save-every 1 --encoder efficientnet_lite0 --width 0.25",
                        FSS_FLAGS="--image-size 64 --batch-size 4 --epochs 1 --workers 0",
                        EVAL_FLAGS="--image-size 64 --runs 1 --episodes 4 --workers 0 --fold 0")
     first = run_pipeline(env)
@@ -71,7 +71,7 @@ def test_cpu_mode_runs_the_pascal_stages_with_its_own_settings(tmp_path):
     run = tmp_path / "run"
     # one epoch of BCE from random weights leaves every label empty, which BAS-Net refuses (README, Bad input): the
     # F-measure loss (the default's) spreads the tiny maps enough for a test of the plumbing
-    env = pipeline_env(run, data, BASNET_FLAGS="--iters 2 --size 32 --crop 24 --batch-size 2 --weights none",
+    env = pipeline_env(run, data, BASNET_FLAGS="--max-steps 2 --image-size 32 --crop 24 --batch-size 2 --weights none",
                        SALIENCY_FLAGS="--prior-size 48 --superpixels 40 --image-size 32 --rounds 1 --epochs 1 "
                                       "--loss fmeasure",
                        FSS_FLAGS="--image-size 64 --batch-size 4 --max-steps 2 --workers 0",

@@ -19,9 +19,9 @@ import evaluate
 import make_pseudomasks
 import saliency_train
 import train_fss
-from datasets import (MaskSplitPairs, SalientObjects, _read_list, _writer, check_output, list_images, load_binary_mask,
-                      load_image, render_coco_masks, save_png, trim_log, voc_palette, write_json)
-from model import FiniteGuard, SaliencyNet, save_checkpoint
+from datasets import (MaskSplitPairs, SalientObjects, _read_list, list_images, load_binary_mask, load_image,
+                      render_coco_masks, save_png, voc_palette)
+from model import FiniteGuard, SaliencyNet, _writer, check_output, save_checkpoint, trim_log, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,7 +159,7 @@ def test_image_and_mask_variants_give_correct_pairs_or_named_errors(tmp_path):
     cmyk = np.asarray(load_image(images / "im01.jpg"), dtype=int)
     assert cmyk.shape == rgb.shape and abs(cmyk[20, 20] - (230, 200, 40)).max() < 40  # still the yellow box
     with pytest.warns(UserWarning, match="left out"):
-        pairs = MaskSplitPairs(images, masks, image_size=32, cache_dir=tmp_path / "cache")
+        pairs = MaskSplitPairs(images, masks, image_size=32)
     assert pairs.dropped == ["im03"] and len(pairs) == 5
     for i in range(len(pairs)):
         item = pairs[i]
@@ -167,10 +167,10 @@ def test_image_and_mask_variants_give_correct_pairs_or_named_errors(tmp_path):
     assert pairs[2]["image_id"] == "im02"  # the 1-bit mask reads as foreground where set
     Image.fromarray(np.zeros((40, 50), np.uint8) + 255).save(masks / "im04.png")  # wrong size
     with pytest.raises(ValueError, match="im04.png: mask is 50x40"):
-        MaskSplitPairs(images, masks, image_size=32, cache_dir=tmp_path / "cache2")[3]
+        MaskSplitPairs(images, masks, image_size=32)[3]
     (masks / "im05.png").unlink()  # an image without mask
     with pytest.raises(ValueError, match="im05.png"):
-        MaskSplitPairs(images, masks, image_size=32, cache_dir=tmp_path / "cache3")
+        MaskSplitPairs(images, masks, image_size=32)
 
 
 # ---- issue 13: every input gives the right result or one line naming the file, checked before the work ----
@@ -214,7 +214,7 @@ def test_binary_masks_in_every_encoding_and_an_all_empty_set_is_an_error(tmp_pat
     for p in (data / "masks").iterdir():
         Image.fromarray(np.zeros((40, 48), np.uint8)).save(p)
     with pytest.raises(ValueError, match=f"{data / 'masks'}: every mask is empty"):
-        SalientObjects(data / "images", data / "masks", cache_dir=tmp_path / "cache")   # BAS-Net labels
+        SalientObjects(data / "images", data / "masks")   # BAS-Net labels
     with pytest.raises(SystemExit, match=f"{data / 'masks'}: every mask is empty"):
         evaluate.main(["saliency", "--pred", str(data / "images"), "--gt", str(data / "masks"),
                        "--out", str(tmp_path / "m.json")])
@@ -232,7 +232,7 @@ def test_images_are_read_in_their_exif_orientation(tmp_path):
         data / "images" / "im00.jpg"))))
     mask = np.asarray(Image.open(data / "masks" / "im00.png"))
     Image.fromarray(np.ascontiguousarray(np.rot90(mask, -1))).save(data / "masks" / "im00.png")  # as displayed
-    pairs = MaskSplitPairs(data / "images", data / "masks", image_size=32, cache_dir=tmp_path / "cache")
+    pairs = MaskSplitPairs(data / "images", data / "masks", image_size=32)
     assert pairs[0]["image_id"] == "im00" and (pairs[0]["query_target"] == 1).any()
 
 
@@ -251,36 +251,29 @@ def test_output_locations_are_checked_before_any_work(tmp_path):
     proc = run("make_pseudomasks.py", "--checkpoint", str(saliency_checkpoint(tmp_path / "sal.pt")), "--images",
                str(nowhere), "--out", str(a_file))
     assert_one_line_error(proc, str(a_file))
-    proc = run("basnet_train.py", "--images", str(nowhere), "--labels", str(nowhere), "--out", str(a_file / "x"))
+    proc = run("basnet_train.py", "--images", str(nowhere), "--masks", str(nowhere), "--out", str(a_file / "x"))
     assert_one_line_error(proc, str(a_file / "x"))
 
 
-@pytest.mark.parametrize("script, argv, flag", [
-    (train_fss.get_args, ["--images", "i", "--masks", "m", "--batch-size", "0"], "--batch-size"),
-    (train_fss.get_args, ["--images", "i", "--masks", "m", "--image-size", "-4"], "--image-size"),
-    (train_fss.get_args, ["--images", "i", "--masks", "m", "--log-every", "0"], "--log-every"),
-    (train_fss.get_args, ["--images", "i", "--masks", "m", "--epochs", "0"], "--epochs"),
-    (train_fss.get_args, ["--images", "i", "--masks", "m", "--split-prob", "1.5"], "--split-prob"),
-    (train_fss.get_args, ["--images", "i", "--masks", "m", "--device", "cuda:99"], "--device"),
-    (train_fss.get_args, ["--images", "i", "--masks", "m", "--device", "gpu"], "--device"),
-    (saliency_train.parse_args, ["--images", "i", "--out", "o", "--superpixels", "0"], "--superpixels"),
-    (saliency_train.parse_args, ["--images", "i", "--out", "o", "--rounds", "0"], "--rounds"),
-    (saliency_train.parse_args, ["--images", "i", "--out", "o", "--epochs", "0"], "--epochs"),
-    (saliency_train.parse_args, ["--images", "i", "--out", "o", "--threshold", "2"], "--threshold"),
-    (saliency_train.parse_args, ["--images", "i", "--out", "o", "--momentum", "1"], "--momentum"),
-    (saliency_train.parse_args, ["--images", "i", "--out", "o", "--prior-thresholds", "rdb=0.3"],
-     "--prior-thresholds"),
-    (saliency_train.parse_args, ["--images", "i", "--out", "o", "--prior-thresholds", "rbd=1.3"],
-     "--prior-thresholds"),
-    (basnet_train.parse_args, ["--images", "i", "--labels", "l", "--out", "o", "--save-every", "0"], "--save-every"),
-    (basnet_train.parse_args, ["--images", "i", "--labels", "l", "--out", "o", "--batch-size", "0"], "--batch-size"),
-    (make_pseudomasks.parse_args, ["--checkpoint", "c", "--images", "i", "--out", "o", "--threshold", "2"],
-     "--threshold"),
-    (make_pseudomasks.parse_args, ["--checkpoint", "c", "--images", "i", "--out", "o", "--batch-size", "0"],
-     "--batch-size"),
-    (evaluate.main, ["fss", "--root", "r", "--runs", "0"], "--runs"),
-    (evaluate.main, ["fss", "--root", "r", "--episodes", "0"], "--episodes"),
-])
+# script: (its required flags, [(flag, a bad value), ...])
+BAD_FLAG_VALUES = {
+    train_fss.parse_args: (["--images", "i", "--masks", "m"], [
+        ("--batch-size", "0"), ("--image-size", "-4"), ("--log-every", "0"), ("--epochs", "0"), ("--split-prob", "1.5"),
+        ("--device", "cuda:99"), ("--device", "gpu")]),
+    saliency_train.parse_args: (["--images", "i", "--out", "o"], [
+        ("--superpixels", "0"), ("--rounds", "0"), ("--epochs", "0"), ("--threshold", "2"), ("--momentum", "1"),
+        ("--prior-thresholds", "rdb=0.3"), ("--prior-thresholds", "rbd=1.3")]),
+    basnet_train.parse_args: (["--images", "i", "--masks", "l", "--out", "o"], [
+        ("--save-every", "0"), ("--batch-size", "0"), ("--max-steps", "0"), ("--iters", "0")]),   # --iters: old name
+    make_pseudomasks.parse_args: (["--checkpoint", "c", "--images", "i", "--out", "o"], [
+        ("--threshold", "2"), ("--batch-size", "0")]),
+    evaluate.main: (["fss", "--root", "r"], [("--runs", "0"), ("--episodes", "0")]),
+}
+
+
+@pytest.mark.parametrize("script, argv, flag", [(script, [*required, flag, value], flag)
+                                                for script, (required, bad) in BAD_FLAG_VALUES.items()
+                                                for flag, value in bad])
 def test_bad_flag_values_are_refused_by_argparse_naming_the_flag(script, argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         script(argv)
@@ -292,16 +285,22 @@ def test_bad_flag_values_are_refused_by_argparse_naming_the_flag(script, argv, f
 def test_every_trainer_refuses_changed_settings_on_resume_and_survives_a_truncated_log(tmp_path):
     data = write_folder(tmp_path / "data")
     out = tmp_path / "basnet"
-    flags = ["--labels", str(data / "masks"), "--out", str(out), "--size", "32", "--crop", "24",
-             "--batch-size", "2", "--weights", "none", "--encoder", "efficientnet_lite0", "--width", "0.125",
-             "--workers", "0", "--log-every", "1", "--save-every", "1"]
-    basnet_train.main(["--images", str(data / "images"), "--iters", "2", *flags])
+    flags = ["--out", str(out), "--crop", "24", "--batch-size", "2", "--weights", "none", "--encoder",
+             "efficientnet_lite0", "--width", "0.125", "--workers", "0", "--log-every", "1", "--save-every", "1"]
+    basnet_train.main(["--images", str(data / "images"), "--masks", str(data / "masks"), "--image-size", "32",
+                       "--max-steps", "2", *flags])
+    # a checkpoint of the earlier flag spellings (--labels, --size, --iters), resumed with those spellings
+    state = torch.load(out / "last.pt", weights_only=False)
+    earlier = {new: old for old, new in basnet_train.RENAMED.items()}
+    state["args"] = {earlier.get(k, k): v for k, v in state["args"].items()}
+    torch.save(state, out / "last.pt")
     with open(out / "log.jsonl", "a") as f:
         f.write('{"step": 3, "lo')                                         # killed mid-write
-    basnet_train.main(["--images", f"{data / 'images'}/", "--iters", "3", "--resume", *flags])  # same folder
+    old = ["--labels", str(data / "masks"), "--size", "32", *flags]
+    basnet_train.main(["--images", f"{data / 'images'}/", "--iters", "3", "--resume", *old])  # same folder
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
-    with pytest.raises(ValueError, match=r"cannot --resume .*last.pt with different flags: --lr 0.001 -> 0.01"):
-        basnet_train.main(["--images", str(data / "images"), "--iters", "4", "--resume", "--lr", "1e-2", *flags])
+    with pytest.raises(SystemExit, match=r"cannot --resume .*last.pt with different flags: --lr 0.001 -> 0.01"):
+        basnet_train.main(["--images", str(data / "images"), "--iters", "4", "--resume", "--lr", "1e-2", *old])
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1}\n{"step": 2}\n{"st')
     trim_log(log, 5)
@@ -314,7 +313,7 @@ def test_make_pseudomasks_rerun_with_other_settings_is_refused(tmp_path):
             "--out", str(tmp_path / "masks"), "--workers", "0"]
     make_pseudomasks.main(args + ["--threshold", "1"])                     # nothing reaches 1: no mask at all
     assert not list((tmp_path / "masks").glob("*.png"))
-    with pytest.raises(ValueError, match=r"masks holds pseudo-masks of other settings \(threshold 1.0 -> 0.5\)"):
+    with pytest.raises(SystemExit, match=r"masks holds pseudo-masks of other settings \(threshold 1.0 -> 0.5\)"):
         make_pseudomasks.main(args + ["--threshold", "0.5"])
     make_pseudomasks.main(args + ["--threshold", "1"])                     # the same settings: done is done
 
@@ -335,12 +334,12 @@ def test_data_files_bom_duplicates_encodings_case_and_class_values(tmp_path):
         assert _read_list(lists / "twice.txt") == ["im00", "im01"]
     (data / "masks" / "im01.png").rename(data / "masks" / "im01.PNG")     # upper-case suffixes found too
     (data / "images" / "im02.jpg").rename(data / "images" / "im02.JPG")
-    pairs = MaskSplitPairs(data / "images", data / "masks", image_size=32, cache_dir=tmp_path / "cache")
+    pairs = MaskSplitPairs(data / "images", data / "masks", image_size=32)
     assert [p.name for p in pairs.masks][:2] == ["im00.png", "im01.PNG"] and len(pairs) == 4
     classes = np.asarray(Image.open(data / "masks" / "im03.png")) // 255 * 50  # class 50: not a VOC class
     Image.fromarray(classes.astype(np.uint8)).save(data / "masks" / "im03.png")
     with pytest.raises(ValueError, match=r"im03.png: unknown class index \[50\]"):
-        MaskSplitPairs(data / "images", data / "masks", mask_source="groundtruth", cache_dir=tmp_path / "cache")
+        MaskSplitPairs(data / "images", data / "masks", mask_source="groundtruth")
 
 
 def test_coco_annotations_without_segmentation_and_rle_of_another_size(tmp_path):
@@ -363,12 +362,12 @@ def test_coco_annotations_without_segmentation_and_rle_of_another_size(tmp_path)
                                         "categories": [{"id": 1, "name": "x", "supercategory": "x"}]}))
     write(anns)
     with pytest.warns(UserWarning, match=r"instances_val2014.json: 2 annotation\(s\) without a segmentation"):
-        out = render_coco_masks(root, cache_dir=tmp_path / "cache")
+        out = render_coco_masks(root)
     assert (np.asarray(Image.open(out / "a.png")) == 1).sum() >= 15 * 15
     rle = {"counts": [0, 10 * 10], "size": [10, 10]}                      # the RLE of a 10x10 image
     write(anns[:1] + [{**anns[0], "id": 7, "segmentation": rle, "iscrowd": 1}])
     with pytest.raises(ValueError, match=r"instances_val2014.json: annotation 7 \(image 1\): segmentation is 10x10"):
-        render_coco_masks(root, cache_dir=tmp_path / "cache")
+        render_coco_masks(root)
 
 
 def test_temporary_files_are_unique_removed_on_any_exit_and_outputs_follow_the_umask(tmp_path, monkeypatch):

@@ -182,7 +182,7 @@ def test_coco_episodes_evaluate(demo, checkpoint, tmp_path):
 
 
 def test_fold_based_self_supervised_training_leaves_out_test_fold_images(demo):
-    args = train_fss.get_args(["--mask-source", "gt", "--voc-root", str(demo["voc"]), "--fold", "1",
+    args = train_fss.parse_args(["--mask-source", "gt", "--voc-root", str(demo["voc"]), "--fold", "1",
                                "--image-size", "64"])
     data = train_fss.build_dataset(args)
     test_classes = set(range(6, 11))
@@ -190,4 +190,4 @@ def test_fold_based_self_supervised_training_leaves_out_test_fold_images(demo):
     for path in data.masks:
         assert not test_classes & set(np.unique(load_mask(path)).tolist()), path
     with pytest.raises(SystemExit):
-        train_fss.get_args(["--images", "x", "--masks", "y", "--fold", "1"])  # --fold needs --voc-root
+        train_fss.parse_args(["--images", "x", "--masks", "y", "--fold", "1"])  # --fold needs --voc-root
