@@ -280,9 +280,9 @@ def save_checkpoint(path, **state):
         torch.save(state, f)
 
 
-def load_checkpoint(path, kinds=("fss", "saliency", "basnet")):
+def load_checkpoint(path, kinds=None):
     """The one checkpoint loader of every script: ValueError naming the file unless it is a checkpoint of one of
-    `kinds`. Always onto the CPU, wherever it was written: callers move what belongs on their device
+    `kinds` (default: every kind of NETWORKS). Always onto the CPU, wherever it was written: callers move what belongs on their device
     (model.load_state_dict copies into the device's parameters, optimizer.load_state_dict casts its state to
     them), and the RNG states must stay CPU ByteTensors for restore_rng."""
     path = os.fspath(path)
@@ -295,6 +295,7 @@ def load_checkpoint(path, kinds=("fss", "saliency", "basnet")):
         raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
         raise ValueError(f"checkpoint {path} is not in this project's format (needs keys {list(CHECKPOINT_KEYS)})")
+    kinds = tuple(NETWORKS) if kinds is None else kinds
     if state["kind"] not in kinds:
         raise ValueError(f"{path} is a {state['kind']!r} checkpoint, not {' or '.join(map(repr, kinds))}")
     return state
