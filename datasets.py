@@ -224,6 +224,20 @@ def image_to_tensor(pil, size):
     return TF.normalize(x.float().div_(255.0), IMAGENET_MEAN, IMAGENET_STD)
 
 
+def _nearest_exact_index(n_in, n_out):
+    """For each of n_out target pixels, the source pixel under its centre among n_in: torch's own nearest-exact
+    index, read off interpolate applied to the source positions (int64 [n_out])."""
+    positions = torch.arange(n_in, dtype=torch.float32).view(1, 1, 1, n_in)   # 2-D (the 1-D kernel differs)
+    return torch.nn.functional.interpolate(positions, size=(1, n_out), mode="nearest-exact").view(n_out).long()
+
+
+def _resize_nearest_exact(m, size):
+    """m [..., H, W] tensor of any dtype -> [..., H', W'] of the same dtype, nearest-exact, as a gather of rows and
+    columns (interpolate needs a float copy of the mask)."""
+    rows, cols = (_nearest_exact_index(n_in, n_out) for n_in, n_out in zip(m.shape[-2:], size))
+    return m.index_select(-2, rows).index_select(-1, cols)
+
+
 def resize_mask(mask, size):
     """The one mask resize of the project: an integer or bool mask [..., H, W] (numpy or torch) -> int64 tensor of
     size (H', W'), nearest-exact: each target pixel takes the source pixel under its centre, the grid of the
@@ -232,9 +246,7 @@ def resize_mask(mask, size):
     m = torch.from_numpy(np.ascontiguousarray(mask)) if isinstance(mask, np.ndarray) else mask
     if tuple(m.shape[-2:]) == tuple(size):
         return m.long()
-    flat = m.reshape(-1, 1, *m.shape[-2:]).float()               # any leading dimensions, e.g. a view's [1, H, W]
-    out = torch.nn.functional.interpolate(flat, size=tuple(size), mode="nearest-exact")
-    return out.reshape(*m.shape[:-2], *size).long()
+    return _resize_nearest_exact(m, size).long()
 
 
 def mask_to_tensor(mask, size):
@@ -521,10 +533,13 @@ def load_pseudo_mask(path, size=None):
 # ---------------------------------------------------------------------------------------------------------------
 
 class _ViewImage(tv_tensors.Image):
-    """A view's uint8 image in build_augmentation's pipeline. The torchvision transforms draw every parameter as for
-    a tv_tensors.Image; rotate, gaussian_blur and adjust_hue then run on the kernels below: the same operations in
-    fewer passes over the pixels (pairs about 1.5x faster), equal to torchvision's kernels up to float rounding
-    (a grey level at about 1e-4 of the pixels)."""
+    """A view's image in build_augmentation's pipeline: uint8 as it enters; after the first step of the kernels
+    below, float32 holding the uint8 values (integers 0..255). The torchvision transforms draw every parameter as
+    for a tv_tensors.Image; rotate, the colour jitter, gaussian_blur, grayscale and to_dtype then run on these
+    kernels. torchvision's uint8 kernels convert to float and back at every step, rounding or truncating; ours keep
+    float and round or truncate in place (the same values, without the conversions), and rotate, gaussian_blur and
+    adjust_hue take fewer passes over the pixels: equal to torchvision's kernels up to float rounding (a grey level
+    at about 1e-4 of the pixels)."""
 
 
 class _ViewMask(tv_tensors.Mask):
@@ -538,8 +553,11 @@ def _rotation_grid(angle, h, w):
     centre, same output size: for every output pixel, where it comes from in the input. Read-only (cached)."""
     cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
     x = torch.linspace(1 - w, w - 1, w) / w                   # pixel centres in [-1, 1]
-    y = torch.linspace(1 - h, h - 1, h)[:, None] / h
-    return torch.stack(torch.broadcast_tensors(cos * x - sin * h / w * y, sin * w / h * x + cos * y), -1)[None]
+    y = torch.linspace(1 - h, h - 1, h) / h
+    # (cos x - sin h/w y, sin w/h x + cos y) as one broadcast sum of an x part and a y part (torch.stack is slow)
+    x_part = torch.stack([cos * x, sin * w / h * x], -1)      # [W, 2]
+    y_part = torch.stack([-(sin * h / w) * y, cos * y], -1)   # [H, 2]
+    return (x_part[None] + y_part[:, None])[None]
 
 
 def _reflected(grid, h, w):
@@ -552,43 +570,43 @@ def _reflected(grid, h, w):
     return (2 * folded + 1) / size - 1
 
 
-def _rotation_sample(x, angle, mode, fill):
-    """x [N, H, W] float rotated about the centre -> (rotated [N, H, W], covered share [1, H, W]). fill=None: the
-    border is reflected (_reflected) and every pixel is covered."""
+def _rotated(x, angle, mode, reflect):
+    """x [N, H, W] float rotated about the centre; outside the image: zeros, or the reflected image (reflect)."""
     h, w = x.shape[-2:]
     grid = _rotation_grid(angle, h, w)
-    if fill is None:
-        return torch.nn.functional.grid_sample(x[None], _reflected(grid, h, w), mode=mode, align_corners=False)[0], None
-    out = torch.nn.functional.grid_sample(torch.cat([x, torch.ones(1, h, w)])[None], grid, mode=mode,
-                                          align_corners=False)[0]
-    return out[:-1], out[-1:]
+    grid = _reflected(grid, h, w) if reflect else grid
+    return torch.nn.functional.grid_sample(x[None], grid, mode=mode, align_corners=False)[0]
 
 
 def _rotate_image(image, angle, fill=0, **_):
     """Rotation about the centre (what RandomRotation asks for): bilinear; where the rotated image covers a pixel
     only partly, it is blended with `fill` by the covered share, as torchvision does. fill=None: reflected border."""
     x = image.as_subclass(torch.Tensor)
-    out, covered = _rotation_sample(x.float(), angle, "bilinear", fill)
-    if covered is not None:
-        out = out.sub_(fill).mul_(covered).add_(fill)
-    return tv_tensors.wrap(out.round_().to(x.dtype), like=image)
+    if fill is None:
+        return tv_tensors.wrap(_rotated(x.float(), angle, "bilinear", reflect=True).round_(), like=image)
+    stacked = torch.empty(x.shape[0] + 1, *x.shape[-2:])       # the image and a channel of ones: the covered share
+    stacked[:-1].copy_(x)
+    stacked[-1].fill_(1)
+    out = _rotated(stacked, angle, "bilinear", reflect=False)
+    return tv_tensors.wrap(out[:-1].sub_(fill).mul_(out[-1:]).add_(fill).round_(), like=image)
 
 
 def _rotate_mask(mask, angle, fill=IGNORE, **_):
     """Rotation about the centre, nearest; pixels the rotated mask does not cover get `fill`. fill=None: reflected
     border."""
     x = mask.as_subclass(torch.Tensor)
-    out, covered = _rotation_sample(x.reshape(-1, *x.shape[-2:]).float(), angle, "nearest", fill)
-    if covered is not None:
-        out = torch.where(covered < 0.5, float(fill), out)
+    flat = x.reshape(-1, *x.shape[-2:]).to(torch.float32, copy=True)
+    if fill is None:
+        out = _rotated(flat, angle, "nearest", reflect=True)
+    else:  # zeros outside the image: the mask minus fill, sampled, plus fill puts fill exactly there
+        out = _rotated(flat.sub_(fill), angle, "nearest", reflect=False).add_(fill)
     return tv_tensors.wrap(out.to(x.dtype).reshape(x.shape), like=mask)
 
 
 def _gaussian_blur(image, kernel_size, sigma):
     """Gaussian blur, reflect padding, as two 1-D passes (the 2-D Gaussian kernel is the product of two 1-D ones):
     2k instead of k^2 multiply-adds per pixel, and no depthwise convolution (slow on the CPU)."""
-    x = image.as_subclass(torch.Tensor)
-    out = x.float()[None]
+    out = image.as_subclass(torch.Tensor).float()[None]
     for dim, k, s in ((-1, kernel_size[0], sigma[0]), (-2, kernel_size[1], sigma[1])):
         weights = torch.exp(-0.5 * ((torch.arange(k) - (k - 1) / 2) / s) ** 2)
         weights = (weights / weights.sum()).tolist()
@@ -597,7 +615,41 @@ def _gaussian_blur(image, kernel_size, sigma):
         out = padded.narrow(dim, 0, n) * weights[0]
         for i in range(1, k):
             out.add_(padded.narrow(dim, i, n), alpha=weights[i])
-    return tv_tensors.wrap(out[0].round_().to(x.dtype), like=image)
+    return tv_tensors.wrap(out[0].round_(), like=image)
+
+
+def _gray(x):
+    """torchvision's grayscale of a uint8 image [3, H, W] -> [1, H, W] float, before its conversion to an integer."""
+    r, g, b = x.unbind(-3)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114)[None]
+
+
+def _blend(x, ratio, other=None):
+    """torchvision's _blend of a uint8 image with `other` (None: black): x * ratio + other * (1 - ratio), clamped,
+    truncated as its uint8 conversion does."""
+    out = x.mul(ratio) if x.is_floating_point() else x.float().mul_(ratio)
+    if other is not None:
+        out.add_(other, alpha=1.0 - ratio)
+    return out.clamp_(0, 255).floor_()                           # >= 0: floor truncates (trunc_ is slow)
+
+
+def _adjust_brightness(image, brightness_factor):
+    return tv_tensors.wrap(_blend(image.as_subclass(torch.Tensor), brightness_factor), like=image)
+
+
+def _adjust_contrast(image, contrast_factor):
+    x = image.as_subclass(torch.Tensor)
+    return tv_tensors.wrap(_blend(x, contrast_factor, _gray(x).floor_().mean(dim=(-3, -2, -1), keepdim=True)), like=image)
+
+
+def _adjust_saturation(image, saturation_factor):
+    x = image.as_subclass(torch.Tensor)
+    return tv_tensors.wrap(_blend(x, saturation_factor, _gray(x).floor_()), like=image)
+
+
+def _rgb_to_grayscale(image, num_output_channels=1):
+    x = image.as_subclass(torch.Tensor)
+    return tv_tensors.wrap(_gray(x).floor_().expand(num_output_channels, *x.shape[-2:]), like=image)
 
 
 _HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)    # R, G, B in sixths of the hue circle
@@ -606,30 +658,41 @@ _HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)    # R, G, B in sixth
 def _adjust_hue(image, hue_factor):
     """Hue shifted by hue_factor turns (HSV hue; value and saturation kept). Every channel in one pass: channel n
     of a pixel with max M, min m, hue H (in sixths) is M - (M - m) * clamp(min(k, 4 - k), 0, 1), k = (n + H) mod
-    6, instead of torchvision's HSV round trip through a table. Back to uint8 as torchvision's to_dtype does."""
-    x = image.as_subclass(torch.Tensor)
-    f = x.float().div_(255)
+    6, instead of torchvision's HSV round trip through a table. Truncated as torchvision's to_dtype does."""
+    f = image.as_subclass(torch.Tensor).div(255)
     r, g, b = f
     # torch.maximum / minimum: aminmax over the channel dimension is 20x slower on the CPU
     high, low = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)
     chroma = high - low
-    d = torch.where(chroma > 0, chroma, 1.0)
-    hue = torch.where(high == r, (g - b).div_(d),
-                      torch.where(high == g, (b - r).div_(d).add_(2), (r - g).div_(d).add_(4)))
-    k = (hue.add_(6 * hue_factor) + _HUE_OFFSETS).remainder_(6)
+    d = chroma.clamp(min=1e-30)                    # grey pixels (chroma 0): hue 0, as every numerator below is 0
+    # hue of the channel that is the max (r before g before b), picked by 0/1 factors: torch.where, bool tensors
+    # and remainder are not vectorised on the CPU (10-20x slower); comparisons written to float tensors are
+    is_r = torch.eq(high, r, out=torch.empty_like(r))
+    is_g = torch.eq(high, g, out=torch.empty_like(r)).mul_(1 - is_r)
+    is_b = (1 - is_r).sub_(is_g)
+    hue = (g - b).div_(d).mul_(is_r) + (b - r).div_(d).add_(2).mul_(is_g) + (r - g).div_(d).add_(4).mul_(is_b)
+    k = hue.add_(6 * hue_factor) + _HUE_OFFSETS                 # in [-3, 13]: hue in [-1, 5], offsets, 6 h
+    k = k.sub_(k.div(6).floor_().mul_(6))                       # mod 6, as remainder computes it in this range
     out = high - torch.minimum(k, 4 - k).clamp_(0, 1).mul_(chroma)
-    return tv_tensors.wrap(out.mul_(256 - 1e-3).to(x.dtype), like=image)
+    return tv_tensors.wrap(out.mul_(256 - 1e-3).floor_(), like=image)   # >= 0: floor truncates
+
+
+def _to_dtype(image, dtype=torch.float32, scale=False):
+    """The view's uint8 values converted as torchvision converts a uint8 image; the result is a plain Image."""
+    x = image.as_subclass(torch.Tensor)
+    if x.is_floating_point() and scale and dtype.is_floating_point:
+        return tv_tensors.Image(x.to(dtype, copy=True).mul_(1.0 / 255))   # without the uint8 round trip
+    return tv_tensors.Image(TF.to_dtype(x.to(torch.uint8), dtype, scale))
 
 
 def _resized_crop_mask(mask, top, left, height, width, size, **_):
     """Crop, then resize_mask (the one mask resize; torchvision's own kernel resizes masks "nearest")."""
     x = TF.crop(mask.as_subclass(torch.Tensor), top, left, height, width)
-    return tv_tensors.wrap(resize_mask(x, size).to(x.dtype), like=mask)
+    return tv_tensors.wrap(_resize_nearest_exact(x, size), like=mask)
 
 
 def _resize_mask_kernel(mask, size, **_):
-    x = mask.as_subclass(torch.Tensor)
-    return tv_tensors.wrap(resize_mask(x, size).to(x.dtype), like=mask)
+    return tv_tensors.wrap(_resize_nearest_exact(mask.as_subclass(torch.Tensor), size), like=mask)
 
 
 TF.register_kernel(TF.resized_crop, _ViewMask)(_resized_crop_mask)
@@ -637,7 +700,12 @@ TF.register_kernel(TF.resize, _ViewMask)(_resize_mask_kernel)
 TF.register_kernel(TF.rotate, _ViewImage)(_rotate_image)
 TF.register_kernel(TF.rotate, _ViewMask)(_rotate_mask)
 TF.register_kernel(TF.gaussian_blur, _ViewImage)(_gaussian_blur)
+TF.register_kernel(TF.adjust_brightness, _ViewImage)(_adjust_brightness)
+TF.register_kernel(TF.adjust_contrast, _ViewImage)(_adjust_contrast)
+TF.register_kernel(TF.adjust_saturation, _ViewImage)(_adjust_saturation)
 TF.register_kernel(TF.adjust_hue, _ViewImage)(_adjust_hue)
+TF.register_kernel(TF.rgb_to_grayscale, _ViewImage)(_rgb_to_grayscale)
+TF.register_kernel(TF.to_dtype, _ViewImage)(_to_dtype)
 
 
 ROTATION_BORDERS = ("fill", "reflect")

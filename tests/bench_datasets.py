@@ -3,7 +3,7 @@
 Issue 12's target: >= 60 pairs/s per core at 400x400 (decode, split, two augmented views), through a DataLoader
 (datasets.make_loader, as the trainers). workers=0 also prints pairs per CPU-second of the process, which other jobs
 on a shared machine disturb much less than wall time. --compare times the same pairs with torchvision's own kernels
-for rotate / gaussian_blur / adjust_hue against datasets.py's (same draws), alternating pair by pair in this process.
+(uint8 throughout) against datasets.py's (same draws), alternating pair by pair in this process.
 
     python tests/bench_datasets.py                                   # VOC-sized demo images (375-500 px)
     python tests/bench_datasets.py --images VOC2012/JPEGImages --masks VOC2012/SegmentationClassAug \

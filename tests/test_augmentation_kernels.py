@@ -75,3 +75,33 @@ def test_views_draw_what_torchvision_draws():
         assert (a_mask.as_subclass(torch.Tensor) != b_mask.as_subclass(torch.Tensor)).float().mean().item() <= 1e-3
         grey_levels = (a_img - b_img).abs() * 0.229 * 255       # normalised back to 0..255 (about)
         assert (grey_levels > 0.5).float().mean().item() <= 2e-3
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_colour_kernels_give_torchvisions_uint8_values(seed):
+    # a view's image holds uint8 values in float after its first step: brightness, contrast, saturation, grayscale
+    # and to_dtype on it give exactly what torchvision's kernels give on the uint8 image (no conversions between)
+    img, _ = scene(seed)
+    rng = np.random.default_rng(seed)
+    for view in (D._ViewImage(img), D._ViewImage(img.float())):
+        for adjust in (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation):
+            factor = float(rng.uniform(0.0, 2.0))
+            ours = adjust(view, factor)
+            assert type(ours) is D._ViewImage and ours.dtype == torch.float32
+            assert torch.equal(ours.as_subclass(torch.Tensor), adjust(img, factor).float())
+        ours = TF.rgb_to_grayscale(view, num_output_channels=3).as_subclass(torch.Tensor)
+        assert torch.equal(ours, TF.rgb_to_grayscale(img, num_output_channels=3).float())
+        ours = TF.to_dtype(view, torch.float32, scale=True)
+        assert type(ours) is tv_tensors.Image          # no longer uint8 values: the view's kernels let it go
+        assert torch.equal(ours.as_subclass(torch.Tensor), TF.to_dtype(img, torch.float32, scale=True))
+    assert torch.equal(view.as_subclass(torch.Tensor), img.float())           # the input is left as it was
+
+
+def test_mask_resize_is_torchs_nearest_exact():
+    # resize_mask gathers rows and columns; the pixels are those of interpolate(mode="nearest-exact")
+    g = torch.Generator().manual_seed(0)
+    for h, w in ((1, 1), (2, 3), (37, 5), (375, 500), (500, 333)):
+        mask = torch.randint(0, 256, (2, h, w), dtype=torch.uint8, generator=g)
+        for size in ((400, 400), (2, 41), (h, 7), (1, 1), (613, 29)):
+            theirs = torch.nn.functional.interpolate(mask[:, None].float(), size=size, mode="nearest-exact")[:, 0]
+            assert torch.equal(D.resize_mask(mask, size), theirs.long())
