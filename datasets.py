@@ -639,7 +639,8 @@ def _adjust_brightness(image, brightness_factor):
 
 def _adjust_contrast(image, contrast_factor):
     x = image.as_subclass(torch.Tensor)
-    return tv_tensors.wrap(_blend(x, contrast_factor, _gray(x).floor_().mean(dim=(-3, -2, -1), keepdim=True)), like=image)
+    mean = _gray(x).floor_().mean(dim=(-3, -2, -1), keepdim=True)
+    return tv_tensors.wrap(_blend(x, contrast_factor, mean), like=image)
 
 
 def _adjust_saturation(image, saturation_factor):
@@ -678,11 +679,8 @@ def _adjust_hue(image, hue_factor):
 
 
 def _to_dtype(image, dtype=torch.float32, scale=False):
-    """The view's uint8 values converted as torchvision converts a uint8 image; the result is a plain Image."""
-    x = image.as_subclass(torch.Tensor)
-    if x.is_floating_point() and scale and dtype.is_floating_point:
-        return tv_tensors.Image(x.to(dtype, copy=True).mul_(1.0 / 255))   # without the uint8 round trip
-    return tv_tensors.Image(TF.to_dtype(x.to(torch.uint8), dtype, scale))
+    """torchvision's to_dtype of the uint8 image the view holds; the result is a plain Image."""
+    return tv_tensors.Image(TF.to_dtype(image.as_subclass(torch.Tensor).to(torch.uint8), dtype, scale))
 
 
 def _resized_crop_mask(mask, top, left, height, width, size, **_):
@@ -719,10 +717,11 @@ def build_augmentation(image_size=400, augment=True, scale=(0.5, 1.2), flip_p=0.
     and pixels outside the rotated image get 255 in every mask (callers map it: ignore in the query target,
     background in the support mask). rotation_border="reflect" (the authors' code: albumentations' Rotate,
     BORDER_REFLECT_101): image and masks are reflected at the border instead, no pixel is filled or ignored.
-    Output image: float, ImageNet-normalised. augment=False: resize only."""
+    Output image: uint8 (normalize_views makes it the networks' input where the batch lands). augment=False:
+    resize only."""
     if rotation_border not in ROTATION_BORDERS:
         raise ValueError(f"rotation_border must be one of {ROTATION_BORDERS}, got {rotation_border!r}")
-    finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    finish = [v2.ToDtype(torch.uint8)]                          # the view's values back in uint8
     if not augment:
         return v2.Compose([v2.Resize([image_size, image_size], antialias=True)] + finish)
     # fill None: the kernels reflect the border (_rotation_sample)
@@ -756,8 +755,19 @@ def _pair(transform, query_image, query_tgt, support_image, support_fg, rng):
     support = query if support_image is query_image else TF.pil_to_tensor(support_image)
     query_img, q = _view(transform, query, query_tgt, rng)
     support_img, s = _view(transform, support, support_fg.astype(np.uint8), rng)
-    return {"query_img": query_img, "query_target": q.long(),
-            "support_img": support_img, "support_mask": (s == 1).float()}
+    return {"query_img": query_img, "query_target": q, "support_img": support_img,
+            "support_mask": (s == 1).to(torch.uint8)}
+
+
+def normalize_views(images):
+    """uint8 views [..., 3, H, W] -> float, ImageNet-normalised: the networks' input. Pairs leave the loader in uint8
+    (a quarter of the bytes to copy between processes and to the GPU) and are normalised where the batch lands, by
+    the operations of torchvision's to_dtype and normalize (the same numbers)."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"normalize_views takes uint8 views, got {images.dtype}")
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    return images.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -778,8 +788,9 @@ class MaskSplitPairs(torch.utils.data.Dataset):
         min_pixels, then leaves the mask unsplit). N > 0, the authors' code (N = 512, with a one-draw MaskSplit of
         min_pixels 0): when the support or the query half has fewer than N pixels, another image is drawn at
         random instead.
-    Items: query_img [3,S,S], query_target [S,S] int64 (1 query fg, 255 support fg / outside image, 0 bg),
-    support_img [3,S,S], support_mask [S,S] float, image_id str.
+    Items, all uint8 (normalize_views makes the images the networks' input): query_img [3,S,S], query_target
+    [S,S] (1 query fg, 255 support fg / outside image, 0 bg), support_img [3,S,S], support_mask [S,S] 0/1,
+    image_id str.
     """
 
     def __init__(self, images, masks=None, list_file=None, image_size=400, split=None, augment=True, seed=0,

@@ -282,9 +282,9 @@ def save_checkpoint(path, **state):
 
 def load_checkpoint(path, kinds=None):
     """The one checkpoint loader of every script: ValueError naming the file unless it is a checkpoint of one of
-    `kinds` (default: every kind of NETWORKS). Always onto the CPU, wherever it was written: callers move what belongs on their device
-    (model.load_state_dict copies into the device's parameters, optimizer.load_state_dict casts its state to
-    them), and the RNG states must stay CPU ByteTensors for restore_rng."""
+    `kinds` (default: every kind of NETWORKS). Always onto the CPU, wherever it was written: callers move what
+    belongs on their device (model.load_state_dict copies into the device's parameters, optimizer.load_state_dict
+    casts its state to them), and the RNG states must stay CPU ByteTensors for restore_rng."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")

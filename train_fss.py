@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets import (IGNORE, EpochItems, MaskSplitPairs, SupervisedPairs, fold_train_ids, make_loader, voc_paths,
-                      voc_split)
+from datasets import (IGNORE, EpochItems, MaskSplitPairs, SupervisedPairs, fold_train_ids, make_loader,
+                      normalize_views, voc_paths, voc_split)
 from masksplit import MaskSplit
 from model import (BACKBONES, FSSNet, FiniteGuard, HelpFormatter, add_device_flags, check_output, configure_backends,
                    exits_on_bad_input, load_training_state, mixed_precision, nonnegative_float, nonnegative_int,
@@ -170,10 +170,11 @@ def memory_format(device):
 def train_step(net, optimizer, batch, device, autocast, scaler, fmt=torch.contiguous_format):
     """One optimiser step on a batch of MaskSplit pairs (images in memory format fmt, like the net); returns the
     loss as a tensor on the device (reading it waits for the GPU: the caller does so only when it logs)."""
-    query = batch["query_img"].to(device, non_blocking=True).contiguous(memory_format=fmt)
-    support = batch["support_img"].to(device, non_blocking=True).contiguous(memory_format=fmt)
-    support_mask = batch["support_mask"].to(device, non_blocking=True)
-    target = batch["query_target"].to(device, non_blocking=True)
+    query, support, support_mask, target = (batch[k].to(device, non_blocking=True) for k in
+                                            ("query_img", "support_img", "support_mask", "query_target"))
+    query = normalize_views(query).contiguous(memory_format=fmt)     # uint8 from the loader (datasets.py)
+    support = normalize_views(support).contiguous(memory_format=fmt)
+    support_mask, target = support_mask.float(), target.long()
     with autocast():
         logits = net(query, support[:, None], support_mask[:, None])
     # pixel-wise cross-entropy; IGNORE (255) = the support half of the query and pixels outside the image (3.2)

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import evaluate  # noqa: E402
-from datasets import make_demo_data  # noqa: E402
+from datasets import make_demo_data, normalize_views  # noqa: E402
 from model import FSSNet, autocast_dtype, configure_backends, mixed_precision, pick_device, save_checkpoint  # noqa
 from train_fss import memory_format, train_step  # noqa: E402
 
@@ -50,8 +50,9 @@ def bench_step(args):
     configure_backends(device)
     autocast, scaler = mixed_precision(device)
     b, s = args.batch_size, args.image_size
-    batch = {"query_img": torch.randn(b, 3, s, s), "support_img": torch.randn(b, 3, s, s),
-             "support_mask": (torch.rand(b, s, s) > 0.5).float(), "query_target": torch.randint(0, 2, (b, s, s))}
+    views = lambda: torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8)  # noqa: E731  (uint8, as the loader's)
+    batch = {"query_img": views(), "support_img": views(), "support_mask": (torch.rand(b, s, s) > 0.5).to(torch.uint8),
+             "query_target": torch.randint(0, 2, (b, s, s), dtype=torch.uint8)}
     # train_fss.py's memory format, and on CUDA the other one too (is channels_last worth its GroupNorm copies?)
     formats = [memory_format(device)] + ([torch.contiguous_format] if device.type == "cuda" else [])
     result = {"backbone": args.backbone, "image_size": s, "batch_size": b, "device": str(device),
@@ -65,7 +66,7 @@ def bench_step(args):
         def backbone_forward():
             with autocast():
                 for key in ("query_img", "support_img"):
-                    net.extract(batch[key].to(device).contiguous(memory_format=fmt))
+                    net.extract(normalize_views(batch[key].to(device)).contiguous(memory_format=fmt))
 
         forward = timed(backbone_forward, args.repeats, device)
         step = timed(lambda: train_step(net, optimizer, batch, device, autocast, scaler, fmt), args.repeats, device)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 import datasets as D
 import model
@@ -278,7 +279,7 @@ def encoded_pair(tmp_path, size=(90, 120)):
 
 def decode(img):
     """0 black, 1 gray, 2 white per pixel of an (un-normalised) view."""
-    v = unnormalise(img).mean(0)
+    v = unnormalise(D.normalize_views(img)).mean(0)
     return torch.bucketize(v, torch.tensor([0.25, 0.75]))
 
 
@@ -314,11 +315,22 @@ def test_full_augmentation_keeps_255_and_is_deterministic(tmp_path):
     ds.set_epoch(1)
     c = ds[0]
     assert not torch.equal(a["query_img"], c["query_img"])
-    assert a["query_target"].dtype == torch.int64 and (a["query_target"] == 255).any()
+    assert all(a[k].dtype == torch.uint8 for k in ("query_img", "query_target", "support_img", "support_mask"))
+    assert (a["query_target"] == 255).any()
     assert a["query_img"].shape == a["support_img"].shape == (3, 48, 48) and a["image_id"] == "x"
     plain = D.MaskSplitPairs(images, masks, image_size=48, augment=False, split=MaskSplit(prob=0.0))[0]
     assert set(torch.unique(plain["query_target"]).tolist()) == {0, 1}                  # no split: no 255
-    assert torch.equal(plain["query_target"].float(), plain["support_mask"])
+    assert torch.equal(plain["query_target"], plain["support_mask"])
+
+
+def test_normalize_views_is_torchvisions_to_dtype_and_normalize():
+    # pairs leave the loader in uint8; normalize_views gives what the pipeline's ToDtype + Normalize gave
+    views = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    before = views.clone()
+    theirs = v2.Normalize(model.IMAGENET_MEAN, model.IMAGENET_STD)(v2.ToDtype(torch.float32, scale=True)(views))
+    assert torch.equal(D.normalize_views(views), theirs) and torch.equal(views, before)
+    with pytest.raises(ValueError, match="uint8"):
+        D.normalize_views(theirs)
 
 
 def test_dataloader_workers_give_the_same_pairs(tmp_path):
