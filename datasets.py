@@ -544,7 +544,7 @@ class _ViewImage(tv_tensors.Image):
 
 class _ViewMask(tv_tensors.Mask):
     """A view's mask in the pipeline: rotate runs on _rotate_mask (nearest, the pixels torchvision's takes), resize
-    and resized_crop on resize_mask."""
+    and resized_crop on resize_mask's gather (nearest-exact)."""
 
 
 @functools.lru_cache(maxsize=1)  # a view's image and mask turn by the same angle: one grid for both
@@ -553,11 +553,11 @@ def _rotation_grid(angle, h, w):
     centre, same output size: for every output pixel, where it comes from in the input. Read-only (cached)."""
     cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
     x = torch.linspace(1 - w, w - 1, w) / w                   # pixel centres in [-1, 1]
-    y = torch.linspace(1 - h, h - 1, h) / h
-    # (cos x - sin h/w y, sin w/h x + cos y) as one broadcast sum of an x part and a y part (torch.stack is slow)
-    x_part = torch.stack([cos * x, sin * w / h * x], -1)      # [W, 2]
-    y_part = torch.stack([-(sin * h / w) * y, cos * y], -1)   # [H, 2]
-    return (x_part[None] + y_part[:, None])[None]
+    y = torch.linspace(1 - h, h - 1, h)[:, None] / h
+    grid = torch.empty(1, h, w, 2)                             # written in place: 4x faster than torch.stack
+    torch.sub(cos * x, sin * h / w * y, out=grid[0, ..., 0])
+    torch.add(sin * w / h * x, cos * y, out=grid[0, ..., 1])
+    return grid
 
 
 def _reflected(grid, h, w):
@@ -576,6 +576,12 @@ def _rotated(x, angle, mode, reflect):
     grid = _rotation_grid(angle, h, w)
     grid = _reflected(grid, h, w) if reflect else grid
     return torch.nn.functional.grid_sample(x[None], grid, mode=mode, align_corners=False)[0]
+
+
+def _as_uint8(x):
+    """Integer values 0..255 (any dtype) -> uint8. Through int16: float -> uint8 is not vectorised on the CPU (4x
+    slower)."""
+    return x if x.dtype == torch.uint8 else x.to(torch.int16).to(torch.uint8)
 
 
 def _rotate_image(image, angle, fill=0, **_):
@@ -600,7 +606,8 @@ def _rotate_mask(mask, angle, fill=IGNORE, **_):
         out = _rotated(flat, angle, "nearest", reflect=True)
     else:  # zeros outside the image: the mask minus fill, sampled, plus fill puts fill exactly there
         out = _rotated(flat.sub_(fill), angle, "nearest", reflect=False).add_(fill)
-    return tv_tensors.wrap(out.to(x.dtype).reshape(x.shape), like=mask)
+    out = _as_uint8(out) if x.dtype == torch.uint8 else out.to(x.dtype)
+    return tv_tensors.wrap(out.reshape(x.shape), like=mask)
 
 
 def _gaussian_blur(image, kernel_size, sigma):
@@ -680,7 +687,7 @@ def _adjust_hue(image, hue_factor):
 
 def _to_dtype(image, dtype=torch.float32, scale=False):
     """torchvision's to_dtype of the uint8 image the view holds; the result is a plain Image."""
-    return tv_tensors.Image(TF.to_dtype(image.as_subclass(torch.Tensor).to(torch.uint8), dtype, scale))
+    return tv_tensors.Image(TF.to_dtype(_as_uint8(image.as_subclass(torch.Tensor)), dtype, scale))
 
 
 def _resized_crop_mask(mask, top, left, height, width, size, **_):
@@ -724,7 +731,7 @@ def build_augmentation(image_size=400, augment=True, scale=(0.5, 1.2), flip_p=0.
     finish = [v2.ToDtype(torch.uint8)]                          # the view's values back in uint8
     if not augment:
         return v2.Compose([v2.Resize([image_size, image_size], antialias=True)] + finish)
-    # fill None: the kernels reflect the border (_rotation_sample)
+    # fill None: the kernels reflect the border (_rotated)
     fill = {_ViewImage: 0, _ViewMask: IGNORE} if rotation_border == "fill" else {_ViewImage: None, _ViewMask: None}
     return v2.Compose([
         # scale up to 1.2 as in the authors' code: draws above 1.0 cannot fit and are redrawn (torchvision)
