@@ -679,9 +679,11 @@ def _adjust_hue(image, hue_factor):
     is_g = torch.eq(high, g, out=torch.empty_like(r)).mul_(1 - is_r)
     is_b = (1 - is_r).sub_(is_g)
     hue = (g - b).div_(d).mul_(is_r) + (b - r).div_(d).add_(2).mul_(is_g) + (r - g).div_(d).add_(4).mul_(is_b)
+    # [3, H, W] results go to f's memory and k's (r, g, b are done with): fresh 2 MB tensors cost page faults
     k = hue.add_(6 * hue_factor) + _HUE_OFFSETS                 # in [-3, 13]: hue in [-1, 5], offsets, 6 h
-    k = k.sub_(k.div(6).floor_().mul_(6))                       # mod 6, as remainder computes it in this range
-    out = high - torch.minimum(k, 4 - k).clamp_(0, 1).mul_(chroma)
+    k.sub_(torch.div(k, 6, out=f).floor_().mul_(6))             # mod 6, as remainder computes it in this range
+    share = torch.minimum(k, torch.neg(k, out=f).add_(4), out=f).clamp_(0, 1).mul_(chroma)
+    out = torch.sub(high, share, out=k)
     return tv_tensors.wrap(out.mul_(256 - 1e-3).floor_(), like=image)   # >= 0: floor truncates
 
 
