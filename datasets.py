@@ -774,8 +774,9 @@ def normalize_views(images):
     the operations of torchvision's to_dtype and normalize (the same numbers)."""
     if images.dtype != torch.uint8:
         raise ValueError(f"normalize_views takes uint8 views, got {images.dtype}")
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    # built on the CPU and sent without waiting (torch.tensor(..., device="cuda") would wait for the GPU every step)
+    mean, std = (torch.tensor(v).view(3, 1, 1).to(images.device, non_blocking=True)
+                 for v in (IMAGENET_MEAN, IMAGENET_STD))
     return images.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
 
 
