@@ -50,9 +50,9 @@ def bench_step(args):
     configure_backends(device)
     autocast, scaler = mixed_precision(device)
     b, s = args.batch_size, args.image_size
-    views = lambda: torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8)  # noqa: E731  (uint8, as the loader's)
-    batch = {"query_img": views(), "support_img": views(), "support_mask": (torch.rand(b, s, s) > 0.5).to(torch.uint8),
-             "query_target": torch.randint(0, 2, (b, s, s), dtype=torch.uint8)}
+    batch = {key: torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8) for key in ("query_img", "support_img")}
+    batch.update(support_mask=torch.randint(0, 2, (b, s, s), dtype=torch.uint8),      # uint8, as the loader's
+                 query_target=torch.randint(0, 2, (b, s, s), dtype=torch.uint8))
     # train_fss.py's memory format, and on CUDA the other one too (is channels_last worth its GroupNorm copies?)
     formats = [memory_format(device)] + ([torch.contiguous_format] if device.type == "cuda" else [])
     result = {"backbone": args.backbone, "image_size": s, "batch_size": b, "device": str(device),

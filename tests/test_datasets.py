@@ -14,14 +14,6 @@ import datasets as D
 import model
 from masksplit import MaskSplit
 
-MEAN = torch.tensor(model.IMAGENET_MEAN).view(3, 1, 1)
-STD = torch.tensor(model.IMAGENET_STD).view(3, 1, 1)
-
-
-def unnormalise(x):
-    return x * STD + MEAN
-
-
 def write_voc(root, labels, split="val"):
     """VOC2012 tree with palette masks `labels` {stem: uint8 [H,W]} and random JPEG images of the same size."""
     voc = pathlib.Path(root) / "VOCdevkit" / "VOC2012"
@@ -278,8 +270,8 @@ def encoded_pair(tmp_path, size=(90, 120)):
 
 
 def decode(img):
-    """0 black, 1 gray, 2 white per pixel of an (un-normalised) view."""
-    v = unnormalise(D.normalize_views(img)).mean(0)
+    """0 black, 1 gray, 2 white per pixel of a uint8 view."""
+    v = img.float().mean(0) / 255
     return torch.bucketize(v, torch.tensor([0.25, 0.75]))
 
 
