@@ -1,6 +1,7 @@
 """Tests of datasets.py on small fixtures written here in the real layouts (no downloaded data)."""
 import json
 import pathlib
+import platform
 import time
 import warnings
 
@@ -325,12 +326,16 @@ def test_normalize_views_is_torchvisions_to_dtype_and_normalize():
         D.normalize_views(theirs)
 
 
-def test_dataloader_workers_give_the_same_pairs(tmp_path):
+def test_loader_workers_give_the_same_pairs_and_keep_freed_memory(tmp_path):
     images, masks = encoded_pair(tmp_path)
     ds = D.MaskSplitPairs(images, masks, image_size=32, seed=1)
-    loader = lambda n: next(iter(torch.utils.data.DataLoader(ds, batch_size=1, num_workers=n)))  # noqa: E731
-    a, b = loader(0), loader(1)
+    loaders = [D.make_loader(ds, torch.device("cpu"), n, batch_size=1) for n in (0, 1)]
+    a, b = (next(iter(loader)) for loader in loaders)
     assert torch.equal(a["query_img"], b["query_img"]) and torch.equal(a["query_target"], b["query_target"])
+    # the item-making processes keep freed memory: glibc takes the settings (a value it refuses returns False)
+    assert loaders[1].worker_init_fn is D.keep_freed_memory
+    if platform.libc_ver()[0] == "glibc":
+        assert D.keep_freed_memory()
 
 
 def test_train_aug_is_every_masked_image_not_in_val(tmp_path):
