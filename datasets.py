@@ -31,7 +31,6 @@ Layouts read (the real ones):
 import codecs
 import collections
 import contextlib
-import ctypes
 import functools
 import hashlib
 import json
@@ -48,7 +47,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from masksplit import MaskSplit, query_target
-from model import IMAGENET_MEAN, IMAGENET_STD, atomic_file, write_file, write_json
+from model import IMAGENET_MEAN, IMAGENET_STD, atomic_file, keep_freed_memory, write_file, write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 MASK_SUFFIXES = (".png",)
@@ -1129,26 +1128,11 @@ class SalientObjects(torch.utils.data.Dataset):
 # Loaders: one per run, shared by the scripts
 # ---------------------------------------------------------------------------------------------------------------
 
-def keep_freed_memory(worker_id=None):
-    """glibc's malloc: blocks freed by this process are kept for its next allocations (up to 32 MB a block, 256 MB
-    in all) instead of going back to the system. By default blocks over about 1 MB are unmapped when freed, so each
-    of the many fresh image-sized tensors of an augmentation starts with a page fault on every 4 KB page (about
-    2,000 a training pair on real VOC images, a sixth of its time). Only the process's allocator settings change,
-    no result; other C libraries (no mallopt) are left as they are. Returns whether the settings were taken."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is None:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3                     # <malloc.h>
-    return mallopt(m_mmap_threshold, 32 << 20) == 1 and mallopt(m_trim_threshold, 256 << 20) == 1
-
-
 def make_loader(dataset, device, workers, **batching):
     """The DataLoader of every script (batching: batch_sampler= or batch_size=): workers started once and kept for
     the whole run (persistent), batches in pinned memory when they go to a GPU (so that .to(device,
-    non_blocking=True) overlaps the copy with the computation). The processes that make the items (the workers;
-    with workers=0 this one) keep their freed memory (keep_freed_memory)."""
-    if workers == 0:
-        keep_freed_memory()
+    non_blocking=True) overlaps the copy with the computation). Workers keep their freed memory
+    (model.keep_freed_memory, as configure_backends does for the script's own process)."""
     return torch.utils.data.DataLoader(dataset, num_workers=workers, persistent_workers=workers > 0,
                                        pin_memory=device.type == "cuda", worker_init_fn=keep_freed_memory,
                                        **batching)

@@ -22,6 +22,7 @@ from torchvision.transforms import v2
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import datasets as D  # noqa: E402
+from model import configure_backends  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -65,6 +66,7 @@ def main():
     args = p.parse_args()
 
     torch.set_num_threads(1)
+    configure_backends(torch.device("cpu"))                          # as the scripts: see model.py
     with tempfile.TemporaryDirectory() as tmp:
         if args.images is None:
             demo = D.make_demo_data(tmp, train_images=200, val_images=0, salient_images=0, coco_images=0,

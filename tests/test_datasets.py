@@ -333,9 +333,9 @@ def test_loader_workers_give_the_same_pairs_and_keep_freed_memory(tmp_path):
     a, b = (next(iter(loader)) for loader in loaders)
     assert torch.equal(a["query_img"], b["query_img"]) and torch.equal(a["query_target"], b["query_target"])
     # the item-making processes keep freed memory: glibc takes the settings (a value it refuses returns False)
-    assert loaders[1].worker_init_fn is D.keep_freed_memory
+    assert loaders[1].worker_init_fn is model.keep_freed_memory
     if platform.libc_ver()[0] == "glibc":
-        assert D.keep_freed_memory()
+        assert model.keep_freed_memory()
 
 
 def test_train_aug_is_every_masked_image_not_in_val(tmp_path):
