@@ -6,7 +6,7 @@ Writing files, checkpoints and the rest of a run's plumbing live in model.py (th
 reverse). Sections, in order:
   File I/O              load_image, load_mask, load_binary_mask, list_images, save_png, foreground_counts
   Layouts               voc_paths / voc_split (PASCAL), coco_paths / render_coco_masks (COCO), folds
-  Augmentation          build_augmentation: the two independent views (paper section 3.2)
+  Augmentation          build_augmentation: the two independent views (paper section 3.2); apply_deferred
   Training pairs        MaskSplitPairs: one pseudo-mask -> support half + query half (paper section 3.2; the
                         split line itself is masksplit.py); SupervisedPairs (Table 2's supervised row)
   Test episodes         FewShotEpisodes: seeded one-shot / k-shot episodes of PASCAL-5i / COCO-20i (section 4)
@@ -547,25 +547,36 @@ class _ViewMask(tv_tensors.Mask):
     and resized_crop on resize_mask's gather (nearest-exact)."""
 
 
+# The rotation kernels below take one view (its image [3, H, W] or mask [1, H, W]) and its angle as a number (the
+# loader's path), or a batch of views [B, C, H, W] with a list of angles (apply_deferred, where the batch lands).
+
+def _rotation_grids(angles, h, w, device):
+    """grid_sample grids (align_corners=False) of rotations by `angles` (numbers, degrees counter-clockwise) about
+    the image centre, same output size: for every output pixel, where it comes from in the input. [B, H, W, 2]."""
+    # each view's coefficients in double, then float32: the numbers a grid of one view multiplies by
+    coefficients = [(math.cos(math.radians(a)), math.sin(math.radians(a))) for a in angles]
+    coefficients = torch.tensor([(c, s * h / w, s * w / h) for c, s in coefficients], dtype=torch.float32)
+    cos, sin_hw, sin_wh = coefficients.to(device, non_blocking=True).T.reshape(3, -1, 1, 1)
+    x = torch.linspace(1 - w, w - 1, w, device=device) / w     # pixel centres in [-1, 1]
+    y = torch.linspace(1 - h, h - 1, h, device=device)[:, None] / h
+    # written in place as two planes (5x faster than into the interleaved [..., 2] layout, or torch.stack), which
+    # grid_sample reads as they are through the permuted view
+    grid = torch.empty(2, len(angles), h, w, device=device)
+    torch.sub(cos * x, sin_hw * y, out=grid[0])
+    torch.add(sin_wh * x, cos * y, out=grid[1])
+    return grid.permute(1, 2, 3, 0)
+
+
 @functools.lru_cache(maxsize=1)  # a view's image and mask turn by the same angle: one grid for both
 def _rotation_grid(angle, h, w):
-    """grid_sample grid (align_corners=False) of a rotation by `angle` degrees counter-clockwise about the image
-    centre, same output size: for every output pixel, where it comes from in the input. Read-only (cached)."""
-    cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
-    x = torch.linspace(1 - w, w - 1, w) / w                   # pixel centres in [-1, 1]
-    y = torch.linspace(1 - h, h - 1, h)[:, None] / h
-    # written in place as two planes (5x faster than into the interleaved [H, W, 2] layout, or torch.stack), which
-    # grid_sample reads as they are through the permuted view
-    grid = torch.empty(2, h, w)
-    torch.sub(cos * x, sin * h / w * y, out=grid[0])
-    torch.add(sin * w / h * x, cos * y, out=grid[1])
-    return grid.permute(1, 2, 0)[None]
+    """The grid [1, H, W, 2] of one view's rotation (on the CPU). Read-only (cached)."""
+    return _rotation_grids([angle], h, w, "cpu")
 
 
 def _reflected(grid, h, w):
     """A grid_sample grid folded back into the image as OpenCV's BORDER_REFLECT_101 does (about the centres of the
     border pixels: ..., 2, 1 | 0, 1, 2, ...), so every output pixel samples the image (the authors' rotation)."""
-    size = torch.tensor([w, h], dtype=grid.dtype)
+    size = torch.tensor([w, h], dtype=grid.dtype).to(grid.device, non_blocking=True)
     pixel = ((grid + 1) * size - 1) / 2                        # align_corners=False -> pixel coordinates
     period = 2 * (size - 1).clamp_min(1)
     folded = (size - 1) - ((pixel % period) - (size - 1)).abs()
@@ -573,11 +584,12 @@ def _reflected(grid, h, w):
 
 
 def _rotated(x, angle, mode, reflect):
-    """x [N, H, W] float rotated about the centre; outside the image: zeros, or the reflected image (reflect)."""
+    """x [B, C, H, W] float rotated about the centre by `angle` (a number: B = 1; a list: one angle per view);
+    outside the image: zeros, or the reflected image (reflect)."""
     h, w = x.shape[-2:]
-    grid = _rotation_grid(angle, h, w)
+    grid = _rotation_grid(angle, h, w) if isinstance(angle, (int, float)) else _rotation_grids(angle, h, w, x.device)
     grid = _reflected(grid, h, w) if reflect else grid
-    return torch.nn.functional.grid_sample(x[None], grid, mode=mode, align_corners=False)[0]
+    return torch.nn.functional.grid_sample(x, grid, mode=mode, align_corners=False)
 
 
 def _as_uint8(x):
@@ -590,47 +602,71 @@ def _rotate_image(image, angle, fill=0, **_):
     """Rotation about the centre (what RandomRotation asks for): bilinear; where the rotated image covers a pixel
     only partly, it is blended with `fill` by the covered share, as torchvision does. fill=None: reflected border."""
     x = image.as_subclass(torch.Tensor)
+    views = x if x.dim() == 4 else x[None]
     if fill is None:
-        return tv_tensors.wrap(_rotated(x.float(), angle, "bilinear", reflect=True).round_(), like=image)
-    stacked = torch.empty(x.shape[0] + 1, *x.shape[-2:])       # the image and a channel of ones: the covered share
-    stacked[:-1].copy_(x)
-    stacked[-1].fill_(1)
-    out = _rotated(stacked, angle, "bilinear", reflect=False)
-    return tv_tensors.wrap(out[:-1].sub_(fill).mul_(out[-1:]).add_(fill).round_(), like=image)
+        out = _rotated(views.float(), angle, "bilinear", reflect=True).round_()
+    else:
+        stacked = torch.empty(views.shape[0], views.shape[1] + 1, *x.shape[-2:], device=x.device)
+        stacked[:, :-1].copy_(views)                           # the image and a channel of ones: the covered share
+        stacked[:, -1].fill_(1)
+        out = _rotated(stacked, angle, "bilinear", reflect=False)
+        out = out[:, :-1].sub_(fill).mul_(out[:, -1:]).add_(fill).round_()
+    return tv_tensors.wrap(out if x.dim() == 4 else out[0], like=image)
 
 
 def _rotate_mask(mask, angle, fill=IGNORE, **_):
     """Rotation about the centre, nearest; pixels the rotated mask does not cover get `fill`. fill=None: reflected
     border."""
     x = mask.as_subclass(torch.Tensor)
-    flat = x.reshape(-1, *x.shape[-2:]).to(torch.float32, copy=True)
+    views = x.reshape(1 if isinstance(angle, (int, float)) else len(angle), -1, *x.shape[-2:])
+    views = views.to(torch.float32, copy=True)
     if fill is None:
-        out = _rotated(flat, angle, "nearest", reflect=True)
+        out = _rotated(views, angle, "nearest", reflect=True)
     else:  # zeros outside the image: the mask minus fill, sampled, plus fill puts fill exactly there
-        out = _rotated(flat.sub_(fill), angle, "nearest", reflect=False).add_(fill)
+        out = _rotated(views.sub_(fill), angle, "nearest", reflect=False).add_(fill)
     out = _as_uint8(out) if x.dtype == torch.uint8 else out.to(x.dtype)
     return tv_tensors.wrap(out.reshape(x.shape), like=mask)
+
+
+# The colour kernels below take one view [3, H, W] with its factor as a number (the loader's path), or a batch of
+# views [B, 3, H, W] with one factor per view, a tensor [B, 1, 1, 1] (apply_deferred, where the batch lands).
+
+def _add_scaled(out, x, factor):
+    """out += x * factor, in place: add's multiply-add for a number, addcmul for one factor per view."""
+    return out.addcmul_(x, factor) if isinstance(factor, torch.Tensor) else out.add_(x, alpha=factor)
+
+
+def _blur_weights(k, sigma, device):
+    """The 1-D Gaussian of k taps: a list of numbers for a number sigma, [B, k] for sigma [B, 1, 1, 1]."""
+    taps = torch.arange(k, device=device) - (k - 1) / 2
+    if not isinstance(sigma, torch.Tensor):
+        weights = torch.exp(-0.5 * (taps / sigma) ** 2)
+        return (weights / weights.sum()).tolist()
+    weights = torch.exp(-0.5 * (taps / sigma.view(-1, 1)) ** 2)
+    return weights / weights.sum(dim=1, keepdim=True)
 
 
 def _gaussian_blur(image, kernel_size, sigma):
     """Gaussian blur, reflect padding, as two 1-D passes (the 2-D Gaussian kernel is the product of two 1-D ones):
     2k instead of k^2 multiply-adds per pixel, and no depthwise convolution (slow on the CPU)."""
-    out = image.as_subclass(torch.Tensor).float()[None]
+    x = image.as_subclass(torch.Tensor).float()
+    out = x if x.dim() == 4 else x[None]
     for dim, k, s in ((-1, kernel_size[0], sigma[0]), (-2, kernel_size[1], sigma[1])):
-        weights = torch.exp(-0.5 * ((torch.arange(k) - (k - 1) / 2) / s) ** 2)
-        weights = (weights / weights.sum()).tolist()
+        weights = _blur_weights(k, s, out.device)
+        tap = weights.__getitem__ if isinstance(weights, list) else lambda i: weights[:, i].view(-1, 1, 1, 1)
         pad = [k // 2, k // 2, 0, 0] if dim == -1 else [0, 0, k // 2, k // 2]
         padded, n = torch.nn.functional.pad(out, pad, mode="reflect"), out.shape[dim]
-        out = padded.narrow(dim, 0, n) * weights[0]
+        out = padded.narrow(dim, 0, n) * tap(0)
         for i in range(1, k):
-            out.add_(padded.narrow(dim, i, n), alpha=weights[i])
-    return tv_tensors.wrap(out[0].round_(), like=image)
+            _add_scaled(out, padded.narrow(dim, i, n), tap(i))
+    return tv_tensors.wrap(out.view(x.shape).round_(), like=image)
 
 
 def _gray(x):
-    """torchvision's grayscale of a uint8 image [3, H, W] -> [1, H, W] float, before its conversion to an integer."""
+    """torchvision's grayscale of uint8 images [..., 3, H, W] -> [..., 1, H, W] float, before its conversion to an
+    integer."""
     r, g, b = x.unbind(-3)
-    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114)[None]
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3)
 
 
 def _blend(x, ratio, other=None):
@@ -638,7 +674,7 @@ def _blend(x, ratio, other=None):
     truncated as its uint8 conversion does."""
     out = x.mul(ratio) if x.is_floating_point() else x.float().mul_(ratio)
     if other is not None:
-        out.add_(other, alpha=1.0 - ratio)
+        _add_scaled(out, other, 1.0 - ratio)
     return out.clamp_(0, 255).floor_()                           # >= 0: floor truncates (trunc_ is slow)
 
 
@@ -659,7 +695,7 @@ def _adjust_saturation(image, saturation_factor):
 
 def _rgb_to_grayscale(image, num_output_channels=1):
     x = image.as_subclass(torch.Tensor)
-    return tv_tensors.wrap(_gray(x).floor_().expand(num_output_channels, *x.shape[-2:]), like=image)
+    return tv_tensors.wrap(_gray(x).floor_().expand(*x.shape[:-3], num_output_channels, *x.shape[-2:]), like=image)
 
 
 _HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)    # R, G, B in sixths of the hue circle
@@ -670,7 +706,7 @@ def _adjust_hue(image, hue_factor):
     of a pixel with max M, min m, hue H (in sixths) is M - (M - m) * clamp(min(k, 4 - k), 0, 1), k = (n + H) mod
     6, instead of torchvision's HSV round trip through a table. Truncated as torchvision's to_dtype does."""
     f = image.as_subclass(torch.Tensor).div(255)
-    r, g, b = f
+    r, g, b = f.unbind(-3)
     # torch.maximum / minimum: aminmax over the channel dimension is 20x slower on the CPU
     high, low = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)
     chroma = high - low
@@ -682,10 +718,11 @@ def _adjust_hue(image, hue_factor):
     is_b = (1 - is_r).sub_(is_g)
     hue = (g - b).div_(d).mul_(is_r) + (b - r).div_(d).add_(2).mul_(is_g) + (r - g).div_(d).add_(4).mul_(is_b)
     # [3, H, W] results go to f's memory and k's (r, g, b are done with): fresh 2 MB tensors cost page faults
-    k = hue.add_(6 * hue_factor) + _HUE_OFFSETS                 # in [-3, 13]: hue in [-1, 5], offsets, 6 h
+    # in [-3, 13]: hue in [-1, 5], offsets, 6 h
+    k = hue.unsqueeze(-3).add_(6 * hue_factor) + _HUE_OFFSETS.to(f.device, non_blocking=True)  # no GPU wait
     k.sub_(torch.div(k, 6, out=f).floor_().mul_(6))             # mod 6, as remainder computes it in this range
-    share = torch.minimum(k, torch.neg(k, out=f).add_(4), out=f).clamp_(0, 1).mul_(chroma)
-    out = torch.sub(high, share, out=k)
+    share = torch.minimum(k, torch.neg(k, out=f).add_(4), out=f).clamp_(0, 1).mul_(chroma.unsqueeze(-3))
+    out = torch.sub(high.unsqueeze(-3), share, out=k)
     return tv_tensors.wrap(out.mul_(256 - 1e-3).floor_(), like=image)   # >= 0: floor truncates
 
 
@@ -717,57 +754,183 @@ TF.register_kernel(TF.rgb_to_grayscale, _ViewImage)(_rgb_to_grayscale)
 TF.register_kernel(TF.to_dtype, _ViewImage)(_to_dtype)
 
 
+class _DeferredSteps(tv_tensors.Image):
+    """What a view's deferred steps drew (augment_on="device": the rotation, colour jitter, blur and grayscale): a
+    stand-in image [3, 1, 1] sent through those transforms, whose kernels below write the step each is asked for
+    into `steps`, in order, instead of computing it. The draws are torchvision's own and depend on nothing of the
+    image but its channel count, so they are the draws the loader's path makes for the view."""
+
+    @classmethod
+    def blank(cls):
+        draws = cls(torch.zeros(3, 1, 1, dtype=torch.uint8))
+        draws.steps = []
+        return draws
+
+    def table(self):
+        """float32 [DEFERRED_PLACES, 3]: a row (step, value, extra) per step in order, DEFERRED_STEPS numbered from
+        1, unused rows 0. value: the angle (float32, as torchvision draws it), the factor or the sigma; extra: the
+        blur's kernel size, the rotation's border (1 reflect)."""
+        out = torch.zeros(DEFERRED_PLACES, 3)
+        if self.steps:
+            out[:len(self.steps)] = torch.tensor(self.steps)
+        return out
+
+
+DEFERRED_STEPS = ("rotation", "brightness", "contrast", "saturation", "hue", "blur", "grayscale")
+DEFERRED_PLACES = 7                         # at most: the rotation, four jitter steps, the blur, the grayscale
+
+
+def _recorded(step):
+    """A _DeferredSteps kernel: appends (step, value, extra) and returns the same object."""
+    number = DEFERRED_STEPS.index(step) + 1
+
+    def rotation(draws, angle, interpolation=None, expand=False, center=None, fill=0):
+        draws.steps.append((number, float(angle), int(fill is None)))
+        return draws
+
+    def blur(draws, kernel_size, sigma):
+        (kx, ky), (sx, sy) = kernel_size, sigma
+        if kx != ky or sx != sy:
+            raise ValueError(f"augment_on='device' takes square blurs, got kernel {kernel_size}, sigma {sigma}")
+        draws.steps.append((number, float(sx), int(kx)))
+        return draws
+
+    def adjust(draws, *args, **kwargs):
+        value, = args or kwargs.values()                     # the factor; grayscale: the output channels
+        draws.steps.append((number, float(value), 0))
+        return draws
+    return {"rotation": rotation, "blur": blur}.get(step, adjust)
+
+
+for _functional, _step in ((TF.rotate, "rotation"), (TF.adjust_brightness, "brightness"),
+                           (TF.adjust_contrast, "contrast"), (TF.adjust_saturation, "saturation"),
+                           (TF.adjust_hue, "hue"), (TF.gaussian_blur, "blur"), (TF.rgb_to_grayscale, "grayscale")):
+    TF.register_kernel(_functional, _DeferredSteps)(_recorded(_step))
+
+
+def draw_deferred(deferred):
+    """One view's deferred steps drawn by build_augmentation's `deferred` (from torch's default generator) -> the
+    table apply_deferred reads (_DeferredSteps.table)."""
+    return deferred(_DeferredSteps.blank()).table()
+
+
+def apply_deferred(images, steps, mask, mask_fill):
+    """The steps the loader drew and left (augment_on="device"), applied where the batch lands: uint8 views
+    [B, 3, H, W] on any device with their uint8 masks [B, H, W] (pixels the rotation brings in get `mask_fill`),
+    steps [B, DEFERRED_PLACES, 3] on the CPU (_DeferredSteps.table) -> (views, masks), new tensors, uint8. The
+    kernels of the loader's path; at each place in the order, the views that take the same step go through it as
+    one batch with their own angles or factors (factors as tensors [b, 1, 1, 1]): on the CPU the loader's views
+    exactly, on a GPU up to its float rounding. The groups are read on the CPU: no wait for the GPU."""
+    if images.dtype != torch.uint8 or images.dim() != 4 or mask.dim() != 3 or \
+            not steps.shape[0] == images.shape[0] == mask.shape[0]:
+        raise ValueError(f"apply_deferred takes uint8 views [B, 3, H, W], masks [B, H, W] and steps "
+                         f"[B, {DEFERRED_PLACES}, 3], got {images.dtype} {tuple(images.shape)}, "
+                         f"{tuple(mask.shape)} and {tuple(steps.shape)}")
+    out = images.to(torch.float32)
+    colour = {2: lambda x, v, k: _adjust_brightness(x, v), 3: lambda x, v, k: _adjust_contrast(x, v),
+              4: lambda x, v, k: _adjust_saturation(x, v), 5: lambda x, v, k: _adjust_hue(x, v),
+              6: lambda x, v, k: _gaussian_blur(x, [k, k], [v, v]),
+              7: lambda x, v, k: _rgb_to_grayscale(x, x.shape[-3])}
+    for place in range(steps.shape[1]):
+        at = steps[:, place]
+        for step, extra in torch.unique(at[:, [0, 2]], dim=0).to(torch.int64).tolist():
+            if step == 0:
+                continue
+            rows = torch.nonzero((at[:, 0] == step) & (at[:, 2] == extra))[:, 0]
+            values, rows = at[rows, 1], rows.to(out.device, non_blocking=True)
+            if step == 1:  # rotation: the views and their masks, by each view's angle
+                angles, border = values.tolist(), dict(fill=None) if extra else {}
+                out.index_copy_(0, rows, _rotate_image(out.index_select(0, rows), angles, **border))
+                turned = _rotate_mask(mask.index_select(0, rows)[:, None], angles, **(border or dict(fill=mask_fill)))
+                mask = mask.index_copy(0, rows, turned[:, 0])
+            else:
+                factors = values.view(-1, 1, 1, 1).to(out.device, non_blocking=True)
+                out.index_copy_(0, rows, colour[step](out.index_select(0, rows), factors, extra))
+    return _as_uint8(out), mask
+
+
 ROTATION_BORDERS = ("fill", "reflect")
+AUGMENT_ON = ("loader", "device")
 
 
 def build_augmentation(image_size=400, augment=True, scale=(0.5, 1.2), flip_p=0.5, jitter=0.2, jitter_p=0.5,
                        blur_kernels=(3, 5, 7), blur_p=0.5, gray_p=0.4, rotation=90.0, rotation_p=0.5,
-                       rotation_border="fill"):
+                       rotation_border="fill", augment_on="loader"):
     """The one augmentation pipeline (section 3.2: SimCLR-style grayscale, colour jitter, flips, rotation, random
-    resize). Input: (_ViewImage uint8, _ViewMask uint8), as _view wraps them; masks move with the image (nearest)
-    and pixels outside the rotated image get 255 in every mask (callers map it: ignore in the query target,
-    background in the support mask). rotation_border="reflect" (the authors' code: albumentations' Rotate,
-    BORDER_REFLECT_101): image and masks are reflected at the border instead, no pixel is filled or ignored.
-    Output image: uint8 (normalize_views makes it the networks' input where the batch lands). augment=False:
-    resize only."""
+    resize) -> (transform, deferred). Input: (_ViewImage uint8, _ViewMask uint8), as _view wraps them; masks move
+    with the image (nearest) and pixels outside the rotated image get 255 in every mask (callers map it: ignore in
+    the query target, background in the support mask). rotation_border="reflect" (the authors' code:
+    albumentations' Rotate, BORDER_REFLECT_101): image and masks are reflected at the border instead, no pixel is
+    filled or ignored. Output image: uint8 (normalize_views makes it the networks' input where the batch lands).
+    augment=False: resize only.
+    augment_on="loader": the whole pipeline is `transform`, deferred None. "device": `transform` is the crop and
+    the flips, and `deferred` the rest (rotation, colour jitter, blur, grayscale), run on a _DeferredSteps to draw
+    those steps in the loader; apply_deferred applies them where the batch lands (the loader's most expensive pixel
+    work moves to the GPU: "On a GPU" in the README). The same draws, in the same order."""
     if rotation_border not in ROTATION_BORDERS:
         raise ValueError(f"rotation_border must be one of {ROTATION_BORDERS}, got {rotation_border!r}")
+    if augment_on not in AUGMENT_ON:
+        raise ValueError(f"augment_on must be one of {AUGMENT_ON}, got {augment_on!r}")
     finish = [v2.ToDtype(torch.uint8)]                          # the view's values back in uint8
     if not augment:
-        return v2.Compose([v2.Resize([image_size, image_size], antialias=True)] + finish)
-    # fill None: the kernels reflect the border (_rotated)
-    fill = {_ViewImage: 0, _ViewMask: IGNORE} if rotation_border == "fill" else {_ViewImage: None, _ViewMask: None}
-    return v2.Compose([
+        return v2.Compose([v2.Resize([image_size, image_size], antialias=True)] + finish), None  # nothing to defer
+    # fill None: the kernels reflect the border (_rotated); a _DeferredSteps records which
+    fill = {_ViewImage: 0, _ViewMask: IGNORE, _DeferredSteps: 0} if rotation_border == "fill" else \
+        {_ViewImage: None, _ViewMask: None, _DeferredSteps: None}
+    crop = [
         # scale up to 1.2 as in the authors' code: draws above 1.0 cannot fit and are redrawn (torchvision)
         v2.RandomResizedCrop(image_size, scale=scale, antialias=True),
         v2.RandomHorizontalFlip(flip_p),
         v2.RandomVerticalFlip(flip_p),
+    ]
+    rest = [
         v2.RandomApply([v2.RandomRotation(rotation, interpolation=v2.InterpolationMode.BILINEAR, fill=fill)],
                        p=rotation_p),
         v2.RandomApply([v2.ColorJitter(jitter, jitter, jitter, jitter)], p=jitter_p),
         v2.RandomApply([v2.RandomChoice([v2.GaussianBlur(k) for k in blur_kernels])], p=blur_p),
         v2.RandomGrayscale(gray_p),
-    ] + finish)
+    ]
+    if augment_on == "loader":
+        return v2.Compose(crop + rest + finish), None
+    return v2.Compose(crop + finish), v2.Compose(rest)
 
 
-def _view(transform, image, mask, rng):
-    """One augmented view. `image` uint8 tensor [3,H,W], `mask` uint8 [H,W]; torch draws come from a generator
-    seeded by `rng`, so a view is a pure function of the item seed (also in DataLoader workers)."""
+def _view(augmentation, image, mask, rng):
+    """One augmented view -> (image, mask, deferred steps or None). `augmentation`: build_augmentation's pair,
+    `image` uint8 tensor [3,H,W], `mask` uint8 [H,W]; torch draws come from a generator seeded by `rng`, so a view
+    is a pure function of the item seed (also in DataLoader workers)."""
+    transform, deferred = augmentation
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(int(rng.integers(2 ** 62)))
         img, m = transform(_ViewImage(image), _ViewMask(torch.from_numpy(mask)[None]))
-    return img.as_subclass(torch.Tensor), m.as_subclass(torch.Tensor)[0]
+        steps = None if deferred is None else draw_deferred(deferred)
+    return img.as_subclass(torch.Tensor), m.as_subclass(torch.Tensor)[0], steps
 
 
-def _pair(transform, query_image, query_tgt, support_image, support_fg, rng):
+def _pair(augmentation, query_image, query_tgt, support_image, support_fg, rng):
     """Two independent views (PIL images; MaskSplit's are one image, converted once): query target 0/1/255 (its 255
-    kept, and 255 outside the rotated image) and support mask 0/1 (0 outside the rotated image)."""
+    kept, and 255 outside the rotated image) and support mask 0/1 (0 outside the rotated image); with
+    augment_on="device" also each view's deferred steps (query_steps, support_steps), not yet applied."""
     query = TF.pil_to_tensor(query_image)
     support = query if support_image is query_image else TF.pil_to_tensor(support_image)
-    query_img, q = _view(transform, query, query_tgt, rng)
-    support_img, s = _view(transform, support, support_fg.astype(np.uint8), rng)
-    return {"query_img": query_img, "query_target": q, "support_img": support_img,
-            "support_mask": (s == 1).to(torch.uint8)}
+    query_img, q, query_steps = _view(augmentation, query, query_tgt, rng)
+    support_img, s, support_steps = _view(augmentation, support, support_fg.astype(np.uint8), rng)
+    item = {"query_img": query_img, "query_target": q, "support_img": support_img,
+            "support_mask": (s == 1).to(torch.uint8)}        # 0/1 before a deferred rotation too: it fills 0
+    if query_steps is not None:
+        item.update(query_steps=query_steps, support_steps=support_steps)
+    return item
+
+
+def views_on_device(batch, device):
+    """A batch's uint8 views and masks on `device`, with the steps the loader deferred applied there when it carries
+    them (augment_on="device") -> (query, query_target, support, support_mask)."""
+    out = []
+    for image, mask, fill in (("query_img", "query_target", IGNORE), ("support_img", "support_mask", 0)):
+        views, masks = (batch[k].to(device, non_blocking=True) for k in (image, mask))
+        steps = batch.get(image.replace("_img", "_steps"))
+        out += [views, masks] if steps is None else apply_deferred(views, steps, masks, fill)
+    return out
 
 
 def normalize_views(images):
@@ -802,7 +965,8 @@ class MaskSplitPairs(torch.utils.data.Dataset):
         random instead.
     Items, all uint8 (normalize_views makes the images the networks' input): query_img [3,S,S], query_target
     [S,S] (1 query fg, 255 support fg / outside image, 0 bg), support_img [3,S,S], support_mask [S,S] 0/1,
-    image_id str.
+    image_id str; with augment_on="device" (an augment_args key, build_augmentation) the views and masks leave
+    after the crop and flips, and query_steps / support_steps hold the rest's draws (views_on_device).
     """
 
     def __init__(self, images, masks=None, list_file=None, image_size=400, split=None, augment=True, seed=0,
@@ -815,7 +979,7 @@ class MaskSplitPairs(torch.utils.data.Dataset):
             raise ValueError(f"mask_source must be 'pseudo' or 'groundtruth', got {mask_source!r}")
         self.mask_source, self.seed = mask_source, seed
         self.split = split if split is not None else MaskSplit()
-        self.transform = build_augmentation(image_size, augment, **augment_args)
+        self.augmentation = build_augmentation(image_size, augment, **augment_args)
         self.epoch, self.redraw_image_below = 0, redraw_image_below
         image_paths = list_images(images, list_file)
         no_mask = images_without_mask(masks) if mask_source == "pseudo" else set()
@@ -865,7 +1029,7 @@ class MaskSplitPairs(torch.utils.data.Dataset):
                 raise ValueError(f"{self.masks[i].parent}: 1000 images drawn in a row have a MaskSplit half under "
                                  f"{self.redraw_image_below} pixels")
             i = int(rng.integers(len(self)))
-        item = _pair(self.transform, image, query_target(query_fg, support_fg), image, support_fg, rng)
+        item = _pair(self.augmentation, image, query_target(query_fg, support_fg), image, support_fg, rng)
         item.update(image_id=self.images[i].stem)
         return item
 
@@ -881,7 +1045,7 @@ class SupervisedPairs(torch.utils.data.Dataset):
                  **augment_args):
         paths = voc_paths(voc_root)
         self.seed, self.epoch = seed, 0
-        self.transform = build_augmentation(image_size, augment, **augment_args)
+        self.augmentation = build_augmentation(image_size, augment, **augment_args)
         test = set(pascal_fold_classes(fold))
         self.classes = [c for c in range(1, VOC_CLASSES + 1) if c not in test]
         counts = voc_class_counts(voc_root, split)
@@ -914,7 +1078,7 @@ class SupervisedPairs(torch.utils.data.Dataset):
         q_img, q_mask = self._load(query_id)
         s_img, s_mask = self._load(support_id)
         target = np.where(q_mask == IGNORE, IGNORE, q_mask == c).astype(np.uint8)
-        item = _pair(self.transform, q_img, target, s_img, s_mask == c, rng)
+        item = _pair(self.augmentation, q_img, target, s_img, s_mask == c, rng)
         item.update(class_id=c, image_id=query_id, support_id=support_id)
         return item
 

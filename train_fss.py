@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from datasets import (IGNORE, EpochItems, MaskSplitPairs, SupervisedPairs, fold_train_ids, make_loader,
-                      normalize_views, voc_paths, voc_split)
+                      normalize_views, views_on_device, voc_paths, voc_split)
 from masksplit import MaskSplit
 from model import (BACKBONES, FSSNet, FiniteGuard, HelpFormatter, add_device_flags, check_output, configure_backends,
                    exits_on_bad_input, load_training_state, mixed_precision, nonnegative_float, nonnegative_int,
@@ -71,6 +71,10 @@ def build_parser():
                        help="a support or query half under 512 px: split = draw the split again (up to 10 times, "
                             "then the mask is left unsplit); image = the authors' code: draw another image")
     split.add_argument("--no-aug", action="store_true", help="no augmentation (Table 1's 'aug' off)")
+    split.add_argument("--augment-on", choices=["auto", "loader", "device"], default="auto",
+                       help="where the rotation, colour jitter, blur and grayscale of the views run: loader = in "
+                            "the loader processes; device = drawn there, applied batched where the batch lands (the "
+                            "GPU); auto = device on CUDA, loader on the CPU. The same draws either way")
     split.add_argument("--rotation-border", choices=["fill", "reflect"], default="fill",
                        help="pixels a rotation brings in from outside the image: fill = black, ignored by the loss "
                             "and background in the support mask; reflect = the authors' code (albumentations' "
@@ -101,9 +105,17 @@ def parse_args(argv=None):
     return args
 
 
-def build_dataset(args):
+def augment_place(args, device):
+    """--augment-on: "auto" is the device on CUDA (the loader's most expensive pixel work goes to the GPU, README
+    "On a GPU"), the loader on the CPU (where the loader processes run beside the training, not in its way)."""
+    if args.augment_on != "auto":
+        return args.augment_on
+    return "device" if device.type == "cuda" else "loader"
+
+
+def build_dataset(args, device=torch.device("cpu")):
     augment = dict(image_size=args.image_size, augment=not args.no_aug, seed=args.seed,
-                   rotation_border=args.rotation_border)
+                   rotation_border=args.rotation_border, augment_on=augment_place(args, device))
     if args.supervised:
         return SupervisedPairs(args.voc_root, args.fold, split=args.list or "train_aug", **augment)
     # both halves need 512 px (MaskSplit's min_pixels; the authors' 2 * 16 * 16): MaskSplit redraws the split, or
@@ -170,9 +182,8 @@ def memory_format(device):
 def train_step(net, optimizer, batch, device, autocast, scaler, fmt=torch.contiguous_format):
     """One optimiser step on a batch of MaskSplit pairs (images in memory format fmt, like the net); returns the
     loss as a tensor on the device (reading it waits for the GPU: the caller does so only when it logs)."""
-    query, support, support_mask, target = (batch[k].to(device, non_blocking=True) for k in
-                                            ("query_img", "support_img", "support_mask", "query_target"))
-    query = normalize_views(query).contiguous(memory_format=fmt)     # uint8 from the loader (datasets.py)
+    query, target, support, support_mask = views_on_device(batch, device)  # uint8 from the loader (datasets.py)
+    query = normalize_views(query).contiguous(memory_format=fmt)
     support = normalize_views(support).contiguous(memory_format=fmt)
     support_mask, target = support_mask.float(), target.long()
     with autocast():
@@ -200,7 +211,7 @@ def build_training(args, device, fmt, state=None):
 
 
 # flags that may change on --resume; every other flag must match the checkpoint's run
-RESUME_FREE = ("resume", "max_steps", "epochs", "workers", "device", "deterministic", "log_every")
+RESUME_FREE = ("resume", "max_steps", "epochs", "workers", "device", "deterministic", "log_every", "augment_on")
 
 
 @exits_on_bad_input
@@ -218,7 +229,7 @@ def main(argv=None):
         state = resume_checkpoint(checkpoint_path, "fss", args, RESUME_FREE, build_parser().get_default)
     elif args.resume:  # killed before its first checkpoint: nothing to continue, start afresh
         print(f"--resume: no {checkpoint_path} yet, starting from step 0")
-    dataset = build_dataset(args)
+    dataset = build_dataset(args, device)
     fmt = memory_format(device)
     net, optimizer, (autocast, scaler), step = build_training(args, device, fmt, state)
     trim_log(log_path, step)  # drop log lines of steps after the checkpoint (all of them when starting afresh)

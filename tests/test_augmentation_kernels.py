@@ -61,8 +61,8 @@ def _exact_resized_crop(mask, top, left, height, width, size, **_):
 def test_views_draw_what_torchvision_draws():
     # the whole pipeline on _ViewImage / _ViewMask against torchvision's kernels on tv_tensors (whose fill the stock
     # pipeline needs): every parameter drawn the same, so the masks agree and the images differ by rounding only
-    mine = D.build_augmentation(64)
-    stock = D.build_augmentation(64)
+    mine, _ = D.build_augmentation(64)
+    stock, _ = D.build_augmentation(64)
     rotation = next(t.transforms[0] for t in stock.transforms if isinstance(t, v2.RandomApply)
                     and isinstance(t.transforms[0], v2.RandomRotation))
     rotation._fill = {tv_tensors.Image: 0, ExactMask: 255}
@@ -105,3 +105,45 @@ def test_mask_resize_is_torchs_nearest_exact():
         for size in ((400, 400), (2, 41), (h, 7), (1, 1), (613, 29)):
             theirs = torch.nn.functional.interpolate(mask[:, None].float(), size=size, mode="nearest-exact")[:, 0]
             assert torch.equal(D.resize_mask(mask, size), theirs.long())
+
+
+@pytest.mark.parametrize("border", D.ROTATION_BORDERS)
+def test_steps_deferred_to_the_device_give_the_loaders_views(border):
+    # augment_on="device": the loader stops after the crop and flips and draws the rest; apply_deferred on a batch
+    # then gives the views and masks of the loader's path (the same draws, the same kernels), exactly on the CPU
+    kinds = {}
+    for augment_on in D.AUGMENT_ON:
+        augmentation = D.build_augmentation(64, rotation_border=border, augment_on=augment_on)
+        views = []
+        for seed in range(24):
+            img, mask = scene(seed)
+            views.append(D._view(augmentation, img, mask[0].numpy(), np.random.default_rng(seed)))
+        kinds[augment_on] = views
+    loader, device = kinds["loader"], kinds["device"]
+    images, masks, steps = (torch.stack([view[i] for view in device]) for i in range(3))
+    out, out_masks = D.apply_deferred(images, steps, masks, 255)
+    assert set(steps[:, :, 0].unique().long().tolist()) == set(range(len(D.DEFERRED_STEPS) + 1))  # every step
+    assert (steps[:, :, 0].amax(1) == 0).any() and (steps[:, 0, 0] == 1).sum() > 6    # none, and rotations
+    assert set(steps[steps[:, 0, 0] == 1, 0, 2].tolist()) == {float(border == "reflect")}
+    for i, (img, mask, none) in enumerate(loader):
+        assert none is None and out[i].dtype == torch.uint8 and out_masks.dtype == torch.uint8
+        assert torch.equal(out[i], img) and torch.equal(out_masks[i], mask)
+    assert torch.equal(masks, torch.stack([view[1] for view in device]))   # the caller's masks are left as they are
+
+
+def test_deferred_steps_are_recorded_in_order():
+    draws = D._DeferredSteps.blank()
+    TF.rotate(draws, 12.5, fill=None)
+    TF.adjust_hue(draws, 0.125)
+    TF.gaussian_blur(draws, [5, 5], [0.75, 0.75])
+    TF.rgb_to_grayscale(draws, num_output_channels=3)
+    table = draws.table()
+    assert table.shape == (D.DEFERRED_PLACES, 3)
+    assert table[:4].tolist() == [[1, 12.5, 1], [5, 0.125, 0], [6, 0.75, 5], [7, 3, 0]] and not table[4:].any()
+    with pytest.raises(ValueError, match="square"):
+        TF.gaussian_blur(D._DeferredSteps.blank(), [3, 5], [1.0, 1.0])
+    assert D.build_augmentation(64, augment=False, augment_on="device")[1] is None      # no step to defer
+    views, masks = torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, 8, 8, dtype=torch.uint8)
+    for bad in ((views.float(), masks), (views, masks[:1]), (views[0], masks)):
+        with pytest.raises(ValueError, match="uint8 views"):
+            D.apply_deferred(*bad[:1], torch.zeros(2, D.DEFERRED_PLACES, 3), bad[1], 0)
