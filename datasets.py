@@ -637,13 +637,14 @@ def _add_scaled(out, x, factor):
 
 
 def _blur_weights(k, sigma, device):
-    """The 1-D Gaussian of k taps: a list of numbers for a number sigma, [B, k] for sigma [B, 1, 1, 1]."""
-    taps = torch.arange(k, device=device) - (k - 1) / 2
+    """The 1-D Gaussian of k taps: a list of numbers for a number sigma, [B, k] on `device` for sigma [B, 1, 1, 1]
+    (computed where sigma is: apply_deferred passes the CPU's, and the weights go to the GPU in one copy)."""
+    taps = torch.arange(k) - (k - 1) / 2
     if not isinstance(sigma, torch.Tensor):
         weights = torch.exp(-0.5 * (taps / sigma) ** 2)
         return (weights / weights.sum()).tolist()
-    weights = torch.exp(-0.5 * (taps / sigma.view(-1, 1)) ** 2)
-    return weights / weights.sum(dim=1, keepdim=True)
+    weights = torch.exp(-0.5 * (taps.to(sigma.device) / sigma.view(-1, 1)) ** 2)
+    return (weights / weights.sum(dim=1, keepdim=True)).to(device, non_blocking=True)
 
 
 def _gaussian_blur(image, kernel_size, sigma):
@@ -843,8 +844,9 @@ def apply_deferred(images, steps, mask, mask_fill):
                 out.index_copy_(0, rows, _rotate_image(out.index_select(0, rows), angles, **border))
                 turned = _rotate_mask(mask.index_select(0, rows)[:, None], angles, **(border or dict(fill=mask_fill)))
                 mask = mask.index_copy(0, rows, turned[:, 0])
-            else:
-                factors = values.view(-1, 1, 1, 1).to(out.device, non_blocking=True)
+            else:  # a blur's sigmas stay on the CPU: its weights are made there (_blur_weights)
+                factors = values.view(-1, 1, 1, 1)
+                factors = factors if step == 6 else factors.to(out.device, non_blocking=True)
                 out.index_copy_(0, rows, colour[step](out.index_select(0, rows), factors, extra))
     return _as_uint8(out), mask
 
