@@ -71,10 +71,6 @@ def build_parser():
                        help="a support or query half under 512 px: split = draw the split again (up to 10 times, "
                             "then the mask is left unsplit); image = the authors' code: draw another image")
     split.add_argument("--no-aug", action="store_true", help="no augmentation (Table 1's 'aug' off)")
-    split.add_argument("--augment-on", choices=["auto", "loader", "device"], default="auto",
-                       help="where the rotation, colour jitter, blur and grayscale of the views run: loader = in "
-                            "the loader processes; device = drawn there, applied batched where the batch lands (the "
-                            "GPU); auto = device on CUDA, loader on the CPU. The same draws either way")
     split.add_argument("--rotation-border", choices=["fill", "reflect"], default="fill",
                        help="pixels a rotation brings in from outside the image: fill = black, ignored by the loss "
                             "and background in the support mask; reflect = the authors' code (albumentations' "
@@ -84,6 +80,10 @@ def build_parser():
                      help="stop after this many optimiser steps (all epochs if unset)")
     run.add_argument("--seed", type=int, default=0, help="random seed (same seed, same run on the CPU)")
     add_device_flags(run, deterministic=True)
+    run.add_argument("--augment-on", choices=["auto", "loader", "device"], default="auto",
+                     help="where the rotation, colour jitter, blur and grayscale of the views run: loader = in the "
+                          "loader processes; device = drawn there, applied batched where the batch lands (the GPU); "
+                          "auto = device on CUDA, loader on the CPU. The same draws either way")
     run.add_argument("--log-every", type=positive_int, default=10, help="steps between log.jsonl lines")
     run.add_argument("--out", default="runs/fss", help="output folder: last.pt, log.jsonl, args.json")
     run.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.pt")

@@ -133,5 +133,6 @@ def time_deferred(batches, device):
     seconds, pairs = time.perf_counter() - start, sum(len(b["query_img"]) for b in moved)
     print(f"  deferred steps on {device}: {pairs / seconds:.1f} pairs/s ({pairs} pairs in {seconds:.2f} s)")
 
+
 if __name__ == "__main__":
     main()
