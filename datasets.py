@@ -550,9 +550,16 @@ class _ViewMask(tv_tensors.Mask):
 # The rotation kernels below take one view (its image [3, H, W] or mask [1, H, W]) and its angle as a number (the
 # loader's path), or a batch of views [B, C, H, W] with a list of angles (apply_deferred, where the batch lands).
 
+def _angles(angle):
+    """A number or a sequence of angles -> a tuple (one per view)."""
+    return (angle,) if isinstance(angle, (int, float)) else tuple(angle)
+
+
+@functools.lru_cache(maxsize=1)  # a view's image and mask turn by the same angles: one grid for both
 def _rotation_grids(angles, h, w, device):
-    """grid_sample grids (align_corners=False) of rotations by `angles` (numbers, degrees counter-clockwise) about
-    the image centre, same output size: for every output pixel, where it comes from in the input. [B, H, W, 2]."""
+    """grid_sample grids (align_corners=False) of rotations by `angles` (a tuple, degrees counter-clockwise) about
+    the image centre, same output size: for every output pixel, where it comes from in the input. [B, H, W, 2],
+    read-only (cached)."""
     # each view's coefficients in double, then float32: the numbers a grid of one view multiplies by
     coefficients = [(math.cos(math.radians(a)), math.sin(math.radians(a))) for a in angles]
     coefficients = torch.tensor([(c, s * h / w, s * w / h) for c, s in coefficients], dtype=torch.float32)
@@ -565,12 +572,6 @@ def _rotation_grids(angles, h, w, device):
     torch.sub(cos * x, sin_hw * y, out=grid[0])
     torch.add(sin_wh * x, cos * y, out=grid[1])
     return grid.permute(1, 2, 3, 0)
-
-
-@functools.lru_cache(maxsize=1)  # a view's image and mask turn by the same angle: one grid for both
-def _rotation_grid(angle, h, w):
-    """The grid [1, H, W, 2] of one view's rotation (on the CPU). Read-only (cached)."""
-    return _rotation_grids([angle], h, w, "cpu")
 
 
 def _reflected(grid, h, w):
@@ -587,7 +588,7 @@ def _rotated(x, angle, mode, reflect):
     """x [B, C, H, W] float rotated about the centre by `angle` (a number: B = 1; a list: one angle per view);
     outside the image: zeros, or the reflected image (reflect)."""
     h, w = x.shape[-2:]
-    grid = _rotation_grid(angle, h, w) if isinstance(angle, (int, float)) else _rotation_grids(angle, h, w, x.device)
+    grid = _rotation_grids(_angles(angle), h, w, x.device)
     grid = _reflected(grid, h, w) if reflect else grid
     return torch.nn.functional.grid_sample(x, grid, mode=mode, align_corners=False)
 
@@ -618,7 +619,7 @@ def _rotate_mask(mask, angle, fill=IGNORE, **_):
     """Rotation about the centre, nearest; pixels the rotated mask does not cover get `fill`. fill=None: reflected
     border."""
     x = mask.as_subclass(torch.Tensor)
-    views = x.reshape(1 if isinstance(angle, (int, float)) else len(angle), -1, *x.shape[-2:])
+    views = x.reshape(len(_angles(angle)), -1, *x.shape[-2:])
     views = views.to(torch.float32, copy=True)
     if fill is None:
         out = _rotated(views, angle, "nearest", reflect=True)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets import (IGNORE, EpochItems, MaskSplitPairs, SupervisedPairs, fold_train_ids, make_loader,
+from datasets import (AUGMENT_ON, IGNORE, EpochItems, MaskSplitPairs, SupervisedPairs, fold_train_ids, make_loader,
                       normalize_views, views_on_device, voc_paths, voc_split)
 from masksplit import MaskSplit
 from model import (BACKBONES, FSSNet, FiniteGuard, HelpFormatter, add_device_flags, check_output, configure_backends,
@@ -80,7 +80,7 @@ def build_parser():
                      help="stop after this many optimiser steps (all epochs if unset)")
     run.add_argument("--seed", type=int, default=0, help="random seed (same seed, same run on the CPU)")
     add_device_flags(run, deterministic=True)
-    run.add_argument("--augment-on", choices=["auto", "loader", "device"], default="auto",
+    run.add_argument("--augment-on", choices=["auto", *AUGMENT_ON], default="auto",
                      help="where the rotation, colour jitter, blur and grayscale of the views run: loader = in the "
                           "loader processes; device = drawn there, applied batched where the batch lands (the GPU); "
                           "auto = device on CUDA, loader on the CPU. The same draws either way")

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import evaluate  # noqa: E402
-from datasets import build_augmentation, draw_deferred, make_demo_data, normalize_views  # noqa: E402
+from datasets import AUGMENT_ON, build_augmentation, draw_deferred, make_demo_data, normalize_views  # noqa: E402
 from model import FSSNet, autocast_dtype, configure_backends, mixed_precision, pick_device, save_checkpoint  # noqa
 from train_fss import augment_place, memory_format, train_step  # noqa: E402
 
@@ -119,7 +119,7 @@ def main():
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one) | cpu | cuda")
-    p.add_argument("--augment-on", default="auto", choices=["auto", "loader", "device"],
+    p.add_argument("--augment-on", default="auto", choices=["auto", *AUGMENT_ON],
                    help="step: train_fss.py --augment-on (device: the step also rotates, jitters, blurs, greys)")
     args = p.parse_args()
     if args.threads:
