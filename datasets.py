@@ -34,16 +34,15 @@ import contextlib
 import functools
 import hashlib
 import json
-import math
 import os
 import pathlib
 import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
-from torchvision import tv_tensors
-from torchvision.transforms import v2
+from torchvision import transforms
 from torchvision.transforms.v2 import functional as TF
 
 from masksplit import MaskSplit, query_target
@@ -219,23 +218,8 @@ def save_png(image, path):
 
 def image_to_tensor(pil, size):
     """PIL image -> float tensor [3, size, size], bilinear resize, ImageNet-normalised."""
-    x = TF.pil_to_tensor(pil if pil.mode == "RGB" else pil.convert("RGB"))
-    x = TF.resize(x, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-    return TF.normalize(x.float().div_(255.0), IMAGENET_MEAN, IMAGENET_STD)
-
-
-def _nearest_exact_index(n_in, n_out):
-    """For each of n_out target pixels, the source pixel under its centre among n_in: torch's own nearest-exact
-    index, read off interpolate applied to the source positions (int64 [n_out])."""
-    positions = torch.arange(n_in, dtype=torch.float32).view(1, 1, 1, n_in)   # 2-D (the 1-D kernel differs)
-    return torch.nn.functional.interpolate(positions, size=(1, n_out), mode="nearest-exact").view(n_out).long()
-
-
-def _resize_nearest_exact(m, size):
-    """m [..., H, W] tensor of any dtype -> [..., H', W'] of the same dtype, nearest-exact, as a gather of rows and
-    columns (interpolate needs a float copy of the mask)."""
-    rows, cols = (_nearest_exact_index(n_in, n_out) for n_in, n_out in zip(m.shape[-2:], size))
-    return m.index_select(-2, rows).index_select(-1, cols)
+    x = TF.resize(TF.pil_to_tensor(pil if pil.mode == "RGB" else pil.convert("RGB")), [size, size], antialias=True)
+    return normalize(x.float() / 255)
 
 
 def resize_mask(mask, size):
@@ -246,7 +230,8 @@ def resize_mask(mask, size):
     m = torch.from_numpy(np.ascontiguousarray(mask)) if isinstance(mask, np.ndarray) else mask
     if tuple(m.shape[-2:]) == tuple(size):
         return m.long()
-    return _resize_nearest_exact(m, size).long()
+    resized = F.interpolate(m.reshape(-1, 1, *m.shape[-2:]).float(), size=tuple(size), mode="nearest-exact")
+    return resized.reshape(*m.shape[:-2], *size).long()
 
 
 def mask_to_tensor(mask, size):
@@ -529,423 +514,212 @@ def load_pseudo_mask(path, size=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Augmentation (paper section 3.2; parameters of the authors' code)
+# Augmentation (paper section 3.2: "grayscale, color jitter, horizontal flip, vertical flip, rotate and random
+# resize", applied twice to each training image; the parameters' laws are torchvision's)
 # ---------------------------------------------------------------------------------------------------------------
 
-class _ViewImage(tv_tensors.Image):
-    """A view's image in build_augmentation's pipeline: uint8 as it enters; after the first step of the kernels
-    below, float32 holding the uint8 values (integers 0..255). The torchvision transforms draw every parameter as
-    for a tv_tensors.Image; rotate, the colour jitter, gaussian_blur, grayscale and to_dtype then run on these
-    kernels. torchvision's uint8 kernels convert to float and back at every step, rounding or truncating; ours keep
-    float and round or truncate in place (the same values, without the conversions), and rotate, gaussian_blur and
-    adjust_hue take fewer passes over the pixels: equal to torchvision's kernels up to float rounding (a grey level
-    at about 1e-4 of the pixels)."""
-
-
-class _ViewMask(tv_tensors.Mask):
-    """A view's mask in the pipeline: rotate runs on _rotate_mask (nearest, the pixels torchvision's takes), resize
-    and resized_crop on resize_mask's gather (nearest-exact)."""
-
-
-# The rotation kernels below take one view (its image [3, H, W] or mask [1, H, W]) and its angle as a number (the
-# loader's path), or a batch of views [B, C, H, W] with a list of angles (apply_deferred, where the batch lands).
-
-def _angles(angle):
-    """A number or a sequence of angles -> a tuple (one per view)."""
-    return (angle,) if isinstance(angle, (int, float)) else tuple(angle)
-
-
-@functools.lru_cache(maxsize=1)  # a view's image and mask turn by the same angles: one grid for both
-def _rotation_grids(angles, h, w, device):
-    """grid_sample grids (align_corners=False) of rotations by `angles` (a tuple, degrees counter-clockwise) about
-    the image centre, same output size: for every output pixel, where it comes from in the input. [B, H, W, 2],
-    read-only (cached)."""
-    # each view's coefficients in double, then float32: the numbers a grid of one view multiplies by
-    coefficients = [(math.cos(math.radians(a)), math.sin(math.radians(a))) for a in angles]
-    coefficients = torch.tensor([(c, s * h / w, s * w / h) for c, s in coefficients], dtype=torch.float32)
-    cos, sin_hw, sin_wh = coefficients.to(device, non_blocking=True).T.reshape(3, -1, 1, 1)
-    x = torch.linspace(1 - w, w - 1, w, device=device) / w     # pixel centres in [-1, 1]
-    y = torch.linspace(1 - h, h - 1, h, device=device)[:, None] / h
-    # written in place as two planes (5x faster than into the interleaved [..., 2] layout, or torch.stack), which
-    # grid_sample reads as they are through the permuted view
-    grid = torch.empty(2, len(angles), h, w, device=device)
-    torch.sub(cos * x, sin_hw * y, out=grid[0])
-    torch.add(sin_wh * x, cos * y, out=grid[1])
-    return grid.permute(1, 2, 3, 0)
-
-
-def _reflected(grid, h, w):
-    """A grid_sample grid folded back into the image as OpenCV's BORDER_REFLECT_101 does (about the centres of the
-    border pixels: ..., 2, 1 | 0, 1, 2, ...), so every output pixel samples the image (the authors' rotation)."""
-    size = torch.tensor([w, h], dtype=grid.dtype).to(grid.device, non_blocking=True)
-    pixel = ((grid + 1) * size - 1) / 2                        # align_corners=False -> pixel coordinates
-    period = 2 * (size - 1).clamp_min(1)
-    folded = (size - 1) - ((pixel % period) - (size - 1)).abs()
-    return (2 * folded + 1) / size - 1
-
-
-def _rotated(x, angle, mode, reflect):
-    """x [B, C, H, W] float rotated about the centre by `angle` (a number: B = 1; a list: one angle per view);
-    outside the image: zeros, or the reflected image (reflect)."""
-    h, w = x.shape[-2:]
-    grid = _rotation_grids(_angles(angle), h, w, x.device)
-    grid = _reflected(grid, h, w) if reflect else grid
-    return torch.nn.functional.grid_sample(x, grid, mode=mode, align_corners=False)
-
-
-def _as_uint8(x):
-    """Integer values 0..255 (any dtype) -> uint8. Through int16: float -> uint8 is not vectorised on the CPU (4x
-    slower)."""
-    return x if x.dtype == torch.uint8 else x.to(torch.int16).to(torch.uint8)
-
-
-def _rotate_image(image, angle, fill=0, **_):
-    """Rotation about the centre (what RandomRotation asks for): bilinear; where the rotated image covers a pixel
-    only partly, it is blended with `fill` by the covered share, as torchvision does. fill=None: reflected border."""
-    x = image.as_subclass(torch.Tensor)
-    views = x if x.dim() == 4 else x[None]
-    if fill is None:
-        out = _rotated(views.float(), angle, "bilinear", reflect=True).round_()
-    else:
-        stacked = torch.empty(views.shape[0], views.shape[1] + 1, *x.shape[-2:], device=x.device)
-        stacked[:, :-1].copy_(views)                           # the image and a channel of ones: the covered share
-        stacked[:, -1].fill_(1)
-        out = _rotated(stacked, angle, "bilinear", reflect=False)
-        out = out[:, :-1].sub_(fill).mul_(out[:, -1:]).add_(fill).round_()
-    return tv_tensors.wrap(out if x.dim() == 4 else out[0], like=image)
-
-
-def _rotate_mask(mask, angle, fill=IGNORE, **_):
-    """Rotation about the centre, nearest; pixels the rotated mask does not cover get `fill`. fill=None: reflected
-    border."""
-    x = mask.as_subclass(torch.Tensor)
-    views = x.reshape(len(_angles(angle)), -1, *x.shape[-2:])
-    views = views.to(torch.float32, copy=True)
-    if fill is None:
-        out = _rotated(views, angle, "nearest", reflect=True)
-    else:  # zeros outside the image: the mask minus fill, sampled, plus fill puts fill exactly there
-        out = _rotated(views.sub_(fill), angle, "nearest", reflect=False).add_(fill)
-    out = _as_uint8(out) if x.dtype == torch.uint8 else out.to(x.dtype)
-    return tv_tensors.wrap(out.reshape(x.shape), like=mask)
-
-
-# The colour kernels below take one view [3, H, W] with its factor as a number (the loader's path), or a batch of
-# views [B, 3, H, W] with one factor per view, a tensor [B, 1, 1, 1] (apply_deferred, where the batch lands).
-
-def _add_scaled(out, x, factor):
-    """out += x * factor, in place: add's multiply-add for a number, addcmul for one factor per view."""
-    return out.addcmul_(x, factor) if isinstance(factor, torch.Tensor) else out.add_(x, alpha=factor)
-
-
-def _blur_weights(k, sigma, device):
-    """The 1-D Gaussian of k taps: a list of numbers for a number sigma, [B, k] on `device` for sigma [B, 1, 1, 1]
-    (computed where sigma is: apply_deferred passes the CPU's, and the weights go to the GPU in one copy)."""
-    taps = torch.arange(k) - (k - 1) / 2
-    if not isinstance(sigma, torch.Tensor):
-        weights = torch.exp(-0.5 * (taps / sigma) ** 2)
-        return (weights / weights.sum()).tolist()
-    weights = torch.exp(-0.5 * (taps.to(sigma.device) / sigma.view(-1, 1)) ** 2)
-    return (weights / weights.sum(dim=1, keepdim=True)).to(device, non_blocking=True)
-
-
-def _gaussian_blur(image, kernel_size, sigma):
-    """Gaussian blur, reflect padding, as two 1-D passes (the 2-D Gaussian kernel is the product of two 1-D ones):
-    2k instead of k^2 multiply-adds per pixel, and no depthwise convolution (slow on the CPU)."""
-    x = image.as_subclass(torch.Tensor).float()
-    out = x if x.dim() == 4 else x[None]
-    for dim, k, s in ((-1, kernel_size[0], sigma[0]), (-2, kernel_size[1], sigma[1])):
-        weights = _blur_weights(k, s, out.device)
-        tap = weights.__getitem__ if isinstance(weights, list) else lambda i: weights[:, i].view(-1, 1, 1, 1)
-        pad = [k // 2, k // 2, 0, 0] if dim == -1 else [0, 0, k // 2, k // 2]
-        padded, n = torch.nn.functional.pad(out, pad, mode="reflect"), out.shape[dim]
-        out = padded.narrow(dim, 0, n) * tap(0)
-        for i in range(1, k):
-            _add_scaled(out, padded.narrow(dim, i, n), tap(i))
-    return tv_tensors.wrap(out.view(x.shape).round_(), like=image)
-
-
-def _gray(x):
-    """torchvision's grayscale of uint8 images [..., 3, H, W] -> [..., 1, H, W] float, before its conversion to an
-    integer."""
-    r, g, b = x.unbind(-3)
-    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3)
-
-
-def _blend(x, ratio, other=None):
-    """torchvision's _blend of a uint8 image with `other` (None: black): x * ratio + other * (1 - ratio), clamped,
-    truncated as its uint8 conversion does."""
-    out = x.mul(ratio) if x.is_floating_point() else x.float().mul_(ratio)
-    if other is not None:
-        _add_scaled(out, other, 1.0 - ratio)
-    return out.clamp_(0, 255).floor_()                           # >= 0: floor truncates (trunc_ is slow)
-
-
-def _adjust_brightness(image, brightness_factor):
-    return tv_tensors.wrap(_blend(image.as_subclass(torch.Tensor), brightness_factor), like=image)
-
-
-def _adjust_contrast(image, contrast_factor):
-    x = image.as_subclass(torch.Tensor)
-    mean = _gray(x).floor_().mean(dim=(-3, -2, -1), keepdim=True)
-    return tv_tensors.wrap(_blend(x, contrast_factor, mean), like=image)
-
-
-def _adjust_saturation(image, saturation_factor):
-    x = image.as_subclass(torch.Tensor)
-    return tv_tensors.wrap(_blend(x, saturation_factor, _gray(x).floor_()), like=image)
-
-
-def _rgb_to_grayscale(image, num_output_channels=1):
-    x = image.as_subclass(torch.Tensor)
-    return tv_tensors.wrap(_gray(x).floor_().expand(*x.shape[:-3], num_output_channels, *x.shape[-2:]), like=image)
-
-
-_HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)    # R, G, B in sixths of the hue circle
-
-
-def _adjust_hue(image, hue_factor):
-    """Hue shifted by hue_factor turns (HSV hue; value and saturation kept). Every channel in one pass: channel n
-    of a pixel with max M, min m, hue H (in sixths) is M - (M - m) * clamp(min(k, 4 - k), 0, 1), k = (n + H) mod
-    6, instead of torchvision's HSV round trip through a table. Truncated as torchvision's to_dtype does."""
-    f = image.as_subclass(torch.Tensor).div(255)
-    r, g, b = f.unbind(-3)
-    # torch.maximum / minimum: aminmax over the channel dimension is 20x slower on the CPU
-    high, low = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)
-    chroma = high - low
-    d = chroma.clamp(min=1e-30)                    # grey pixels (chroma 0): hue 0, as every numerator below is 0
-    # hue of the channel that is the max (r before g before b), picked by 0/1 factors: torch.where, bool tensors
-    # and remainder are not vectorised on the CPU (10-20x slower); comparisons written to float tensors are
-    is_r = torch.eq(high, r, out=torch.empty_like(r))
-    is_g = torch.eq(high, g, out=torch.empty_like(r)).mul_(1 - is_r)
-    is_b = (1 - is_r).sub_(is_g)
-    hue = (g - b).div_(d).mul_(is_r) + (b - r).div_(d).add_(2).mul_(is_g) + (r - g).div_(d).add_(4).mul_(is_b)
-    # [3, H, W] results go to f's memory and k's (r, g, b are done with): fresh 2 MB tensors cost page faults
-    # in [-3, 13]: hue in [-1, 5], offsets, 6 h
-    k = hue.unsqueeze(-3).add_(6 * hue_factor) + _HUE_OFFSETS.to(f.device, non_blocking=True)  # no GPU wait
-    k.sub_(torch.div(k, 6, out=f).floor_().mul_(6))             # mod 6, as remainder computes it in this range
-    share = torch.minimum(k, torch.neg(k, out=f).add_(4), out=f).clamp_(0, 1).mul_(chroma.unsqueeze(-3))
-    out = torch.sub(high.unsqueeze(-3), share, out=k)
-    return tv_tensors.wrap(out.mul_(256 - 1e-3).floor_(), like=image)   # >= 0: floor truncates
-
-
-def _to_dtype(image, dtype=torch.float32, scale=False):
-    """torchvision's to_dtype of the uint8 image the view holds; the result is a plain Image."""
-    return tv_tensors.Image(TF.to_dtype(_as_uint8(image.as_subclass(torch.Tensor)), dtype, scale))
-
-
-def _resized_crop_mask(mask, top, left, height, width, size, **_):
-    """Crop, then resize_mask (the one mask resize; torchvision's own kernel resizes masks "nearest")."""
-    x = TF.crop(mask.as_subclass(torch.Tensor), top, left, height, width)
-    return tv_tensors.wrap(_resize_nearest_exact(x, size), like=mask)
-
-
-def _resize_mask_kernel(mask, size, **_):
-    return tv_tensors.wrap(_resize_nearest_exact(mask.as_subclass(torch.Tensor), size), like=mask)
-
-
-TF.register_kernel(TF.resized_crop, _ViewMask)(_resized_crop_mask)
-TF.register_kernel(TF.resize, _ViewMask)(_resize_mask_kernel)
-TF.register_kernel(TF.rotate, _ViewImage)(_rotate_image)
-TF.register_kernel(TF.rotate, _ViewMask)(_rotate_mask)
-TF.register_kernel(TF.gaussian_blur, _ViewImage)(_gaussian_blur)
-TF.register_kernel(TF.adjust_brightness, _ViewImage)(_adjust_brightness)
-TF.register_kernel(TF.adjust_contrast, _ViewImage)(_adjust_contrast)
-TF.register_kernel(TF.adjust_saturation, _ViewImage)(_adjust_saturation)
-TF.register_kernel(TF.adjust_hue, _ViewImage)(_adjust_hue)
-TF.register_kernel(TF.rgb_to_grayscale, _ViewImage)(_rgb_to_grayscale)
-TF.register_kernel(TF.to_dtype, _ViewImage)(_to_dtype)
-
-
-class _DeferredSteps(tv_tensors.Image):
-    """What a view's deferred steps drew (augment_on="device": the rotation, colour jitter, blur and grayscale): a
-    stand-in image [3, 1, 1] sent through those transforms, whose kernels below write the step each is asked for
-    into `steps`, in order, instead of computing it. The draws are torchvision's own and depend on nothing of the
-    image but its channel count, so they are the draws the loader's path makes for the view."""
-
-    @classmethod
-    def blank(cls):
-        draws = cls(torch.zeros(3, 1, 1, dtype=torch.uint8))
-        draws.steps = []
-        return draws
-
-    def table(self):
-        """float32 [DEFERRED_PLACES, 3]: a row (step, value, extra) per step in order, DEFERRED_STEPS numbered from
-        1, unused rows 0. value: the angle (float32, as torchvision draws it), the factor or the sigma; extra: the
-        blur's kernel size, the rotation's border (1 reflect)."""
-        out = torch.zeros(DEFERRED_PLACES, 3)
-        if self.steps:
-            out[:len(self.steps)] = torch.tensor(self.steps)
-        return out
-
-
-DEFERRED_STEPS = ("rotation", "brightness", "contrast", "saturation", "hue", "blur", "grayscale")
-DEFERRED_PLACES = 7                         # at most: the rotation, four jitter steps, the blur, the grayscale
-
-
-def _recorded(step):
-    """A _DeferredSteps kernel: appends (step, value, extra) and returns the same object."""
-    number = DEFERRED_STEPS.index(step) + 1
-
-    def rotation(draws, angle, interpolation=None, expand=False, center=None, fill=0):
-        draws.steps.append((number, float(angle), int(fill is None)))
-        return draws
-
-    def blur(draws, kernel_size, sigma):
-        (kx, ky), (sx, sy) = kernel_size, sigma
-        if kx != ky or sx != sy:
-            raise ValueError(f"augment_on='device' takes square blurs, got kernel {kernel_size}, sigma {sigma}")
-        draws.steps.append((number, float(sx), int(kx)))
-        return draws
-
-    def adjust(draws, *args, **kwargs):
-        value, = args or kwargs.values()                     # the factor; grayscale: the output channels
-        draws.steps.append((number, float(value), 0))
-        return draws
-    return {"rotation": rotation, "blur": blur}.get(step, adjust)
-
-
-for _functional, _step in ((TF.rotate, "rotation"), (TF.adjust_brightness, "brightness"),
-                           (TF.adjust_contrast, "contrast"), (TF.adjust_saturation, "saturation"),
-                           (TF.adjust_hue, "hue"), (TF.gaussian_blur, "blur"), (TF.rgb_to_grayscale, "grayscale")):
-    TF.register_kernel(_functional, _DeferredSteps)(_recorded(_step))
-
-
-def draw_deferred(deferred):
-    """One view's deferred steps drawn by build_augmentation's `deferred` (from torch's default generator) -> the
-    table apply_deferred reads (_DeferredSteps.table)."""
-    return deferred(_DeferredSteps.blank()).table()
-
-
-def apply_deferred(images, steps, mask, mask_fill):
-    """The steps the loader drew and left (augment_on="device"), applied where the batch lands: uint8 views
-    [B, 3, H, W] on any device with their uint8 masks [B, H, W] (pixels the rotation brings in get `mask_fill`),
-    steps [B, DEFERRED_PLACES, 3] on the CPU (_DeferredSteps.table) -> (views, masks), new tensors, uint8. The
-    kernels of the loader's path; at each place in the order, the views that take the same step go through it as
-    one batch with their own angles or factors (factors as tensors [b, 1, 1, 1]): on the CPU the loader's views
-    exactly, on a GPU up to its float rounding. The groups are read on the CPU: no wait for the GPU."""
-    if images.dtype != torch.uint8 or images.dim() != 4 or mask.dim() != 3 or \
-            not steps.shape[0] == images.shape[0] == mask.shape[0]:
-        raise ValueError(f"apply_deferred takes uint8 views [B, 3, H, W], masks [B, H, W] and steps "
-                         f"[B, {DEFERRED_PLACES}, 3], got {images.dtype} {tuple(images.shape)}, "
-                         f"{tuple(mask.shape)} and {tuple(steps.shape)}")
-    out = images.to(torch.float32)
-    colour = {2: lambda x, v, k: _adjust_brightness(x, v), 3: lambda x, v, k: _adjust_contrast(x, v),
-              4: lambda x, v, k: _adjust_saturation(x, v), 5: lambda x, v, k: _adjust_hue(x, v),
-              6: lambda x, v, k: _gaussian_blur(x, [k, k], [v, v]),
-              7: lambda x, v, k: _rgb_to_grayscale(x, x.shape[-3])}
-    for place in range(steps.shape[1]):
-        at = steps[:, place]
-        for step, extra in torch.unique(at[:, [0, 2]], dim=0).to(torch.int64).tolist():
-            if step == 0:
-                continue
-            rows = torch.nonzero((at[:, 0] == step) & (at[:, 2] == extra))[:, 0]
-            values, rows = at[rows, 1], rows.to(out.device, non_blocking=True)
-            if step == 1:  # rotation: the views and their masks, by each view's angle
-                angles, border = values.tolist(), dict(fill=None) if extra else {}
-                out.index_copy_(0, rows, _rotate_image(out.index_select(0, rows), angles, **border))
-                turned = _rotate_mask(mask.index_select(0, rows)[:, None], angles, **(border or dict(fill=mask_fill)))
-                mask = mask.index_copy(0, rows, turned[:, 0])
-            else:  # a blur's sigmas stay on the CPU: its weights are made there (_blur_weights)
-                factors = values.view(-1, 1, 1, 1)
-                factors = factors if step == 6 else factors.to(out.device, non_blocking=True)
-                out.index_copy_(0, rows, colour[step](out.index_select(0, rows), factors, extra))
-    return _as_uint8(out), mask
-
-
 ROTATION_BORDERS = ("fill", "reflect")
-AUGMENT_ON = ("loader", "device")
+# one view's draw of the steps applied where the batch lands (Augmentation.draw), in this order; jitter and gray
+# are 0 / 1 (the step taken or not), a view is rotated where its angle is not 0 and blurred where its kernel is > 1
+VIEW_PARAMS = ("angle", "jitter", "brightness", "contrast", "saturation", "hue", "blur_kernel", "blur_sigma", "gray")
+NO_STEP = (0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0)     # the draw of a view that takes none of them
+ANGLE, JITTER, BRIGHTNESS, CONTRAST, SATURATION, HUE, BLUR_KERNEL, BLUR_SIGMA, GRAY = range(len(VIEW_PARAMS))
 
 
-def build_augmentation(image_size=400, augment=True, scale=(0.5, 1.2), flip_p=0.5, jitter=0.2, jitter_p=0.5,
-                       blur_kernels=(3, 5, 7), blur_p=0.5, gray_p=0.4, rotation=90.0, rotation_p=0.5,
-                       rotation_border="fill", augment_on="loader"):
-    """The one augmentation pipeline (section 3.2: SimCLR-style grayscale, colour jitter, flips, rotation, random
-    resize) -> (transform, deferred). Input: (_ViewImage uint8, _ViewMask uint8), as _view wraps them; masks move
-    with the image (nearest) and pixels outside the rotated image get 255 in every mask (callers map it: ignore in
-    the query target, background in the support mask). rotation_border="reflect" (the authors' code:
-    albumentations' Rotate, BORDER_REFLECT_101): image and masks are reflected at the border instead, no pixel is
-    filled or ignored. Output image: uint8 (normalize_views makes it the networks' input where the batch lands).
-    augment=False: resize only.
-    augment_on="loader": the whole pipeline is `transform`, deferred None. "device": `transform` is the crop and
-    the flips, and `deferred` the rest (rotation, colour jitter, blur, grayscale), run on a _DeferredSteps to draw
-    those steps in the loader; apply_deferred applies them where the batch lands (the loader's most expensive pixel
-    work moves to the GPU: "On a GPU" in the README). The same draws, in the same order."""
-    if rotation_border not in ROTATION_BORDERS:
-        raise ValueError(f"rotation_border must be one of {ROTATION_BORDERS}, got {rotation_border!r}")
-    if augment_on not in AUGMENT_ON:
-        raise ValueError(f"augment_on must be one of {AUGMENT_ON}, got {augment_on!r}")
-    finish = [v2.ToDtype(torch.uint8)]                          # the view's values back in uint8
-    if not augment:
-        return v2.Compose([v2.Resize([image_size, image_size], antialias=True)] + finish), None  # nothing to defer
-    # fill None: the kernels reflect the border (_rotated); a _DeferredSteps records which
-    fill = {_ViewImage: 0, _ViewMask: IGNORE, _DeferredSteps: 0} if rotation_border == "fill" else \
-        {_ViewImage: None, _ViewMask: None, _DeferredSteps: None}
-    crop = [
-        # scale up to 1.2 as in the authors' code: draws above 1.0 cannot fit and are redrawn (torchvision)
-        v2.RandomResizedCrop(image_size, scale=scale, antialias=True),
-        v2.RandomHorizontalFlip(flip_p),
-        v2.RandomVerticalFlip(flip_p),
-    ]
-    rest = [
-        v2.RandomApply([v2.RandomRotation(rotation, interpolation=v2.InterpolationMode.BILINEAR, fill=fill)],
-                       p=rotation_p),
-        v2.RandomApply([v2.ColorJitter(jitter, jitter, jitter, jitter)], p=jitter_p),
-        v2.RandomApply([v2.RandomChoice([v2.GaussianBlur(k) for k in blur_kernels])], p=blur_p),
-        v2.RandomGrayscale(gray_p),
-    ]
-    if augment_on == "loader":
-        return v2.Compose(crop + rest + finish), None
-    return v2.Compose(crop + finish), v2.Compose(rest)
+class Augmentation:
+    """The two independent views of a training pair (section 3.2), in two places:
+
+    crop_and_flip (in the loader, per view): random resized crop to image_size x image_size (scale in `scale`, the
+        authors' 0.5-1.2; draws above 1 cannot fit and are drawn again, as torchvision does), horizontal and
+        vertical flips with p flip_p. augment=False: resize only.
+    draw (in the loader, per view): the rest's parameters, torchvision's laws: rotation uniform in +-rotation
+        degrees with p rotation_p; colour jitter with p jitter_p (brightness, contrast, saturation factors uniform
+        in [1 - jitter, 1 + jitter], hue in [-jitter, jitter]); Gaussian blur with p blur_p (kernel one of
+        blur_kernels, sigma uniform in blur_sigma); grayscale with p gray_p. A step not drawn is the identity.
+    apply (on the training device, the whole batch at once): those steps, each a few batched tensor operations.
+
+    rotation_border "fill": pixels a rotation brings in from outside the image are black, and 255 in the masks
+    (callers map it: ignored in the query target, background in the support mask); "reflect": the authors'
+    albumentations Rotate (BORDER_REFLECT_101) on image and masks, no pixel filled."""
+
+    def __init__(self, image_size=400, augment=True, scale=(0.5, 1.2), flip_p=0.5, rotation=90.0, rotation_p=0.5,
+                 jitter=0.2, jitter_p=0.5, blur_kernels=(3, 5, 7), blur_sigma=(0.1, 2.0), blur_p=0.5, gray_p=0.4,
+                 rotation_border="fill"):
+        if rotation_border not in ROTATION_BORDERS:
+            raise ValueError(f"rotation_border must be one of {ROTATION_BORDERS}, got {rotation_border!r}")
+        self.image_size, self.augment, self.scale, self.flip_p = image_size, augment, scale, flip_p
+        self.rotation, self.rotation_p, self.jitter, self.jitter_p = rotation, rotation_p, jitter, jitter_p
+        self.blur_kernels, self.blur_sigma, self.blur_p, self.gray_p = blur_kernels, blur_sigma, blur_p, gray_p
+        self.reflect = rotation_border == "reflect"
+
+    def crop_and_flip(self, image, mask, rng):
+        """uint8 image [3, H, W] and mask [H, W] (torch) -> uint8 [3, S, S] and [S, S]: the image resized
+        bilinearly (antialiased), the mask by resize_mask (the same pixel grid)."""
+        size = [self.image_size, self.image_size]
+        if not self.augment:
+            return TF.resize(image, size, antialias=True), resize_mask(mask, size).to(torch.uint8)
+        with torch.random.fork_rng(devices=[]):             # torchvision draws the crop from torch's generator
+            torch.manual_seed(int(rng.integers(2 ** 62)))
+            top, left, h, w = transforms.RandomResizedCrop.get_params(image, self.scale, (3 / 4, 4 / 3))
+        image = TF.resized_crop(image, top, left, h, w, size, antialias=True)
+        mask = resize_mask(mask[top:top + h, left:left + w], size).to(torch.uint8)
+        for dim in (-1, -2):                                 # horizontal, then vertical flip
+            if rng.random() < self.flip_p:
+                image, mask = image.flip(dim), mask.flip(dim)
+        return image, mask
+
+    def draw(self, rng):
+        """One view's rotation, colour jitter, blur and grayscale -> float32 [len(VIEW_PARAMS)]."""
+        angle, jitter, brightness, contrast, saturation, hue, kernel, sigma, gray = NO_STEP
+        if self.augment and rng.random() < self.rotation_p:
+            angle = rng.uniform(-self.rotation, self.rotation)
+        if self.augment and rng.random() < self.jitter_p:
+            jitter, (brightness, contrast, saturation) = 1.0, rng.uniform(1 - self.jitter, 1 + self.jitter, 3)
+            hue = rng.uniform(-self.jitter, self.jitter)
+        if self.augment and rng.random() < self.blur_p:
+            kernel, sigma = self.blur_kernels[rng.integers(len(self.blur_kernels))], rng.uniform(*self.blur_sigma)
+        if self.augment and rng.random() < self.gray_p:
+            gray = 1.0
+        return torch.tensor([angle, jitter, brightness, contrast, saturation, hue, kernel, sigma, gray],
+                            dtype=torch.float32)
+
+    def apply(self, images, masks, params):
+        """A batch of views on its device: uint8 images [B, 3, S, S], uint8 masks [B, S, S], params [B, 9] (draw,
+        on the CPU) -> (float images in [0, 1], uint8 masks), in torchvision's order: rotation, colour jitter
+        (here always brightness, contrast, saturation, hue), blur, grayscale. Each step runs on the views that
+        drew it, found on the CPU (no wait for the device), with each view's own parameters."""
+        x, masks = images.to(torch.float32).div_(255), masks.clone()
+        on_device = params.to(x.device, non_blocking=True).view(*params.shape, 1, 1, 1)     # [B, 9, 1, 1, 1]
+
+        def take(taken, step, *tensors):
+            """tensors[v] = step(*tensors[v], params[v]) for the views v where `taken` (read on the CPU)."""
+            if taken.any():
+                rows = torch.from_numpy(np.flatnonzero(taken)).to(x.device, non_blocking=True)
+                out = step(*(t.index_select(0, rows) for t in tensors), on_device.index_select(0, rows))
+                for t, o in zip(tensors, out if isinstance(out, tuple) else (out,)):
+                    t.index_copy_(0, rows, o)
+
+        drawn = params.numpy()
+        take(drawn[:, ANGLE] != 0, lambda v, m, q: rotate(v, m, q[:, ANGLE], self.reflect), x, masks)
+        take(drawn[:, JITTER] == 1, lambda v, q: colour_jitter(v, *q[:, BRIGHTNESS:HUE + 1].unbind(1)), x)
+        take(drawn[:, BLUR_KERNEL] > 1,
+             lambda v, q: gaussian_blur(v, q[:, BLUR_KERNEL], q[:, BLUR_SIGMA], max(self.blur_kernels)), x)
+        take(drawn[:, GRAY] == 1, lambda v, q: luma(v).expand_as(v), x)      # grey in all three channels
+        return x, masks
 
 
-def _view(augmentation, image, mask, rng):
-    """One augmented view -> (image, mask, deferred steps or None). `augmentation`: build_augmentation's pair,
-    `image` uint8 tensor [3,H,W], `mask` uint8 [H,W]; torch draws come from a generator seeded by `rng`, so a view
-    is a pure function of the item seed (also in DataLoader workers)."""
-    transform, deferred = augmentation
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(int(rng.integers(2 ** 62)))
-        img, m = transform(_ViewImage(image), _ViewMask(torch.from_numpy(mask)[None]))
-        steps = None if deferred is None else draw_deferred(deferred)
-    return img.as_subclass(torch.Tensor), m.as_subclass(torch.Tensor)[0], steps
+def rotate(x, masks, angle, reflect):
+    """Square views x [B, 3, S, S] and their masks [B, S, S] turned about the centre by angle [B, 1, 1, 1] degrees
+    (counter-clockwise), the image bilinear, the mask nearest; outside the image: black and 255, or reflected."""
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"rotate takes square views, got {tuple(x.shape[-2:])}")
+    a = torch.deg2rad(angle[:, 0])                                     # [B, 1, 1]
+    cos, sin = a.cos(), a.sin()
+    # for every output pixel, where it comes from, in grid_sample's coordinates (-1, 1: the border pixels' centres),
+    # x and y written as two planes and read as grid_sample's [B, S, S, 2] through a permuted view
+    u = torch.linspace(-1, 1, x.shape[-1], device=x.device)            # columns
+    v = u[:, None]                                                      # rows
+    grid = torch.empty(2, *x.shape[:1], *x.shape[-2:], device=x.device)
+    torch.sub(cos * u, sin * v, out=grid[0])
+    torch.add(sin * u, cos * v, out=grid[1])
+    grid = grid.permute(1, 2, 3, 0)
+    border = "reflection" if reflect else "zeros"                       # reflection about the border pixels' centres
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode=border, align_corners=True)
+    # the mask minus 255, sampled with zeros outside, plus 255: exactly 255 where the image does not cover
+    shifted = masks[:, None].float() - IGNORE
+    masks = F.grid_sample(shifted, grid, mode="nearest", padding_mode=border, align_corners=True) + IGNORE
+    return x, masks[:, 0].to(torch.uint8)
 
+
+@functools.lru_cache
+def _constant(values, device):
+    """A per-channel constant [1, 3, 1, 1] on `device`, made once (on the CPU, sent without waiting for the device)."""
+    return torch.tensor(values).view(1, 3, 1, 1).to(device, non_blocking=True)
+
+
+def luma(x):
+    """Grey level of images [B, 3, H, W] -> [B, 1, H, W]: torchvision's rgb_to_grayscale (ITU-R 601-2 weights)."""
+    return (x * _constant((0.2989, 0.587, 0.114), x.device)).sum(1, keepdim=True)
+
+
+def blend(x, other, factor):
+    """torchvision's _blend, the colour jitter's core: factor * x + (1 - factor) * other, clamped to [0, 1]."""
+    return torch.lerp(other, x, factor).clamp(0, 1)
+
+
+def colour_jitter(x, brightness, contrast, saturation, hue):
+    """torchvision's ColorJitter with each view's factors [B, 1, 1, 1] (here always in this order)."""
+    x = (x * brightness).clamp(0, 1)                           # blended with black
+    x = blend(x, luma(x.mean(dim=(2, 3), keepdim=True)), contrast)     # against the mean grey level
+    x = blend(x, luma(x), saturation)
+    return adjust_hue(x, hue)
+
+
+def adjust_hue(x, hue):
+    """Hue turned by `hue` [B, 1, 1, 1] (a fraction of the circle), saturation and value kept. HSV's hexcone per
+    channel: with value V, chroma C and hue H in sixths, channel n = V - C * clamp(min(k, 4 - k), 0, 1) for
+    k = (n + H) mod 6, n = 5, 3, 1 for R, G, B."""
+    r, g, b = x.unbind(1)
+    value = x.amax(1, keepdim=True)
+    chroma = value - x.amin(1, keepdim=True)
+    # hue in sixths from the largest channel (r before g before b; at a tie both give the same hue), chosen by 0 / 1
+    # weights: hue_r where r is the largest, hue_g where g is and r is not, hue_b where neither is
+    top, c = value[:, 0], chroma[:, 0]
+    hue_r, hue_g, hue_b = g - b, torch.add(b - r, c, alpha=2), torch.add(r - g, c, alpha=4)
+    not_r, not_g = (top != r).float(), (top != g).float()
+    h = hue_r + not_r * (hue_g - hue_r + not_g * (hue_b - hue_g))              # grey pixels: 0 (then 0 / eps)
+    h = torch.add(h[:, None] / chroma.clamp_min(1e-12), hue, alpha=6)                  # [B, 1, H, W]
+    k = h + _constant((5.0, 3.0, 1.0), x.device)
+    k = k - 6 * torch.floor(k / 6)                                                      # mod 6
+    return value - chroma * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def gaussian_blur(x, kernel, sigma, max_kernel):
+    """torchvision's Gaussian blur (reflect padding) with each view's own odd kernel size and sigma [B, 1, 1, 1]:
+    weights exp(-t^2 / (2 sigma^2)) over the taps t within (kernel - 1) / 2 of the centre, normalised; every view
+    through one max_kernel wide filter, its taps beyond its own kernel weighted 0 (kernel 1: the identity). The 2-D
+    Gaussian is the product of two 1-D ones, so a horizontal pass and a vertical pass."""
+    b, c, h, w = x.shape
+    radius = max_kernel // 2
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)           # taps [k]
+    z = t / sigma.view(-1, 1)
+    weights = torch.exp(-0.5 * z * z) * (2 * t.abs() < kernel.view(-1, 1))           # [B, k]
+    weights = (weights / weights.sum(1, keepdim=True)).repeat_interleave(c, 0)       # [B * 3, k]: per channel
+    x = x.reshape(1, b * c, h, w)
+    x = F.conv2d(F.pad(x, [radius, radius, 0, 0], mode="reflect"), weights.view(b * c, 1, 1, -1), groups=b * c)
+    x = F.conv2d(F.pad(x, [0, 0, radius, radius], mode="reflect"), weights.view(b * c, 1, -1, 1), groups=b * c)
+    return x.view(b, c, h, w)
+
+
+def normalize(images):
+    """Images in [0, 1], [..., 3, H, W], on any device -> ImageNet-normalised: the networks' input (the operations of
+    torchvision's normalize)."""
+    return (images - _constant(IMAGENET_MEAN, images.device)[0]) / _constant(IMAGENET_STD, images.device)[0]
+
+
+def training_views(batch, augmentation, device):
+    """A loader's batch of pairs (MaskSplitPairs, SupervisedPairs) -> the network's inputs on `device`: query
+    [B, 3, S, S], query_target [B, S, S] int64 (1 fg, 0 bg, 255 ignored), support [B, 3, S, S], support_mask
+    [B, S, S] float 0/1. Query and support views go through augmentation.apply as one batch."""
+    def both(query_key, support_key, to=device):
+        return torch.cat([batch[query_key], batch[support_key]]).to(to, non_blocking=True)
+    views, masks = augmentation.apply(both("query_img", "support_img"), both("query_target", "support_mask"),
+                                      both("query_params", "support_params", to="cpu"))   # the steps drawn
+    query, support = normalize(views).chunk(2)
+    query_target, support_mask = masks.chunk(2)
+    return query, query_target.long(), support, (support_mask == 1).float()   # 255 outside: background
 
 def _pair(augmentation, query_image, query_tgt, support_image, support_fg, rng):
-    """Two independent views (PIL images; MaskSplit's are one image, converted once): query target 0/1/255 (its 255
-    kept, and 255 outside the rotated image) and support mask 0/1 (0 outside the rotated image); with
-    augment_on="device" also each view's deferred steps (query_steps, support_steps), not yet applied."""
+    """Two independent views (section 3.2) of PIL images (MaskSplit's are one image) with the query target 0/1/255
+    and the support mask 0/1 (numpy): cropped and flipped here, the rest drawn (query_params, support_params) for
+    training_views to apply where the batch lands. Every draw comes from rng: a pair is a function of its seed."""
     query = TF.pil_to_tensor(query_image)
     support = query if support_image is query_image else TF.pil_to_tensor(support_image)
-    query_img, q, query_steps = _view(augmentation, query, query_tgt, rng)
-    support_img, s, support_steps = _view(augmentation, support, support_fg.astype(np.uint8), rng)
-    item = {"query_img": query_img, "query_target": q, "support_img": support_img,
-            "support_mask": (s == 1).to(torch.uint8)}        # 0/1 before a deferred rotation too: it fills 0
-    if query_steps is not None:
-        item.update(query_steps=query_steps, support_steps=support_steps)
-    return item
-
-
-def views_on_device(batch, device):
-    """A batch's uint8 views and masks on `device`, with the steps the loader deferred applied there when it carries
-    them (augment_on="device") -> (query, query_target, support, support_mask)."""
-    out = []
-    for image, mask, fill in (("query_img", "query_target", IGNORE), ("support_img", "support_mask", 0)):
-        views, masks = (batch[k].to(device, non_blocking=True) for k in (image, mask))
-        steps = batch.get(image.replace("_img", "_steps"))
-        out += [views, masks] if steps is None else apply_deferred(views, steps, masks, fill)
-    return out
-
-
-def normalize_views(images):
-    """uint8 views [..., 3, H, W] -> float, ImageNet-normalised: the networks' input. Pairs leave the loader in uint8
-    (a quarter of the bytes to copy between processes and to the GPU) and are normalised where the batch lands, by
-    the operations of torchvision's to_dtype and normalize (the same numbers)."""
-    if images.dtype != torch.uint8:
-        raise ValueError(f"normalize_views takes uint8 views, got {images.dtype}")
-    # built on the CPU and sent without waiting (torch.tensor(..., device="cuda") would wait for the GPU every step)
-    mean, std = (torch.tensor(v).view(3, 1, 1).to(images.device, non_blocking=True)
-                 for v in (IMAGENET_MEAN, IMAGENET_STD))
-    return images.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
+    query_img, query_target = augmentation.crop_and_flip(query, torch.from_numpy(query_tgt), rng)
+    query_params = augmentation.draw(rng)
+    support_img, support_mask = augmentation.crop_and_flip(support, torch.from_numpy(support_fg.astype(np.uint8)), rng)
+    return {"query_img": query_img, "query_target": query_target, "query_params": query_params,
+            "support_img": support_img, "support_mask": support_mask, "support_params": augmentation.draw(rng)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -966,10 +740,9 @@ class MaskSplitPairs(torch.utils.data.Dataset):
         min_pixels, then leaves the mask unsplit). N > 0, the authors' code (N = 512, with a one-draw MaskSplit of
         min_pixels 0): when the support or the query half has fewer than N pixels, another image is drawn at
         random instead.
-    Items, all uint8 (normalize_views makes the images the networks' input): query_img [3,S,S], query_target
-    [S,S] (1 query fg, 255 support fg / outside image, 0 bg), support_img [3,S,S], support_mask [S,S] 0/1,
-    image_id str; with augment_on="device" (an augment_args key, build_augmentation) the views and masks leave
-    after the crop and flips, and query_steps / support_steps hold the rest's draws (views_on_device).
+    Items: query_img [3,S,S] uint8, query_target [S,S] uint8 (1 query fg, 255 support fg, 0 bg), support_img,
+    support_mask [S,S] uint8 0/1, cropped and flipped; query_params, support_params [8] (Augmentation.draw: the
+    rest of each view, applied batched by training_views); image_id str.
     """
 
     def __init__(self, images, masks=None, list_file=None, image_size=400, split=None, augment=True, seed=0,
@@ -982,7 +755,7 @@ class MaskSplitPairs(torch.utils.data.Dataset):
             raise ValueError(f"mask_source must be 'pseudo' or 'groundtruth', got {mask_source!r}")
         self.mask_source, self.seed = mask_source, seed
         self.split = split if split is not None else MaskSplit()
-        self.augmentation = build_augmentation(image_size, augment, **augment_args)
+        self.augmentation = Augmentation(image_size, augment, **augment_args)
         self.epoch, self.redraw_image_below = 0, redraw_image_below
         image_paths = list_images(images, list_file)
         no_mask = images_without_mask(masks) if mask_source == "pseudo" else set()
@@ -1048,7 +821,7 @@ class SupervisedPairs(torch.utils.data.Dataset):
                  **augment_args):
         paths = voc_paths(voc_root)
         self.seed, self.epoch = seed, 0
-        self.augmentation = build_augmentation(image_size, augment, **augment_args)
+        self.augmentation = Augmentation(image_size, augment, **augment_args)
         test = set(pascal_fold_classes(fold))
         self.classes = [c for c in range(1, VOC_CLASSES + 1) if c not in test]
         counts = voc_class_counts(voc_root, split)

@@ -60,44 +60,32 @@ def _per_item(value, batch, name, device):
 
 
 def _halves(fg, direction, shift, swap, line):
-    """(support, query) halves of fg [B, H, W]; shift and swap are int64 / bool tensors [B, 1, 1].
-
-    Written for a vertical split with u = x (columns) and v = y (rows); a horizontal split swaps the roles
-    (u = y, v = x), which is the vertical split of the transposed mask without transposing anything."""
-    u_dim, v_dim = (2, 1) if direction == "vertical" else (1, 2)
-    counts = fg.view(torch.uint8).sum(dim=v_dim, dtype=torch.int32)            # c[u], [B, U]
-    cumulative = counts.cumsum(dim=1, dtype=torch.int64)
-    # smallest u with cumsum(c)[u] >= T / 2, in integers: 2 * cumsum >= T
-    median = (2 * cumulative >= cumulative[:, -1:]).to(torch.int8).argmax(dim=1).view(-1, 1, 1)
-    shape_u, shape_v = [1, 1, 1], [1, 1, 1]
-    shape_u[u_dim], shape_v[v_dim] = fg.shape[u_dim], fg.shape[v_dim]
-    u = torch.arange(fg.shape[u_dim], device=fg.device).view(shape_u)
-    v = torch.arange(fg.shape[v_dim], device=fg.device).view(shape_v)
-    span = max(fg.shape[v_dim] - 1, 1)                                           # H - 1
+    """(support, query) halves of fg [B, H, W]; shift and swap are int64 / bool tensors [B, 1, 1]."""
+    if direction == "horizontal":  # Hsplit: the Vsplit of the transposed mask
+        support, query = _halves(fg.transpose(1, 2), "vertical", shift, swap, line)
+        return support.transpose(1, 2).contiguous(), query.transpose(1, 2).contiguous()
+    height, width = fg.shape[1:]
+    # the median column m: the smallest x with cumsum(c)[x] >= T / 2, in integers 2 * cumsum(c)[x] >= T
+    counts = fg.sum(dim=1)                                                        # c[x], [B, W]
+    cumulative = counts.cumsum(dim=1)
+    m = (2 * cumulative >= cumulative[:, -1:]).int().argmax(dim=1).view(-1, 1, 1)
+    x = torch.arange(width, device=fg.device).view(1, 1, width)
+    y = torch.arange(height, device=fg.device).view(1, height, 1)
+    span = max(height - 1, 1)                                                     # H - 1
     if line == "paper":
-        # line u(v) = m + s - 2 s v / (H - 1). Beyond it: u (H - 1) > (m + s)(H - 1) - 2 s v, that is
-        # u > floor(numerator / (H - 1)); every other pixel is before it (u < that floor + 1).
-        beyond = torch.div((median + shift) * span - 2 * shift * v, span, rounding_mode="floor")
-        before = beyond + 1
+        # the line from (m + s, 0) to (m - s, H - 1): x_line(y) = m + s - 2 s y / (H - 1); multiplied by H - 1,
+        # every pixel compares in integers. Right: x > x_line; left: every other foreground pixel.
+        line_x = (m + shift) * span - 2 * shift * y
+        right = x * span > line_x
+        left = ~right
     else:
-        # official: u(v) = m - 3 s + 2 s v / (H - 1); pixels exactly on the line are in neither half
-        numerator = (median - 3 * shift) * span + 2 * shift * v
-        beyond = torch.div(numerator, span, rounding_mode="floor")
-        before = -torch.div(-numerator, span, rounding_mode="floor")               # ceil
-    # support = beyond the line (u > beyond) unless swapped (u < before). With sign = -1 for swapped items,
-    # both tests become one comparison: sign * u > threshold, computed on [B, 1, U] and [B, V, 1] only.
-    sign = 1 - 2 * swap.to(torch.int64)
-    signed_u = sign * u
-    support = fg & _greater(signed_u, torch.where(swap, -before, beyond))
-    query = fg & _greater(-signed_u, torch.where(swap, beyond, -before))
-    return support, query
-
-
-def _greater(a, b):
-    """a > b (integer tensors, broadcast) as a bool tensor. Compared in float32 (exact: pixel coordinates are far
-    below 2^24) into a float32 result: comparisons written to bool are not vectorised on the CPU (2.5x slower)."""
-    out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), device=a.device)
-    return torch.gt(a.float(), b.float(), out=out).bool()
+        # official: from (m - 3 s, top) to (m - s, bottom); pixels exactly on the line are in neither half
+        line_x = (m - 3 * shift) * span + 2 * shift * y
+        right, left = x * span > line_x, x * span < line_x
+    # the paper's assignment: support = right, query = left; swapped (alternate): the other way round
+    halves = torch.stack([fg & right, fg & left])                                # [2, B, H, W]
+    item, swapped = torch.arange(len(fg), device=fg.device), swap.view(-1).long()
+    return halves[swapped, item], halves[1 - swapped, item]
 
 
 def split_mask(mask, direction="vertical", shift=0, swap=False, line="paper"):
@@ -129,18 +117,16 @@ def query_target(query_fg, support_fg, ignore_index=255):
     if isinstance(query_fg, np.ndarray):
         if not 0 <= ignore_index <= 255:
             raise ValueError(f"ignore_index {ignore_index} does not fit the uint8 target of a numpy mask")
-        query, support = (query_fg != 0).view(np.uint8), (support_fg != 0).view(np.uint8)   # 0 / 1
-        return support * np.uint8(ignore_index) * (1 - query) + query   # arithmetic: 8x faster than a masked write
+        target = np.where(support_fg != 0, ignore_index, 0).astype(np.uint8)
+        target[query_fg != 0] = 1
+        return target
     target = torch.where(support_fg != 0, ignore_index, 0).to(torch.int64)
     return target.masked_fill(query_fg != 0, 1)
 
 
 def _count(fg):
-    """Foreground pixels of a boolean mask (numpy or torch). Summed as uint8 (the same bytes) into int32 (a mask has
-    fewer than 2^31 pixels): torch's reductions over bool tensors are not vectorised on the CPU (2-10x slower)."""
-    if isinstance(fg, np.ndarray):
-        return int(np.count_nonzero(fg))
-    return int(fg.view(torch.uint8).sum(dtype=torch.int32))
+    """Foreground pixels of a boolean mask (numpy or torch)."""
+    return int(fg.sum())
 
 
 class _Draws:

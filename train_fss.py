@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets import (AUGMENT_ON, IGNORE, EpochItems, MaskSplitPairs, SupervisedPairs, fold_train_ids, make_loader,
-                      normalize_views, views_on_device, voc_paths, voc_split)
+from datasets import (IGNORE, EpochItems, MaskSplitPairs, SupervisedPairs, fold_train_ids, make_loader,
+                      training_views, voc_paths, voc_split)
 from masksplit import MaskSplit
 from model import (BACKBONES, FSSNet, FiniteGuard, HelpFormatter, add_device_flags, check_output, configure_backends,
                    exits_on_bad_input, load_training_state, mixed_precision, nonnegative_float, nonnegative_int,
@@ -80,10 +80,6 @@ def build_parser():
                      help="stop after this many optimiser steps (all epochs if unset)")
     run.add_argument("--seed", type=int, default=0, help="random seed (same seed, same run on the CPU)")
     add_device_flags(run, deterministic=True)
-    run.add_argument("--augment-on", choices=["auto", *AUGMENT_ON], default="auto",
-                     help="where the rotation, colour jitter, blur and grayscale of the views run: loader = in the "
-                          "loader processes; device = drawn there, applied batched where the batch lands (the GPU); "
-                          "auto = device on CUDA, loader on the CPU. The same draws either way")
     run.add_argument("--log-every", type=positive_int, default=10, help="steps between log.jsonl lines")
     run.add_argument("--out", default="runs/fss", help="output folder: last.pt, log.jsonl, args.json")
     run.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.pt")
@@ -105,17 +101,9 @@ def parse_args(argv=None):
     return args
 
 
-def augment_place(args, device):
-    """--augment-on: "auto" is the device on CUDA (the loader's most expensive pixel work goes to the GPU, README
-    "On a GPU"), the loader on the CPU (where the loader processes run beside the training, not in its way)."""
-    if args.augment_on != "auto":
-        return args.augment_on
-    return "device" if device.type == "cuda" else "loader"
-
-
-def build_dataset(args, device=torch.device("cpu")):
+def build_dataset(args):
     augment = dict(image_size=args.image_size, augment=not args.no_aug, seed=args.seed,
-                   rotation_border=args.rotation_border, augment_on=augment_place(args, device))
+                   rotation_border=args.rotation_border)
     if args.supervised:
         return SupervisedPairs(args.voc_root, args.fold, split=args.list or "train_aug", **augment)
     # both halves need 512 px (MaskSplit's min_pixels; the authors' 2 * 16 * 16): MaskSplit redraws the split, or
@@ -179,13 +167,12 @@ def memory_format(device):
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
-def train_step(net, optimizer, batch, device, autocast, scaler, fmt=torch.contiguous_format):
-    """One optimiser step on a batch of MaskSplit pairs (images in memory format fmt, like the net); returns the
-    loss as a tensor on the device (reading it waits for the GPU: the caller does so only when it logs)."""
-    query, target, support, support_mask = views_on_device(batch, device)  # uint8 from the loader (datasets.py)
-    query = normalize_views(query).contiguous(memory_format=fmt)
-    support = normalize_views(support).contiguous(memory_format=fmt)
-    support_mask, target = support_mask.float(), target.long()
+def train_step(net, optimizer, batch, augmentation, device, autocast, scaler, fmt=torch.contiguous_format):
+    """One optimiser step on a batch of MaskSplit pairs, augmented where it lands (datasets.training_views; images in
+    memory format fmt, like the net); returns the loss as a tensor on the device (reading it waits for the GPU: the
+    caller does so only when it logs)."""
+    query, target, support, support_mask = training_views(batch, augmentation, device)
+    query, support = query.contiguous(memory_format=fmt), support.contiguous(memory_format=fmt)
     with autocast():
         logits = net(query, support[:, None], support_mask[:, None])
     # pixel-wise cross-entropy; IGNORE (255) = the support half of the query and pixels outside the image (3.2)
@@ -211,7 +198,7 @@ def build_training(args, device, fmt, state=None):
 
 
 # flags that may change on --resume; every other flag must match the checkpoint's run
-RESUME_FREE = ("resume", "max_steps", "epochs", "workers", "device", "deterministic", "log_every", "augment_on")
+RESUME_FREE = ("resume", "max_steps", "epochs", "workers", "device", "deterministic", "log_every")
 
 
 @exits_on_bad_input
@@ -229,7 +216,7 @@ def main(argv=None):
         state = resume_checkpoint(checkpoint_path, "fss", args, RESUME_FREE, build_parser().get_default)
     elif args.resume:  # killed before its first checkpoint: nothing to continue, start afresh
         print(f"--resume: no {checkpoint_path} yet, starting from step 0")
-    dataset = build_dataset(args, device)
+    dataset = build_dataset(args)
     fmt = memory_format(device)
     net, optimizer, (autocast, scaler), step = build_training(args, device, fmt, state)
     trim_log(log_path, step)  # drop log lines of steps after the checkpoint (all of them when starting afresh)
@@ -255,7 +242,7 @@ def main(argv=None):
         waited, pairs, logged = 0.0, 0, step
         for batch in loader:
             waited += time.time() - tick  # time the step waited for the loader
-            loss = train_step(net, optimizer, batch, device, autocast, scaler, fmt)
+            loss = train_step(net, optimizer, batch, dataset.augmentation, device, autocast, scaler, fmt)
             step += 1
             guard.record(step, loss)
             pairs += len(batch["query_img"])

@@ -4,9 +4,8 @@
     python tests/bench_fss.py step  --device cuda --batch-size 16          # the paper's setting, on a GPU
     python tests/bench_fss.py cache --root VOCdevkit/VOC2012 --fold 1 --episodes 2500 --image-size 400
 
-step:  one training step of train_fss.py (its train_step: forward + backward + Adam, mixed precision on CUDA; on
-       CUDA with the rotation, colour jitter, blur and grayscale of its views, as train_fss.py --augment-on auto)
-       against the backbone's inference forward on the same two batches (query and support); issue 4 asks for at
+step:  one training step of train_fss.py (its train_step: the views' rotation, colour jitter, blur and grayscale
+       where the batch lands, forward + backward + Adam, mixed precision on CUDA) against the backbone's inference forward on the same two batches (query and support); issue 4 asks for at
        most 1.5x. Times one step on the device, without data loading: a table row's GPU time is about its
        number of steps (README) times train_step_s, when the loader workers keep up (train_fss.py's log.jsonl
        has data_s, the time a step waited for them). On CUDA also in NCHW (*_nchw) against channels_last.
@@ -22,14 +21,15 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import evaluate  # noqa: E402
-from datasets import AUGMENT_ON, build_augmentation, draw_deferred, make_demo_data, normalize_views  # noqa: E402
+from datasets import Augmentation, make_demo_data, normalize  # noqa: E402
 from model import FSSNet, autocast_dtype, configure_backends, mixed_precision, pick_device, save_checkpoint  # noqa
-from train_fss import augment_place, memory_format, train_step  # noqa: E402
+from train_fss import memory_format, train_step  # noqa: E402
 
 
 def timed(fn, repeats, device):
@@ -54,15 +54,13 @@ def bench_step(args):
     batch = {key: torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8) for key in ("query_img", "support_img")}
     batch.update(support_mask=torch.randint(0, 2, (b, s, s), dtype=torch.uint8),      # uint8, as the loader's
                  query_target=torch.randint(0, 2, (b, s, s), dtype=torch.uint8))
-    augment_on = augment_place(args, device)
-    if augment_on == "device":  # train_fss.py's default on CUDA: the deferred steps drawn as the loader draws them
-        deferred = build_augmentation(s, augment_on="device")[1]
-        for key in ("query_steps", "support_steps"):
-            batch[key] = torch.stack([draw_deferred(deferred) for _ in range(b)])
+    augmentation, rng = Augmentation(s), np.random.default_rng(0)     # each view's steps drawn as the loader draws them
+    for key in ("query_params", "support_params"):
+        batch[key] = torch.stack([augmentation.draw(rng) for _ in range(b)])
     # train_fss.py's memory format, and on CUDA the other one too (is channels_last worth its GroupNorm copies?)
     formats = [memory_format(device)] + ([torch.contiguous_format] if device.type == "cuda" else [])
     result = {"backbone": args.backbone, "image_size": s, "batch_size": b, "device": str(device),
-              "autocast": str(autocast_dtype(device)), "threads": torch.get_num_threads(), "augment_on": augment_on}
+              "autocast": str(autocast_dtype(device)), "threads": torch.get_num_threads()}
     for fmt in formats:
         torch.manual_seed(0)
         net = FSSNet(args.backbone, "none").to(device, memory_format=fmt).train()
@@ -72,10 +70,11 @@ def bench_step(args):
         def backbone_forward():
             with autocast():
                 for key in ("query_img", "support_img"):
-                    net.extract(normalize_views(batch[key].to(device)).contiguous(memory_format=fmt))
+                    net.extract(normalize(batch[key].to(device) / 255).contiguous(memory_format=fmt))
 
         forward = timed(backbone_forward, args.repeats, device)
-        step = timed(lambda: train_step(net, optimizer, batch, device, autocast, scaler, fmt), args.repeats, device)
+        step = timed(lambda: train_step(net, optimizer, batch, augmentation, device, autocast, scaler, fmt),
+                     args.repeats, device)
         name = "" if fmt is formats[0] else "_nchw"
         result.update({f"backbone_forward_s{name}": round(forward, 3), f"train_step_s{name}": round(step, 3),
                        f"ratio{name}": round(step / forward, 3)})
@@ -119,8 +118,6 @@ def main():
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one) | cpu | cuda")
-    p.add_argument("--augment-on", default="auto", choices=["auto", *AUGMENT_ON],
-                   help="step: train_fss.py --augment-on (device: the step also rotates, jitters, blurs, greys)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

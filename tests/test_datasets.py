@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.transforms import v2
 
 import datasets as D
 import model
@@ -271,9 +270,16 @@ def encoded_pair(tmp_path, size=(90, 120)):
 
 
 def decode(img):
-    """0 black, 1 gray, 2 white per pixel of a uint8 view."""
-    v = img.float().mean(0) / 255
-    return torch.bucketize(v, torch.tensor([0.25, 0.75]))
+    """0 black, 1 gray, 2 white per pixel of a view in [0, 1]."""
+    return torch.bucketize(img.mean(0), torch.tensor([0.25, 0.75]))
+
+
+def augmented(ds, item):
+    """An item's two views after the rest of their augmentation (training_views, as train_step), un-normalised."""
+    batch = torch.utils.data.default_collate([item])
+    query, target, support, support_mask = D.training_views(batch, ds.augmentation, torch.device("cpu"))
+    mean, std = torch.tensor(model.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(model.IMAGENET_STD).view(3, 1, 1)
+    return query[0] * std + mean, target[0], support[0] * std + mean, support_mask[0]
 
 
 def test_augmentation_keeps_image_and_targets_aligned(tmp_path):
@@ -283,9 +289,8 @@ def test_augmentation_keeps_image_and_targets_aligned(tmp_path):
     outside_seen = 0
     for epoch in range(6):
         ds.set_epoch(epoch)
-        item = ds[0]
-        q, t = decode(item["query_img"]), item["query_target"]
-        s, m = decode(item["support_img"]), item["support_mask"]
+        q, t, s, m = augmented(ds, ds[0])
+        q, s = decode(q), decode(s)
         assert set(torch.unique(t).tolist()) <= {0, 1, 255} and set(torch.unique(m).tolist()) <= {0.0, 1.0}
         assert (t == 1).any() and (t == 255).any() and (m == 1).any()
         # agreement between what the pixel shows and its label (bilinear edges excepted)
@@ -303,27 +308,18 @@ def test_full_augmentation_keeps_255_and_is_deterministic(tmp_path):
     images, masks = encoded_pair(tmp_path)
     ds = D.MaskSplitPairs(images, masks, image_size=48, seed=5)
     a, b = ds[0], ds[0]
-    for k in ("query_img", "query_target", "support_img", "support_mask"):
+    for k in ("query_img", "query_target", "query_params", "support_img", "support_mask", "support_params"):
         assert torch.equal(a[k], b[k]), k
     ds.set_epoch(1)
     c = ds[0]
     assert not torch.equal(a["query_img"], c["query_img"])
     assert all(a[k].dtype == torch.uint8 for k in ("query_img", "query_target", "support_img", "support_mask"))
-    assert (a["query_target"] == 255).any()
+    assert (a["query_target"] == 255).any() and (augmented(ds, a)[1] == 255).any()
     assert a["query_img"].shape == a["support_img"].shape == (3, 48, 48) and a["image_id"] == "x"
     plain = D.MaskSplitPairs(images, masks, image_size=48, augment=False, split=MaskSplit(prob=0.0))[0]
     assert set(torch.unique(plain["query_target"]).tolist()) == {0, 1}                  # no split: no 255
     assert torch.equal(plain["query_target"], plain["support_mask"])
-
-
-def test_normalize_views_is_torchvisions_to_dtype_and_normalize():
-    # pairs leave the loader in uint8; normalize_views gives what the pipeline's ToDtype + Normalize gave
-    views = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
-    before = views.clone()
-    theirs = v2.Normalize(model.IMAGENET_MEAN, model.IMAGENET_STD)(v2.ToDtype(torch.float32, scale=True)(views))
-    assert torch.equal(D.normalize_views(views), theirs) and torch.equal(views, before)
-    with pytest.raises(ValueError, match="uint8"):
-        D.normalize_views(theirs)
+    assert torch.equal(plain["query_params"], torch.tensor(D.NO_STEP))                  # and no other step
 
 
 def test_loader_workers_give_the_same_pairs_and_keep_freed_memory(tmp_path):

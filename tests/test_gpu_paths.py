@@ -1,7 +1,7 @@
 """What a CUDA run does differently, checked on the CPU with stand-ins (issue 12): a checkpoint resumed onto another
 device (the meta device), mixed precision (CPU autocast in float16 / bfloat16 standing in for the GPU's), the
-backend switches, one persistent loader across epochs, the augmentation's pixel work where the batch lands, and
-per-fold result files merged into one table."""
+backend switches, one persistent loader across epochs, and per-fold result files merged into one table (the
+augmentation where the batch lands: tests/test_augmentation.py)."""
 import json
 
 import pytest
@@ -80,17 +80,6 @@ def test_persistent_loader_and_deterministic_flag_change_no_number(demo, straigh
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
     assert [x["loss"] for x in log] == [x["loss"] for x in straight[1]]
     assert [x["epoch"] for x in log] == [0, 0, 1, 1, 2] and all(x["data_s"] >= 0 for x in log)
-
-
-def test_augmenting_on_the_device_changes_no_number(demo, straight, tmp_path):
-    # --augment-on device (the default on CUDA): the loader (a worker process here) draws the rotation and colour
-    # steps and train_step applies them to the batch where it lands; on the CPU its views are the loader's path's
-    # exactly, so the losses are the straight run's
-    log = train(demo, tmp_path / "run", "--max-steps", "5", "--workers", "1", "--augment-on", "device")
-    assert [x["loss"] for x in log] == [x["loss"] for x in straight[1]]
-    args = train_fss.parse_args(["--mask-source", "gt", "--voc-root", str(demo["voc"])])
-    assert train_fss.augment_place(args, torch.device("cuda")) == "device"
-    assert train_fss.augment_place(args, torch.device("cpu")) == "loader"
 
 
 def test_mixed_precision_decision(monkeypatch):
