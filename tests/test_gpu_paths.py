@@ -106,24 +106,40 @@ def test_float16_gradients_underflow_without_the_scaler():
     assert ((grad * 2.0 ** 16).half() == 0).float().mean().item() < 1e-4
 
 
-def test_ssim_stays_float32_under_autocast_without_tf32(monkeypatch):
+def test_ssim_stays_float32_under_autocast_without_tf32_forward_and_backward(monkeypatch):
+    # SSIM's variances are differences of nearly equal local means: TF32 convolutions (cuDNN's default) would move
+    # them, in the forward pass and in the gradients alike. The spy records the flag at every convolution SSIM
+    # runs, its backward's included (the CPU stands in: the flag is what cuDNN reads on a GPU).
     torch.manual_seed(0)
     target = (torch.rand(2, 1, 32, 32) > 0.5).float()
-    outputs = [torch.randn(2, 1, 32, 32) * 3 for _ in range(8)]
+    outputs = [(torch.randn(2, 1, 32, 32) * 3).requires_grad_() for _ in range(8)]
     exact = hybrid_loss(outputs, target)
+    exact.backward()
+    exact_grads = [o.grad.clone() for o in outputs]
     seen = []
     conv2d = torch.nn.functional.conv2d
 
     def spy(*a, **k):
         out = conv2d(*a, **k)
-        seen.append((torch.backends.cudnn.allow_tf32, out.dtype))
+        seen.append((torch.backends.cudnn.allow_tf32, out.dtype, torch.is_grad_enabled()))
         return out
 
     monkeypatch.setattr(model.F, "conv2d", spy)
+    for o in outputs:
+        o.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16):  # stands in for the GPU's autocast
-        assert hybrid_loss(outputs, target).item() == exact.item()
-    assert seen and set(seen) == {(False, torch.float32)}
+        loss = hybrid_loss(outputs, target)
+    assert loss.item() == exact.item()
+    forward = len(seen)
+    loss.backward()
+    assert len(seen) > forward                                     # the backward convolved too
+    assert {(tf32, dtype) for tf32, dtype, _ in seen} == {(False, torch.float32)}
+    assert all(torch.equal(o.grad, g) for o, g in zip(outputs, exact_grads))
     assert torch.backends.cudnn.allow_tf32  # restored
+    window = torch.rand(1, 1, 5, 5, dtype=torch.float64)
+    window = window + window.flip(-1) + window.flip(-2) + window.flip(-1, -2)  # symmetric, as SSIM's Gaussian
+    torch.autograd.gradcheck(model._GaussianFilter.apply, (torch.rand(2, 1, 9, 9, dtype=torch.float64,
+                                                                      requires_grad=True), window))
 
 
 class TinySaliency(torch.nn.Module):

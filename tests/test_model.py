@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from model import (IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0Backbone, FSSNet, MissingWeights, build_backbone,
-                   capture_rng, lite0_imagenet_logits, load_checkpoint, masked_average_pool, restore_rng,
+                   capture_rng, load_checkpoint, masked_average_pool, restore_rng,
                    save_checkpoint)
 
 SIZE = 64
@@ -37,6 +37,18 @@ def test_lite0_loads_every_package_weight():
     assert all(torch.equal(ours[k], package[k]) for k in ours)
     feats = backbone(torch.zeros(1, 3, SIZE, SIZE))
     assert all(torch.isfinite(f).all() and f.abs().sum() > 0 for f in feats)
+
+
+def lite0_imagenet_logits(images, state):
+    """ImageNet logits [N, 1000] of EfficientNet-Lite0 as it was trained: the undilated network (stride 32) and the
+    package's classifier head (1x1 conv to 1280, BatchNorm, ReLU6, global average pool, fc)."""
+    net = EfficientNetLite0Backbone(dilated=False)
+    net.load_weights(state, "lite0_imagenet_logits")
+    x = net.freeze()(images)[-1]
+    x = F.conv2d(x, state["_conv_head.weight"])
+    x = F.batch_norm(x, state["_bn1.running_mean"], state["_bn1.running_var"], state["_bn1.weight"],
+                     state["_bn1.bias"], eps=1e-3)
+    return F.linear(F.relu6(x).mean((2, 3)), state["_fc.weight"], state["_fc.bias"])
 
 
 def test_lite0_gives_the_reference_imagenet_logits():
@@ -67,7 +79,7 @@ def test_lite0_gives_the_reference_imagenet_logits():
         images = (pixels / 255 - mean) / std  # what every backbone here takes
         torch.testing.assert_close(lite0_imagenet_logits(images, state), fixture[name], rtol=0, atol=1e-4)
     undilated = EfficientNetLite0Backbone(dilated=False)
-    undilated.load_package_state(state, "package")
+    undilated.load_weights(state, "package")
     dilated = build_backbone("efficientnet_lite0", "imagenet")
     torch.testing.assert_close(dilated(images)[0], undilated.freeze()(images)[0])  # 1/8, before any dilation
 
@@ -123,14 +135,16 @@ def test_fssnet_logits_at_input_resolution(shots, size):
     assert logits.shape == (2, 2, size, size)
 
 
-def test_forward_features_equals_forward():
+def test_forward_is_its_steps_as_evaluate_runs_them():
+    # evaluate.py runs the backbone once per image (its feature cache) and the rest of the network per episode
     torch.manual_seed(0)
     net = FSSNet("efficientnet_lite0", "none").eval()
     q, s, m = torch.randn(1, 3, SIZE, SIZE), torch.randn(1, 2, 3, SIZE, SIZE), torch.rand(1, 2, SIZE, SIZE)
     with torch.no_grad():
         direct = net(q, s, m)
-        split = net.forward_features(net.extract(q), net.extract(s[0]), m, (SIZE, SIZE))
-    torch.testing.assert_close(direct, split)
+        support = [torch.cat(level) for level in zip(*(net.project_features(net.extract(x[None])) for x in s[0]))]
+        steps = net.decode(net.project_features(net.extract(q)), net.prototypes(support, m[0], shots=2), (SIZE, SIZE))
+    torch.testing.assert_close(direct, steps)
 
 
 def test_k_shot_prototype_is_the_mean_of_each_episodes_own_supports():
@@ -187,7 +201,7 @@ def test_backbone_bn_batch_mode_updates_running_statistics_only():
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("running" in k or "num_batches" in k for k in changed)
     assert not net.eval().backbone.training
-    assert FSSNet.from_config(net.config).backbone.batch_norm == "batch"
+    assert FSSNet.from_config(net.config).backbone.backbone_bn == "batch"
 
 
 def test_checkpoint_roundtrip_and_rebuild(tmp_path):
