@@ -5,7 +5,7 @@ Everything that reads images and masks lives here; the scripts only choose. Item
 Writing files, checkpoints and the rest of a run's plumbing live in model.py (this module imports it, never the
 reverse). Sections, in order:
   File I/O              load_image, load_mask, load_binary_mask, list_images, save_png, foreground_counts
-  Layouts               voc_paths / voc_split (PASCAL), coco_paths / render_coco_masks (COCO), folds
+  Layouts               voc_paths / voc_image_set (PASCAL), coco_paths / render_coco_masks (COCO), folds
   Augmentation          build_augmentation: the two independent views (paper section 3.2); apply_deferred
   Training pairs        MaskSplitPairs: one pseudo-mask -> support half + query half (paper section 3.2; the
                         split line itself is masksplit.py); SupervisedPairs (Table 2's supervised row)
@@ -16,8 +16,8 @@ reverse). Sections, in order:
 
 Layouts read (the real ones):
 - PASCAL VOC 2012   VOCdevkit/VOC2012/{JPEGImages, SegmentationClassAug | SegmentationClass,
-                    ImageSets/Segmentation/<split>.txt}; masks: palette or gray PNG, 0 bg, 1..20, 255 ignore.
-- COCO              <root>/<split>/*.jpg + <root>/annotations/instances_<split>.json (pycocotools, lazily
+                    ImageSets/Segmentation/<image set>.txt}; masks: palette or gray PNG, 0 bg, 1..20, 255 ignore.
+- COCO              <root>/<image set>/*.jpg + <root>/annotations/instances_<image set>.json (pycocotools, lazily
                     imported); class masks are rendered once into a cache folder (categories -> 1..80 in
                     sorted category-id order, crowd regions -> 255).
 - Salient objects   an image folder and a mask folder with the same stems (MSRA-B, ECSSD, DUTS, SOD).
@@ -46,7 +46,7 @@ from torchvision import transforms
 from torchvision.transforms.v2 import functional as TF
 
 from masksplit import MaskSplit, query_target
-from model import IMAGENET_MEAN, IMAGENET_STD, atomic_file, keep_freed_memory, write_file, write_json
+from model import IMAGENET_MEAN, IMAGENET_STD, atomic_file, keep_freed_memory, write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 MASK_SUFFIXES = (".png",)
@@ -234,11 +234,6 @@ def resize_mask(mask, size):
     return resized.reshape(*m.shape[:-2], *size).long()
 
 
-def mask_to_tensor(mask, size):
-    """uint8 / bool mask [H, W] -> int64 tensor [size, size] (resize_mask)."""
-    return resize_mask(mask, (size, size))
-
-
 def _check_same_size(image, image_path, mask, mask_path):
     if mask.shape != (image.height, image.width):
         raise ValueError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
@@ -314,24 +309,24 @@ def voc_paths(root):
                      f"or under VOCdevkit/VOC2012)")
 
 
-def voc_split(root, split):
-    """Stems of a VOC split: a name ("train", "val", "train_aug", ...) under ImageSets/Segmentation, or a path.
+def voc_image_set(root, image_set):
+    """Stems of a VOC image set: a name ("train", "val", "train_aug", ...) under ImageSets/Segmentation, or a path.
     "train_aug" without its list file is derived: every image with a class mask that is not in val.txt. With
     SegmentationClassAug that is the SBD-augmented training set of PASCAL-5i (paper section 4: VOC 2012 plus the
     extra annotations of Hariharan et al.; 10582 images in the standard download); with only VOC's own
-    SegmentationClass it is VOC's train split."""
-    split_path = pathlib.Path(split)
-    if split_path.is_file():
-        return _read_list(split_path)
+    SegmentationClass it is VOC's train image set."""
+    list_path = pathlib.Path(image_set)
+    if list_path.is_file():
+        return _read_list(list_path)
     paths = voc_paths(root)
-    split_path = paths["lists"] / f"{split}.txt"
-    if split == "train_aug" and not split_path.is_file():
+    list_path = paths["lists"] / f"{image_set}.txt"
+    if image_set == "train_aug" and not list_path.is_file():
         if not (paths["lists"] / "val.txt").is_file():
             raise ValueError(f"{paths['lists'] / 'val.txt'}: not found, and train_aug (every masked image not in "
                              f"val.txt) needs it; pass a list file of training image ids instead")
         val = set(_read_list(paths["lists"] / "val.txt"))
         return sorted(s for s in files_by_stem(paths["masks"], MASK_SUFFIXES, "mask") if s not in val)
-    return _read_list(split_path)
+    return _read_list(list_path)
 
 
 def _mask_paths(mask_dir, stems):
@@ -343,10 +338,10 @@ def _mask_paths(mask_dir, stems):
     return [by_stem[s] for s in stems]
 
 
-def voc_class_counts(root, split="val"):
-    """{stem: {class_id(str): pixels}} over a VOC split, computed once and cached."""
+def voc_class_counts(root, image_set="val"):
+    """{stem: {class_id(str): pixels}} over a VOC image set, computed once and cached."""
     paths = voc_paths(root)
-    stems = voc_split(root, split)
+    stems = voc_image_set(root, image_set)
     return _cached_scan("voc-counts", _mask_paths(paths["masks"], stems), _class_counts(VOC_CLASSES),
                         "scanning VOC masks")
 
@@ -370,37 +365,37 @@ def coco_fold_classes(fold, convention="interleaved"):
     raise ValueError(f"coco_folds must be one of {COCO_FOLD_CONVENTIONS}, got {convention!r}")
 
 
-def fold_train_ids(root, fold, split="train"):
-    """Stems of a VOC split with no pixel of a test-fold class (fold-based training, Table 2's "train: fold")."""
+def fold_train_ids(root, fold, image_set="train"):
+    """Stems of a VOC image set with no pixel of a test-fold class (fold-based training, Table 2's "train: fold")."""
     test = {str(c) for c in pascal_fold_classes(fold)}
-    counts = voc_class_counts(root, split)
-    return [s for s in voc_split(root, split) if not test & counts[s].keys()]
+    counts = voc_class_counts(root, image_set)
+    return [s for s in voc_image_set(root, image_set) if not test & counts[s].keys()]
 
 
-def coco_paths(root, split=None):
-    """Locate a COCO-format split: {"images", "annotations", "split"}. With split=None the unique
-    annotations/instances_<split>.json is used."""
+def coco_paths(root, image_set=None):
+    """Locate a COCO-format image set: {"images", "annotations", "image_set"}. With image_set=None the unique
+    annotations/instances_<image set>.json is used."""
     root = pathlib.Path(root)
     ann_dir = root / "annotations"
-    if split is None:
+    if image_set is None:
         found = sorted(ann_dir.glob("instances_*.json")) if ann_dir.is_dir() else []
         if len(found) != 1:
-            raise ValueError(f"{ann_dir}: expected exactly one instances_<split>.json, found "
-                             f"{[p.name for p in found]}; pass the split name")
-        split = found[0].stem[len("instances_"):]
-    ann = ann_dir / f"instances_{split}.json"
+            raise ValueError(f"{ann_dir}: expected exactly one instances_<image set>.json, found "
+                             f"{[p.name for p in found]}; pass the image set's name")
+        image_set = found[0].stem[len("instances_"):]
+    ann = ann_dir / f"instances_{image_set}.json"
     if not ann.is_file():
         raise ValueError(f"{ann}: COCO annotation file not found")
-    if not (root / split).is_dir():
-        raise ValueError(f"{root / split}: COCO image folder not found")
-    return {"images": root / split, "annotations": ann, "split": split}
+    if not (root / image_set).is_dir():
+        raise ValueError(f"{root / image_set}: COCO image folder not found")
+    return {"images": root / image_set, "annotations": ann, "image_set": image_set}
 
 
 COCO_MASK_STYLES = ("full", "repri")
 
 
-def render_coco_masks(root, split=None, style="full"):
-    """Render per-image class masks of a COCO split into PNGs (once; cached) and return the mask folder.
+def render_coco_masks(root, image_set=None, style="full"):
+    """Render per-image class masks of a COCO image set into PNGs (once; cached) and return the mask folder.
     Categories -> 1..80 in sorted category-id order; objects drawn in annotation order (later on top, as
     the usual label-PNG converters do); annotations without a segmentation (bbox-only) are skipped with a warning.
     style "full": every polygon of an object (and RLE, compressed or not), crowd regions -> 255 where no object
@@ -413,11 +408,11 @@ def render_coco_masks(root, split=None, style="full"):
         from pycocotools.coco import COCO
     except ImportError:
         raise ImportError("COCO needs pycocotools: pip install pycocotools") from None
-    paths = coco_paths(root, split)
+    paths = coco_paths(root, image_set)
     ann = paths["annotations"]
     st = ann.stat()
     key = hashlib.sha1(f"{ann.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
-    out = cache_dir() / f"coco-masks-{paths['split']}-{key}{'' if style == 'full' else '-' + style}"
+    out = cache_dir() / f"coco-masks-{paths['image_set']}-{key}{'' if style == 'full' else '-' + style}"
     if (out / "done.json").is_file():
         return out
     import io
@@ -733,10 +728,10 @@ class MaskSplitPairs(torch.utils.data.Dataset):
     images: image folder. masks: mask folder with the same stems (.png).
     mask_source: "pseudo" (0/255 pseudo-masks, load_binary_mask) or "groundtruth" (class-index masks, e.g.
         SegmentationClassAug: the union of all objects, Table 2's "groundtruth" source).
-    split: a MaskSplit (default: the paper's Vsplit, slope 40, alternate, prob 1); prob=0.0 = no split.
+    masksplit: a MaskSplit (default: the paper's Vsplit, slope 40, alternate, prob 1); prob=0.0 = no split.
     augment: Table 1's "aug" switch. seed / set_epoch(e): item i of epoch e is a pure function of (seed, e, i).
     min_pixels: images whose mask has fewer foreground pixels are left out (scanned once and cached).
-    redraw_image_below: 0 (ours): `split` alone decides (MaskSplit redraws the split while a half is under its
+    redraw_image_below: 0 (ours): `masksplit` alone decides (MaskSplit redraws the split while a half is under its
         min_pixels, then leaves the mask unsplit). N > 0, the authors' code (N = 512, with a one-draw MaskSplit of
         min_pixels 0): when the support or the query half has fewer than N pixels, another image is drawn at
         random instead.
@@ -745,7 +740,7 @@ class MaskSplitPairs(torch.utils.data.Dataset):
     rest of each view, applied batched by training_views); image_id str.
     """
 
-    def __init__(self, images, masks=None, list_file=None, image_size=400, split=None, augment=True, seed=0,
+    def __init__(self, images, masks=None, list_file=None, image_size=400, masksplit=None, augment=True, seed=0,
                  mask_source="pseudo", min_pixels=1, redraw_image_below=0,
                  **augment_args):
         if masks is None:
@@ -754,7 +749,7 @@ class MaskSplitPairs(torch.utils.data.Dataset):
         if mask_source not in ("pseudo", "groundtruth"):
             raise ValueError(f"mask_source must be 'pseudo' or 'groundtruth', got {mask_source!r}")
         self.mask_source, self.seed = mask_source, seed
-        self.split = split if split is not None else MaskSplit()
+        self.masksplit = masksplit if masksplit is not None else MaskSplit()
         self.augmentation = Augmentation(image_size, augment, **augment_args)
         self.epoch, self.redraw_image_below = 0, redraw_image_below
         image_paths = list_images(images, list_file)
@@ -797,7 +792,7 @@ class MaskSplitPairs(torch.utils.data.Dataset):
         redrawn, i = 0, index
         while True:
             image, fg = self._load(i)
-            support_fg, query_fg = self.split(fg, generator=rng)
+            support_fg, query_fg = self.masksplit(fg, generator=rng)
             if min(np.count_nonzero(support_fg), np.count_nonzero(query_fg)) >= self.redraw_image_below:
                 break
             redrawn += 1                                   # the authors' code: another image
@@ -817,14 +812,14 @@ class SupervisedPairs(torch.utils.data.Dataset):
     random other image holding the class with >= min_pixels. Same augmentation as MaskSplitPairs.
     Items: as MaskSplitPairs (query_target 255 = VOC boundary / outside image) plus class_id, support_id."""
 
-    def __init__(self, voc_root, fold, image_size=400, seed=0, split="train_aug", augment=True, min_pixels=2048,
+    def __init__(self, voc_root, fold, image_size=400, seed=0, image_set="train_aug", augment=True, min_pixels=2048,
                  **augment_args):
         paths = voc_paths(voc_root)
         self.seed, self.epoch = seed, 0
         self.augmentation = Augmentation(image_size, augment, **augment_args)
         test = set(pascal_fold_classes(fold))
         self.classes = [c for c in range(1, VOC_CLASSES + 1) if c not in test]
-        counts = voc_class_counts(voc_root, split)
+        counts = voc_class_counts(voc_root, image_set)
         self.images = {p.stem: p for p in list_images(paths["images"], list(counts))}
         self.masks = files_by_stem(paths["masks"], MASK_SUFFIXES, "mask")
         self.holders = {c: sorted(s for s, cnt in counts.items() if cnt.get(str(c), 0) >= min_pixels)
@@ -832,7 +827,7 @@ class SupervisedPairs(torch.utils.data.Dataset):
         self.items = [(s, c) for c in self.classes for s in self.holders[c] if len(self.holders[c]) >= 2]
         if not self.items:
             raise ValueError(f"{voc_root}: no training class of fold {fold} has two images with >= "
-                             f"{min_pixels} pixels in split {split!r}")
+                             f"{min_pixels} pixels in image set {image_set!r}")
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
@@ -863,13 +858,13 @@ class SupervisedPairs(torch.utils.data.Dataset):
 # One-shot test episodes (paper section 4)
 # ---------------------------------------------------------------------------------------------------------------
 
-def _hsnet_list(split_list, fold):
-    """HSNet-style split list: a file, or a folder holding fold<i>.txt; lines `<id>__<cc>`."""
-    path = pathlib.Path(split_list)
+def _read_pair_list(pair_list, fold):
+    """HSNet-style pair list: a file, or a folder holding fold<i>.txt; lines `<id>__<cc>`."""
+    path = pathlib.Path(pair_list)
     if path.is_dir():
         path = path / f"fold{fold}.txt"
     pairs = []
-    for n, line in _read_lines(path, "split list"):
+    for n, line in _read_lines(path, "pair list"):
         stem, sep, cls = line.rpartition("__")
         if not sep or not cls.isdigit():
             raise ValueError(f"{path}:{n}: expected '<image id>__<class>', got {line!r}")
@@ -882,12 +877,12 @@ class FewShotEpisodes(torch.utils.data.Dataset):
 
     Query candidates: every (image, fold class) with >= min_pixels pixels of the class at original resolution;
     the supports are k other distinct images holding the class with >= min_pixels pixels. The candidate index is
-    computed once by scanning the masks and cached (or read from an HSNet-style split list: split_list = a
+    computed once by scanning the masks and cached (or read from an HSNet-style pair list: pair_list = a
     fold<i>.txt file or its folder; entries whose image is absent are dropped with a warning). Episode i is a
     pure function of (dataset, fold, shots, seed, i): query candidate drawn uniformly, then supports.
 
-    pascal: root = VOC tree, split = "val". coco: root holds <split>/ and annotations/instances_<split>.json,
-    split=None picks the only one; coco_folds = "interleaved" | "contiguous".
+    pascal: root = VOC tree, image_set default "val". coco: root holds <image set>/ and
+    annotations/instances_<image set>.json, image_set=None picks the only one; coco_folds = "interleaved" | "contiguous".
     sampling: "pair" (ours): the query is a (image, class) candidate drawn uniformly. "image" (the authors' code):
     an image drawn uniformly among those holding a fold class with >= min_pixels, then a class uniformly among
     all fold classes present in it, of any size (those with `shots` other holders to draw supports from).
@@ -900,24 +895,24 @@ class FewShotEpisodes(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset, root, fold, shots=1, episodes=1000, seed=0, image_size=400,
-                 coco_folds="interleaved", min_pixels=2048, split_list=None, split=None,
+                 coco_folds="interleaved", min_pixels=2048, pair_list=None, image_set=None,
                  pseudo_masks=None, sampling="pair", coco_masks="full"):
         if dataset not in ("pascal", "coco"):
             raise ValueError(f"dataset must be 'pascal' or 'coco', got {dataset!r}")
         if sampling not in EPISODE_SAMPLINGS:
             raise ValueError(f"sampling must be one of {EPISODE_SAMPLINGS}, got {sampling!r}")
-        if sampling == "image" and split_list is not None:
-            raise ValueError(f"{split_list}: a split list fixes the (image, class) pairs; sampling 'image' draws "
+        if sampling == "image" and pair_list is not None:
+            raise ValueError(f"{pair_list}: a pair list fixes the (image, class) pairs; sampling 'image' draws "
                              f"the class from the masks")
         if shots < 1 or episodes < 1:
             raise ValueError("shots and episodes must be >= 1")
         self.dataset, self.fold, self.shots, self.seed, self.sampling = dataset, fold, shots, seed, sampling
         self.image_size, self.pseudo_masks = image_size, pseudo_masks
         self.without_pseudo_mask = images_without_mask(pseudo_masks) if pseudo_masks is not None else set()
-        stems = self._open_layout(root, fold, split, split_list, coco_folds, coco_masks)
+        stems = self._open_layout(root, fold, image_set, pair_list, coco_folds, coco_masks)
         counts = None
-        if split_list is not None:
-            candidates = self._listed_candidates(split_list, fold)
+        if pair_list is not None:
+            candidates = self._listed_candidates(pair_list, fold)
         else:
             missing = [s for s in stems if s not in self.suffix]
             if missing:
@@ -949,29 +944,29 @@ class FewShotEpisodes(torch.utils.data.Dataset):
             self.pseudo_paths = dict(zip(queries, _mask_paths(pseudo_masks, queries)))
             foreground_counts(list(self.pseudo_paths.values()), pseudo_masks)
 
-    def _open_layout(self, root, fold, split, split_list, coco_folds, coco_masks):
-        """Image and mask folders, classes of the fold and their names; returns the stems of the split."""
+    def _open_layout(self, root, fold, image_set, pair_list, coco_folds, coco_masks):
+        """Image and mask folders, classes of the fold and their names; returns the stems of the image set."""
         if self.dataset == "pascal":
             paths = voc_paths(root)
             self.image_dir, self.mask_dir, self.num_classes = paths["images"], paths["masks"], VOC_CLASSES
             self.classes = pascal_fold_classes(fold)
             self.names = VOC_CLASS_NAMES
-            stems = voc_split(root, split or "val")
+            stems = voc_image_set(root, image_set or "val")
         else:
-            if split_list is not None:
-                raise ValueError("split_list is for pascal (HSNet lists); COCO candidates are scanned")
-            paths = coco_paths(root, split)
+            if pair_list is not None:
+                raise ValueError("pair_list is for pascal (HSNet's lists); COCO candidates are scanned")
+            paths = coco_paths(root, image_set)
             self.image_dir, self.num_classes = paths["images"], COCO_CLASSES
-            self.mask_dir = render_coco_masks(root, split, coco_masks)
+            self.mask_dir = render_coco_masks(root, image_set, coco_masks)
             self.classes = coco_fold_classes(fold, coco_folds)
             self.names = json.loads((self.mask_dir / "done.json").read_text()).get("names", ())  # older caches: none
         self.suffix = {p.stem: p.suffix for p in list_images(self.image_dir)}
         self.mask_paths = files_by_stem(self.mask_dir, MASK_SUFFIXES, "mask")
         return sorted(self.mask_paths) if self.dataset == "coco" else stems   # COCO: every rendered mask
 
-    def _listed_candidates(self, split_list, fold):
-        """The (image, class) pairs of an HSNet-style split list that have an image and a mask here."""
-        list_path, pairs = _hsnet_list(split_list, fold)
+    def _listed_candidates(self, pair_list, fold):
+        """The (image, class) pairs of an HSNet-style pair list that have an image and a mask here."""
+        list_path, pairs = _read_pair_list(pair_list, fold)
         kept = [(s, c) for s, c in pairs if s in self.suffix and s in self.mask_paths]
         if len(kept) < len(pairs):
             warnings.warn(f"{list_path}: {len(pairs) - len(kept)} of {len(pairs)} entries have no image "
@@ -1018,11 +1013,11 @@ class FewShotEpisodes(torch.utils.data.Dataset):
         query_id, support_ids, c = self.episode_ids(i)
         S = self.image_size
         image, mask = self.load(query_id, c)
-        item = {"query_img": image_to_tensor(image, S), "query_mask": mask_to_tensor(mask, S),
+        item = {"query_img": image_to_tensor(image, S), "query_mask": resize_mask(mask, (S, S)),
                 "query_mask_orig": torch.from_numpy(mask.astype(np.int64))}
         support = [self.load(s, c) for s in support_ids]
         item["support_imgs"] = torch.stack([image_to_tensor(img, S) for img, _ in support])
-        item["support_masks"] = torch.stack([mask_to_tensor(m == 1, S).float() for _, m in support])
+        item["support_masks"] = torch.stack([resize_mask(m == 1, (S, S)).float() for _, m in support])
         item.update(class_id=c, query_id=query_id, support_ids=support_ids, episode=i)
         if self.pseudo_masks is not None:
             if query_id in self.without_pseudo_mask:
@@ -1060,7 +1055,7 @@ class SalientObjects(torch.utils.data.Dataset):
         if self.masks is not None:
             mask = load_binary_mask(self.masks[i])
             _check_same_size(image, self.images[i], mask, self.masks[i])
-            item["mask"] = mask_to_tensor(mask, self.image_size).float()
+            item["mask"] = resize_mask(mask, (self.image_size, self.image_size)).float()
         return item
 
 
@@ -1092,246 +1087,3 @@ class EpochItems(torch.utils.data.Dataset):
         epoch, index = key
         self.dataset.set_epoch(epoch)
         return self.dataset[index]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Demo data (synthetic; the embedded default of the quick start; never a benchmark)
-# ---------------------------------------------------------------------------------------------------------------
-
-DEMO_SHAPES = ("disc", "square", "triangle", "star", "cross")
-DEMO_TEXTURES = ("stripes", "checker", "dots", "blotches")
-# real COCO category ids (1..90 with gaps), so the demo split is mapped to 1..80 like the real one
-COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
-
-
-def voc_palette():
-    """The PASCAL VOC colour map (256 RGB entries, flattened)."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
-def _demo_polygon(shape, rng, area, center, angle):
-    """Vertices [(x, y)] of a demo shape with about `area` pixels."""
-    if shape == "disc":
-        t = np.linspace(0, 2 * np.pi, 32, endpoint=False)
-        unit = np.stack([np.cos(t), np.sin(t)], 1)
-    elif shape == "square":
-        unit = np.array([[1, 1], [-1, 1], [-1, -1], [1, -1]], float) / np.sqrt(2)
-    elif shape == "triangle":
-        t = np.pi / 2 + np.arange(3) * 2 * np.pi / 3
-        unit = np.stack([np.cos(t), np.sin(t)], 1)
-    elif shape == "star":
-        t = np.pi / 2 + np.arange(10) * np.pi / 5
-        radius = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
-        unit = np.stack([radius * np.cos(t), radius * np.sin(t)], 1)
-    else:                                                          # cross
-        a = 1 / 3
-        unit = np.array([[a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a], [-a, -a], [-a, -1], [a, -1], [a, -a],
-                         [1, -a], [1, a], [a, a]], float)
-    x, y = unit[:, 0], unit[:, 1]
-    unit_area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
-    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    pts = unit @ rot.T * np.sqrt(area / unit_area) + np.asarray(center)
-    return [(float(px), float(py)) for px, py in pts]
-
-
-def _demo_texture(klass, rng, h, w):
-    """Float RGB [h, w, 3] in 0..1: the texture (k // 5) in the two colours of demo class k."""
-    hue = klass / VOC_CLASSES
-    base = np.array([0.5 + 0.45 * np.cos(2 * np.pi * (hue + s)) for s in (0, 1 / 3, 2 / 3)])
-    other = 1.0 - 0.8 * base
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    angle, period = rng.uniform(0, np.pi), rng.uniform(7, 11)
-    kind = DEMO_TEXTURES[klass // len(DEMO_SHAPES) % len(DEMO_TEXTURES)]
-    if kind == "stripes":
-        t = np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period) > 0
-    elif kind == "checker":
-        t = ((xx // (period * 0.8)).astype(int) + (yy // (period * 0.8)).astype(int)) % 2 == 0
-    elif kind == "dots":
-        t = (np.sin(2 * np.pi * xx / period) * np.sin(2 * np.pi * yy / period)) > 0.45
-    else:                                                          # blotches: smooth random field
-        coarse = rng.random((h // 12 + 2, w // 12 + 2))
-        t = np.kron(coarse, np.ones((12, 12)))[:h, :w] > 0.5
-    tex = np.where(t[..., None], base, other).astype(np.float32)
-    return np.clip(tex + rng.normal(0, 0.03, (h, w, 3)), 0, 1)
-
-
-def _demo_background(rng, h, w):
-    """Cluttered background: a colour gradient, noise and many small random polygons and lines."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    c0, c1 = rng.uniform(0.15, 0.85, 3), rng.uniform(0.15, 0.85, 3)
-    t = ((xx / w) * rng.uniform(-1, 1) + (yy / h) * rng.uniform(-1, 1))[..., None]
-    img = np.clip(c0 + (c1 - c0) * (t - t.min()) / (np.ptp(t) + 1e-6) + rng.normal(0, 0.04, (h, w, 3)), 0, 1)
-    pil = Image.fromarray((img * 255).astype(np.uint8))
-    draw = ImageDraw.Draw(pil)
-    for _ in range(int(rng.integers(12, 25))):
-        color = tuple(int(v) for v in rng.integers(0, 256, 3))
-        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
-        if rng.random() < 0.3:
-            draw.line([(cx, cy), (cx + rng.uniform(-40, 40), cy + rng.uniform(-40, 40))], fill=color,
-                      width=int(rng.integers(1, 4)))
-        else:
-            n, r = int(rng.integers(3, 7)), rng.uniform(4, 12)
-            t0 = rng.uniform(0, 2 * np.pi)
-            draw.polygon([(cx + r * np.cos(t0 + 2 * np.pi * i / n), cy + r * np.sin(t0 + 2 * np.pi * i / n))
-                          for i in range(n)], fill=color)
-    return pil
-
-
-def _demo_scene(rng, classes, size_range=(160, 240), area_range=(3500, 6000)):
-    """One demo image: objects of `classes` (demo class ids 0..19) on clutter, the last on top.
-    Returns (PIL RGB, label [H,W] uint8 with k+1 per object, polygons [(klass, vertices)])."""
-    h, w = (int(rng.integers(size_range[0], size_range[1] + 1)) for _ in range(2))
-    image = np.asarray(_demo_background(rng, h, w), dtype=np.float32) / 255.0
-    label = np.zeros((h, w), np.uint8)
-    polygons = []
-    for klass in classes:
-        shape = DEMO_SHAPES[klass % len(DEMO_SHAPES)]
-        area = min(rng.uniform(*area_range), 0.3 * h * w)
-        margin = np.sqrt(area) * 0.8
-        center = (rng.uniform(margin, w - margin), rng.uniform(margin, h - margin))
-        verts = _demo_polygon(shape, rng, area, center, rng.uniform(0, 2 * np.pi))
-        region = Image.new("L", (w, h), 0)
-        ImageDraw.Draw(region).polygon(verts, fill=1)
-        inside = np.asarray(region, dtype=bool)
-        image = np.where(inside[..., None], _demo_texture(klass, rng, h, w), image)
-        label[inside] = klass + 1
-        polygons.append((klass, verts))
-    return Image.fromarray((image * 255 + 0.5).astype(np.uint8)), label, polygons
-
-
-def _boundary(label, width=2):
-    """Pixels within `width` of a label change (VOC marks object boundaries 255)."""
-    edge = np.zeros(label.shape, bool)
-    for d in range(1, width + 1):
-        edge[:, d:] |= label[:, d:] != label[:, :-d]
-        edge[:, :-d] |= label[:, d:] != label[:, :-d]
-        edge[d:] |= label[d:] != label[:-d]
-        edge[:-d] |= label[d:] != label[:-d]
-    return edge
-
-
-def _rle_uncompressed(mask):
-    """COCO uncompressed RLE (column-major run lengths, starting with a run of zeros)."""
-    flat = mask.T.ravel().astype(np.int8)
-    changes = np.flatnonzero(np.diff(flat)) + 1
-    bounds = np.concatenate([[0], changes, [flat.size]])
-    runs = np.diff(bounds).tolist()
-    if flat[0]:
-        runs = [0] + runs
-    return {"counts": runs, "size": list(mask.shape)}
-
-
-def _save_jpeg(image, path):
-    with atomic_file(path) as f:
-        image.save(f, format="JPEG", quality=92)
-
-
-def _write_demo_voc(rng, paths, train_images, val_images, size_range):
-    """The demo's VOC tree: images, palette class masks with 255 boundaries, train / val lists."""
-    palette = voc_palette()
-    for split, count in (("train", train_images), ("val", val_images)):
-        stems = []
-        for j in range(count):
-            stem = f"demo_{split}_{j:04d}"
-            classes = [j % VOC_CLASSES]
-            if rng.random() < 0.5:
-                classes.insert(0, int(rng.integers(VOC_CLASSES)))
-            image, label, _ = _demo_scene(rng, classes, size_range)
-            label[_boundary(label)] = IGNORE
-            mask = Image.fromarray(label, "P")
-            mask.putpalette(palette)
-            _save_jpeg(image, paths["voc_images"] / f"{stem}.jpg")
-            save_png(mask, paths["voc_masks"] / f"{stem}.png")
-            stems.append(stem)
-        write_file(paths[f"{split}_list"], ("\n".join(stems) + "\n").encode())
-
-
-def _write_demo_coco(rng, paths, coco_images, size_range):
-    """The demo's COCO split: images and instances JSON (polygons, one crowd RLE per 8 images)."""
-    # COCO: category index idx (1..80) = 20 i + j + 1, j = 0..3: each contiguous fold i gets 4 of them and each
-    # interleaved fold (idx - 1) % 4 gets 4; demo class for the texture/shape: (idx - 1) % 20
-    indices = [20 * i + j + 1 for i in range(4) for j in range(4)]
-    coco = {"info": {"description": "masksplit DEMO data (synthetic shapes), not a benchmark", "version": "1"},
-            "licenses": [], "images": [], "annotations": [],
-            "categories": [{"id": c, "name": f"demo_{k + 1:02d}", "supercategory": "demo"}
-                           for k, c in enumerate(COCO_CATEGORY_IDS)]}
-    for j in range(coco_images):
-        idx = [indices[j % len(indices)]]
-        if rng.random() < 0.5:
-            idx.insert(0, indices[int(rng.integers(len(indices)))])
-        image, label, polygons = _demo_scene(rng, [(i - 1) % VOC_CLASSES for i in idx], size_range)
-        image_id = j + 1
-        name = f"COCO_val2014_{image_id:012d}.jpg"
-        _save_jpeg(image, paths["coco"] / "val2014" / name)
-        coco["images"].append({"id": image_id, "file_name": name, "height": image.height, "width": image.width})
-        for i, (_, verts) in zip(idx, polygons):
-            xs, ys = [v[0] for v in verts], [v[1] for v in verts]
-            area = 0.5 * abs(float(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))    # shoelace
-            coco["annotations"].append({
-                "id": len(coco["annotations"]) + 1, "image_id": image_id, "category_id": COCO_CATEGORY_IDS[i - 1],
-                "segmentation": [[round(c, 2) for v in verts for c in v]], "iscrowd": 0, "area": area,
-                "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]})
-        if j % 8 == 7:                                              # a crowd region (RLE) in a free corner
-            crowd = np.zeros((image.height, image.width), bool)
-            crowd[:12, :30] = True
-            crowd &= label == 0
-            rows, cols = np.nonzero(crowd)
-            if rows.size:
-                coco["annotations"].append({
-                    "id": len(coco["annotations"]) + 1, "image_id": image_id,
-                    "category_id": COCO_CATEGORY_IDS[indices[0] - 1], "segmentation": _rle_uncompressed(crowd),
-                    "iscrowd": 1, "area": float(crowd.sum()),
-                    "bbox": [float(cols.min()), float(rows.min()), float(np.ptp(cols) + 1), float(np.ptp(rows) + 1)]})
-    write_json(coco, paths["coco"] / "annotations" / "instances_val2014.json")
-
-
-def make_demo_data(root, seed=0, train_images=120, val_images=60, salient_images=40, coco_images=48,
-                   size_range=(160, 240)):
-    """Write small synthetic DEMO data (not a benchmark) in the real layouts, deterministically:
-    - VOCdevkit/VOC2012: JPEGImages, SegmentationClass (VOC palette PNG: 20 shape x texture classes, 255 on
-      object boundaries), ImageSets/Segmentation/{train,val}.txt. Image j's main object is of class j % 20, drawn
-      last, so every class has >= 3 val images with > 2048 pixels (one-shot episodes in every PASCAL-5i fold).
-    - salient/{images,masks}: one object per image, 0/255 gray PNG masks (a salient-object folder pair).
-    - coco/val2014 + coco/annotations/instances_val2014.json: polygons, one crowd RLE per 8 images; objects of
-      16 categories spread so that every COCO-20i fold has classes in both fold conventions.
-    Returns {"root", "voc", "voc_images", "voc_masks", "train_list", "val_list", "salient_images",
-    "salient_masks", "coco", "coco_split"}. A finished tree with the same arguments is reused."""
-    root = pathlib.Path(root)
-    config = {"seed": seed, "train_images": train_images, "val_images": val_images,
-              "salient_images": salient_images, "coco_images": coco_images, "size_range": list(size_range),
-              "version": 1}
-    voc = root / "VOCdevkit" / "VOC2012"
-    paths = {"root": root, "voc": voc, "voc_images": voc / "JPEGImages", "voc_masks": voc / "SegmentationClass",
-             "train_list": voc / "ImageSets" / "Segmentation" / "train.txt",
-             "val_list": voc / "ImageSets" / "Segmentation" / "val.txt",
-             "salient_images": root / "salient" / "images", "salient_masks": root / "salient" / "masks",
-             "coco": root / "coco", "coco_split": "val2014"}
-    marker = root / "DEMO_DATA.json"
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()).get("config") == config:
-                return paths
-        except ValueError:
-            pass
-    rng = np.random.default_rng(seed)       # one stream, drawn in this order: VOC, salient objects, COCO
-    _write_demo_voc(rng, paths, train_images, val_images, size_range)
-    for k in range(salient_images):
-        image, label, _ = _demo_scene(rng, [int(rng.integers(VOC_CLASSES))], size_range)
-        _save_jpeg(image, paths["salient_images"] / f"demo_salient_{k:04d}.jpg")
-        save_png(label > 0, paths["salient_masks"] / f"demo_salient_{k:04d}.png")
-    _write_demo_coco(rng, paths, coco_images, size_range)
-    write_file(root / "README.txt", b"masksplit DEMO data: synthetic textured shapes written by "
-                                    b"datasets.make_demo_data. Not a benchmark.\n")
-    write_json({"config": config, "note": "DEMO data, synthetic, not a benchmark",
-                "paths": {k: str(v) for k, v in paths.items()}}, marker)
-    return paths

@@ -1,6 +1,6 @@
 """Stage 5: evaluation.
 
-    python evaluate.py fss --checkpoint last.pt --dataset pascal --root DIR --fold all   # few-shot mIoU (paper section 4)
+    python evaluate.py fss --checkpoint last.pt --voc-root VOC2012 --fold all        # few-shot mIoU (paper section 4)
     python evaluate.py merge fold0.json fold1.json ... --out results.json                # per-fold files, one table
     python evaluate.py predict --checkpoint last.pt --support IMG MASK --query DIR --out DIR  # your own images
     python evaluate.py saliency --pred DIR --gt DIR                                      # saliency quality
@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from datasets import (IGNORE, FewShotEpisodes, foreground_counts, image_to_tensor, list_images, load_binary_mask,
-                      load_image, make_loader, mask_to_tensor, resize_mask, save_png)
+                      load_image, make_loader, resize_mask, save_png)
 from model import (IMAGENET_MEAN, IMAGENET_STD, HelpFormatter, add_device_flags, atomic_file, check_output,
                    configure_backends, exits_on_bad_input, load_network, mixed_precision, pick_device, positive_int,
                    write_json)
@@ -100,7 +100,8 @@ compare with it) and mIoU-summed (the HSNet / PFENet standard), with FB-IoU."""
 def add_fss_args(p):
     p.add_argument("--checkpoint", help="train_fss.py checkpoint (last.pt); not needed with --baseline saliency")
     p.add_argument("--dataset", choices=["pascal", "coco"], default="pascal", help="PASCAL-5i or COCO-20i (section 4)")
-    p.add_argument("--root", required=True, help="VOC2012 folder (pascal) or COCO root (coco)")
+    p.add_argument("--voc-root", help="PASCAL VOC 2012 tree (--dataset pascal)")
+    p.add_argument("--coco-root", help="COCO root: <image set>/ and annotations/instances_<image set>.json (--dataset coco)")
     p.add_argument("--fold", default="all", help="0, 1, 2, 3, all, or a list like 1,2,3")
     p.add_argument("--shots", type=positive_int, default=1, help="support images per episode (paper: one-shot)")
     p.add_argument("--runs", type=positive_int, default=5, help="runs; run r uses seed + r (paper section 4: 5 runs)")
@@ -116,10 +117,10 @@ def add_fss_args(p):
     p.add_argument("--coco-masks", choices=["full", "repri"], default="full",
                    help="COCO class masks: full = every polygon, crowd ignored (255); repri = what the authors "
                         "evaluated on (RePRI's script): the first polygon of each object only, crowd as background")
-    p.add_argument("--split", help="image set: pascal ImageSets/Segmentation name or file (default val); coco "
-                                   "split name, e.g. val2014 (default: the only annotations/instances_*.json)")
-    p.add_argument("--split-list", help="file of '<image id>__<class>' lines restricting the episodes "
-                                         "(e.g. HSNet's splits/pascal/val/fold1.txt)")
+    p.add_argument("--image-set", help="pascal: an ImageSets/Segmentation name or a list file (default val); coco: "
+                                       "e.g. val2014 (default: the only annotations/instances_*.json)")
+    p.add_argument("--pair-list", help="file (or folder of fold<i>.txt) of '<image id>__<class>' lines restricting "
+                                        "the episodes' (image, class) pairs, e.g. HSNet's splits/pascal/val/fold1.txt")
     p.add_argument("--image-size", type=positive_int, default=400, help="query/support side (paper section 4: 400)")
     p.add_argument("--eval-resolution", choices=["resized", "original"], default="resized",
                    help="resized: compare at image-size, as the paper's code; original: logits upsampled to the "
@@ -275,10 +276,10 @@ def run_fold(net, fold, args, device, log_file, figure_rows):
     """The --runs runs of one fold -> (its results entry, backbone forwards, episodes)."""
     runs, forwards, episodes = [], 0, 0
     for run in range(args.runs):
-        ds = FewShotEpisodes(dataset=args.dataset, root=args.root, fold=fold, shots=args.shots,
+        ds = FewShotEpisodes(dataset=args.dataset, root=dataset_root(args), fold=fold, shots=args.shots,
                              episodes=args.episodes, seed=args.seed + run, image_size=args.image_size,
-                             coco_folds=args.coco_folds, split_list=args.split_list, pseudo_masks=args.masks,
-                             split=args.split, sampling=args.episode_sampling, coco_masks=args.coco_masks)
+                             coco_folds=args.coco_folds, pair_list=args.pair_list, pseudo_masks=args.masks,
+                             image_set=args.image_set, sampling=args.episode_sampling, coco_masks=args.coco_masks)
         summary, n = run_episodes(net, ds, args, device, run, log_file, figure_rows)
         runs.append(summary)
         forwards += n
@@ -286,12 +287,20 @@ def run_fold(net, fold, args, device, log_file, figure_rows):
     return {**mean_over_runs(runs), "runs": runs}, forwards, episodes
 
 
+def dataset_root(args):
+    """--voc-root or --coco-root, the one --dataset needs."""
+    root = args.voc_root if args.dataset == "pascal" else args.coco_root
+    if root is None:
+        raise SystemExit(f"error: --dataset {args.dataset} needs --{'voc' if args.dataset == 'pascal' else 'coco'}-root DIR")
+    return root
+
+
 def run_fss(args):
     if args.baseline == "saliency" and not args.masks:
         raise SystemExit("error: --baseline saliency needs --masks DIR (the pseudo-mask folder)")
     if args.baseline is None and not args.checkpoint:
         raise SystemExit("error: pass --checkpoint last.pt (or --baseline saliency --masks DIR)")
-    folds = parse_folds(args.fold, args.dataset)
+    folds, _ = parse_folds(args.fold, args.dataset), dataset_root(args)
     for path in (args.out, args.save_episodes, args.figure):
         if path:
             check_output(path)
@@ -320,7 +329,7 @@ def fold_mean(results, folds):
 
 
 # flags that define the numbers: per-fold result files merge only when these agree
-PROTOCOL = ("dataset", "shots", "runs", "episodes", "seed", "coco_folds", "split", "split_list", "image_size",
+PROTOCOL = ("dataset", "shots", "runs", "episodes", "seed", "coco_folds", "image_set", "pair_list", "image_size",
             "eval_resolution", "baseline", "episode_sampling", "coco_masks")
 
 
@@ -449,7 +458,7 @@ def load_support(image_path, mask_path, image_size):
                          f"{image.width}x{image.height}")
     if not mask.any():
         raise ValueError(f"{mask_path}: support mask is empty (no foreground pixel): nothing to segment")
-    return image_to_tensor(image, image_size), mask_to_tensor(mask, image_size).float()
+    return image_to_tensor(image, image_size), resize_mask(mask, (image_size, image_size)).float()
 
 
 def overlay_png(path, mask, out):

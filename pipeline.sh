@@ -38,7 +38,7 @@ stage() {
 }
 
 if [[ $mode == demo ]]; then
-  stage demo_data python -c "import datasets; datasets.make_demo_data('$RUN/data')"
+  stage demo_data python tests/demo_data.py "$RUN/data"
   data=$RUN/data
   SAL_IMAGES=$data/salient/images
   VOC=$data/VOCdevkit/VOC2012
@@ -96,11 +96,11 @@ stage pseudomasks_voc python make_pseudomasks.py --checkpoint "$RUN/basnet/last.
 stage fss_voc python train_fss.py --images "$VOC/JPEGImages" --masks "$RUN/pseudomasks/voc" --voc-root "$VOC" \
   "${voc_list[@]}" --backbone "$BACKBONE" --weights "$WEIGHTS" --device "$DEVICE" --out "$RUN/fss_voc" \
   "${fss_flags[@]}" --resume
-stage eval_voc python evaluate.py fss --checkpoint "$RUN/fss_voc/last.pt" --dataset pascal --root "$VOC" \
+stage eval_voc python evaluate.py fss --checkpoint "$RUN/fss_voc/last.pt" --dataset pascal --voc-root "$VOC" \
   --fold all --device "$DEVICE" --out "$RUN/results_voc.json" "${eval_flags[@]}"
 stage eval_voc_saliency python evaluate.py fss --baseline saliency --masks "$RUN/pseudomasks/voc" --dataset pascal \
-  --root "$VOC" --fold all --out "$RUN/results_voc_saliency.json" "${eval_flags[@]}"
-stage eval_voc_foreground python evaluate.py fss --baseline foreground --dataset pascal --root "$VOC" \
+  --voc-root "$VOC" --fold all --out "$RUN/results_voc_saliency.json" "${eval_flags[@]}"
+stage eval_voc_foreground python evaluate.py fss --baseline foreground --dataset pascal --voc-root "$VOC" \
   --fold all --out "$RUN/results_voc_foreground.json" "${eval_flags[@]}"
 
 if [[ $mode != demo && -n ${COCO:-} ]]; then
@@ -114,10 +114,10 @@ if [[ $mode != demo && -n ${COCO:-} ]]; then
   stage fss_coco python train_fss.py --images "$COCO/$COCO_TRAIN" --masks "$RUN/pseudomasks/coco_train" \
     --epochs 20 --backbone "$BACKBONE" --weights "$WEIGHTS" --device "$DEVICE" --out "$RUN/fss_coco" \
     "${fss_flags[@]}" --resume
-  stage eval_coco python evaluate.py fss --checkpoint "$RUN/fss_coco/last.pt" --dataset coco --root "$COCO" \
-    --split "$COCO_VAL" --fold all --device "$DEVICE" --out "$RUN/results_coco.json" "${eval_flags[@]}"
+  stage eval_coco python evaluate.py fss --checkpoint "$RUN/fss_coco/last.pt" --dataset coco --coco-root "$COCO" \
+    --image-set "$COCO_VAL" --fold all --device "$DEVICE" --out "$RUN/results_coco.json" "${eval_flags[@]}"
   stage eval_coco_saliency python evaluate.py fss --baseline saliency --masks "$RUN/pseudomasks/coco_val" \
-    --dataset coco --root "$COCO" --split "$COCO_VAL" --fold all --out "$RUN/results_coco_saliency.json" \
+    --dataset coco --coco-root "$COCO" --image-set "$COCO_VAL" --fold all --out "$RUN/results_coco_saliency.json" \
     "${eval_flags[@]}"
 fi
 

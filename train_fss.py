@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from datasets import (IGNORE, EpochItems, MaskSplitPairs, SupervisedPairs, fold_train_ids, make_loader,
-                      training_views, voc_paths, voc_split)
+                      training_views, voc_paths, voc_image_set)
 from masksplit import MaskSplit
 from model import (BACKBONES, FSSNet, FiniteGuard, HelpFormatter, add_device_flags, check_output, configure_backends,
                    exits_on_bad_input, load_training_state, mixed_precision, nonnegative_float, nonnegative_int,
@@ -34,7 +34,7 @@ def build_parser():
     data.add_argument("--images", help="image folder (self-supervised training on pseudo-masks)")
     data.add_argument("--masks", help="pseudo-mask folder: 0/255 PNGs named like the images")
     data.add_argument("--list", help="file of image ids to train on (default: every image of --images; with "
-                                     "--voc-root: train_aug, VOC 2012 + SBD training images, see datasets.voc_split)")
+                                     "--voc-root: train_aug, VOC 2012 + SBD training images, see datasets.voc_image_set)")
     data.add_argument("--mask-source", choices=["pseudo", "gt"], default="pseudo",
                       help="gt: union of the VOC ground-truth class masks (Table 2's 'groundtruth' rows)")
     data.add_argument("--voc-root", help="PASCAL VOC 2012 tree: for --mask-source gt, --supervised and --fold; "
@@ -105,7 +105,7 @@ def build_dataset(args):
     augment = dict(image_size=args.image_size, augment=not args.no_aug, seed=args.seed,
                    rotation_border=args.rotation_border)
     if args.supervised:
-        return SupervisedPairs(args.voc_root, args.fold, split=args.list or "train_aug", **augment)
+        return SupervisedPairs(args.voc_root, args.fold, image_set=args.list or "train_aug", **augment)
     # both halves need 512 px (MaskSplit's min_pixels; the authors' 2 * 16 * 16): MaskSplit redraws the split, or
     # (--reject image) it draws once and the dataset draws another image
     min_pixels = MaskSplit().min_pixels
@@ -113,22 +113,23 @@ def build_dataset(args):
         augment.update(redraw_image_below=min_pixels)
         min_pixels = 0
     if args.split == "none":  # Table 1's first row: only augmentations, the whole mask is support and query
-        split = MaskSplit(prob=0.0, min_pixels=min_pixels)
+        masksplit = MaskSplit(prob=0.0, min_pixels=min_pixels)
     else:
-        split = MaskSplit(direction=args.split, max_shift=args.max_shift, alternate=not args.no_alternate,
+        masksplit = MaskSplit(direction=args.split, max_shift=args.max_shift, alternate=not args.no_alternate,
                           prob=args.split_prob, line=args.split_line, min_pixels=min_pixels)
     list_file = args.list
     if args.voc_root is not None:
         voc = voc_paths(args.voc_root)
-        split_name = list_file or "train_aug"  # section 4: VOC 2012 plus SBD's extra annotations (PASCAL-5i)
+        image_set = list_file or "train_aug"  # section 4: VOC 2012 plus SBD's extra annotations (PASCAL-5i)
         if args.fold is not None:  # fold-based self-supervised training (Table 2): no image with a test class
-            list_file = fold_train_ids(args.voc_root, args.fold, split=split_name)
+            list_file = fold_train_ids(args.voc_root, args.fold, image_set=image_set)
         else:
-            list_file = voc_split(args.voc_root, split_name)
+            list_file = voc_image_set(args.voc_root, image_set)
     if args.mask_source == "gt":
-        return MaskSplitPairs(voc["images"], voc["masks"], list_file=list_file, split=split,
+        return MaskSplitPairs(voc["images"], voc["masks"], list_file=list_file, masksplit=masksplit,
                               mask_source="groundtruth", **augment)
-    return MaskSplitPairs(args.images, args.masks, list_file=list_file, split=split, mask_source="pseudo", **augment)
+    return MaskSplitPairs(args.images, args.masks, list_file=list_file, masksplit=masksplit, mask_source="pseudo",
+                          **augment)
 
 
 def epoch_batches(n, batch_size, seed, epoch):

@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import datasets as D  # noqa: E402
+import demo_data  # noqa: E402
 from model import configure_backends  # noqa: E402
 
 
@@ -62,7 +63,7 @@ def bench_augment(args):
 def bench_loader(args):
     with tempfile.TemporaryDirectory() as tmp:
         if args.images is None:
-            demo = D.make_demo_data(tmp, train_images=200, val_images=0, salient_images=0, coco_images=0,
+            demo = demo_data.make_demo_data(tmp, train_images=200, val_images=0, salient_images=0, coco_images=0,
                                     size_range=(375, 500))
             images, masks, source, list_file = demo["voc_images"], demo["voc_masks"], "groundtruth", None
         else:

@@ -2,7 +2,7 @@
 
     python tests/bench_fss.py step  --backbone resnet101 --image-size 400 --batch-size 2
     python tests/bench_fss.py step  --device cuda --batch-size 16          # the paper's setting, on a GPU
-    python tests/bench_fss.py cache --root VOCdevkit/VOC2012 --fold 1 --episodes 2500 --image-size 400
+    python tests/bench_fss.py cache --voc-root VOCdevkit/VOC2012 --fold 1 --episodes 2500 --image-size 400
 
 step:  one training step of train_fss.py (its train_step: the views' rotation, colour jitter, blur and grayscale
        where the batch lands, forward + backward + Adam, mixed precision on CUDA) against the backbone's inference forward on the same two batches (query and support); issue 4 asks for at
@@ -10,7 +10,7 @@ step:  one training step of train_fss.py (its train_step: the views' rotation, c
        number of steps (README) times train_step_s, when the loader workers keep up (train_fss.py's log.jsonl
        has data_s, the time a step waited for them). On CUDA also in NCHW (*_nchw) against channels_last.
 cache: `evaluate.py fss` with and without the per-run feature cache (same episodes); issue 4 asks for >= 1.8x.
-       Without --root it runs on demo data written to a temporary folder.
+       Without --voc-root it runs on demo data written to a temporary folder.
 Random weights: the speed does not depend on them.
 """
 import argparse
@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import evaluate  # noqa: E402
-from datasets import Augmentation, make_demo_data, normalize  # noqa: E402
+from datasets import Augmentation, normalize  # noqa: E402
+from demo_data import make_demo_data  # noqa: E402
 from model import FSSNet, autocast_dtype, configure_backends, mixed_precision, pick_device, save_checkpoint  # noqa
 from train_fss import memory_format, train_step  # noqa: E402
 
@@ -83,12 +84,12 @@ def bench_step(args):
 
 def bench_cache(args):
     with tempfile.TemporaryDirectory() as tmp:
-        root = args.root or str(make_demo_data(os.path.join(tmp, "demo"))["voc"])
+        root = args.voc_root or str(make_demo_data(os.path.join(tmp, "demo"))["voc"])
         ckpt = os.path.join(tmp, "random.pt")
         torch.manual_seed(0)
         net = FSSNet(args.backbone, "none")
         save_checkpoint(ckpt, kind="fss", config=net.config, model=net.state_dict())
-        common = ["fss", "--checkpoint", ckpt, "--root", root, "--fold", str(args.fold), "--runs", "1",
+        common = ["fss", "--checkpoint", ckpt, "--voc-root", root, "--fold", str(args.fold), "--runs", "1",
                   "--episodes", str(args.episodes), "--image-size", str(args.image_size),
                   "--workers", str(args.workers), "--device", args.device]
         results = {}
@@ -112,7 +113,7 @@ def main():
     p.add_argument("--image-size", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--root", help="VOC tree for the cache benchmark (default: demo data)")
+    p.add_argument("--voc-root", help="VOC tree for the cache benchmark (default: demo data)")
     p.add_argument("--fold", type=int, default=1)
     p.add_argument("--episodes", type=int, default=2500)
     p.add_argument("--workers", type=int, default=1)

@@ -65,7 +65,8 @@ import json  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from datasets import VOC_CLASS_NAMES, FewShotEpisodes, load_binary_mask, make_demo_data, save_png  # noqa: E402
+from datasets import VOC_CLASS_NAMES, FewShotEpisodes, load_binary_mask, save_png  # noqa: E402
+from demo_data import make_demo_data  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def trained(tmp_path_factory):
 
 def test_predict_reproduces_evaluate_and_reports_bad_queries(trained, tmp_path, capsys):
     demo, ckpt = trained
-    evaluate.main(["fss", "--checkpoint", str(ckpt), "--root", str(demo["voc"]), "--fold", "1", "--runs", "1",
+    evaluate.main(["fss", "--checkpoint", str(ckpt), "--voc-root", str(demo["voc"]), "--fold", "1", "--runs", "1",
                    "--episodes", "3", "--image-size", "64", "--eval-resolution", "original", "--workers", "0",
                    "--out", str(tmp_path / "r.json"), "--save-episodes", str(tmp_path / "e.jsonl")])
     ds = FewShotEpisodes("pascal", demo["voc"], 1, episodes=3, seed=0, image_size=64)
@@ -131,7 +132,7 @@ def test_figure_has_titles_and_rows_of_every_fold(trained, tmp_path, monkeypatch
     drawn = []
     draw = evaluate.figure_grid
     monkeypatch.setattr(evaluate, "figure_grid", lambda rows, path: (drawn.extend(rows), draw(rows, path)))
-    evaluate.main(["fss", "--checkpoint", str(ckpt), "--root", str(demo["voc"]), "--fold", "1,3", "--runs", "2",
+    evaluate.main(["fss", "--checkpoint", str(ckpt), "--voc-root", str(demo["voc"]), "--fold", "1,3", "--runs", "2",
                    "--episodes", "4", "--image-size", "64", "--workers", "0", "--out", str(tmp_path / "r.json"),
                    "--save-episodes", str(tmp_path / "e.jsonl"), "--figure", str(tmp_path / "fig.png"),
                    "--figure-episodes", "3"])

@@ -9,13 +9,14 @@ import torch
 from PIL import Image
 
 import datasets as D
+import demo_data
 import evaluate
 import model
 from evaluate import FewShotMetric
 
 
-def write_voc(root, labels, split="val"):
-    """VOC2012 tree: palette masks `labels` {stem: uint8 [H,W]}, random JPEG images of the same sizes, split list."""
+def write_voc(root, labels, image_set="val"):
+    """VOC2012 tree: palette masks `labels` {stem: uint8 [H,W]}, random JPEG images of the same sizes, an image set list."""
     voc = pathlib.Path(root) / "VOCdevkit" / "VOC2012"
     rng = np.random.default_rng(0)
     for stem, label in labels.items():
@@ -23,10 +24,10 @@ def write_voc(root, labels, split="val"):
         Image.fromarray(rng.integers(0, 256, label.shape + (3,), dtype=np.uint8)).save(
             voc / "JPEGImages" / f"{stem}.jpg", quality=95)
         mask = Image.fromarray(label, "P")
-        mask.putpalette(D.voc_palette())
+        mask.putpalette(demo_data.voc_palette())
         D.save_png(mask, voc / "SegmentationClassAug" / f"{stem}.png")
     (voc / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
-    (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(labels) + "\n")
+    (voc / "ImageSets" / "Segmentation" / f"{image_set}.txt").write_text("\n".join(labels) + "\n")
     return voc
 
 
@@ -42,7 +43,7 @@ def blob_labels(classes, per_class=2, seed=0):
             angle = np.arctan2(yy - cy, xx - cx)
             inside = np.hypot(yy - cy, xx - cx) < r * (1 + 0.25 * np.sin(3 * angle + rng.uniform(0, 6)))
             label = np.where(inside, c, 0).astype(np.uint8)
-            label[D._boundary(label, 1)] = 255
+            label[demo_data._boundary(label, 1)] = 255
             labels[f"img_{c:02d}_{j}"] = label
     return labels
 
@@ -54,10 +55,10 @@ def test_a_mask_resized_along_every_path_scores_iou_one_against_itself(size):
         h, w = int(rng.integers(90, 500)), int(rng.integers(90, 500))
         label = (rng.random((h // 7 + 1, w // 9 + 1)) < 0.4).repeat(7, 0).repeat(9, 1)[:h, :w].astype(np.uint8)
         label[rng.random((h, w)) < 0.02] = 255                          # ignored pixels
-        truth = D.mask_to_tensor(label, size)                             # the query mask of an episode
+        truth = D.resize_mask(label, (size, size))                             # the query mask of an episode
         for pred in (D.resize_mask(label == 1, (size, size)),             # a pseudo-mask (bool, numpy)
                      D.resize_mask(torch.from_numpy(label == 1).long(), (size, size)),
-                     D.mask_to_tensor(label == 1, size)):                 # a support mask
+                     D.resize_mask(label == 1, (size, size))):                 # a support mask
             metric = FewShotMetric()
             inter, union = metric.update(1, pred, truth)
             assert inter == union > 0 and metric.summary()["miou"] == 1.0
@@ -74,7 +75,7 @@ def test_saliency_baseline_with_the_truth_as_pseudo_masks_scores_one(tmp_path, r
         D.save_png(label == label[label < 255].max(), masks / f"{stem}.png")
     for size in ("50", "64"):
         out = tmp_path / f"r{size}.json"
-        evaluate.main(["fss", "--baseline", "saliency", "--masks", str(masks), "--root", str(voc), "--fold", "0",
+        evaluate.main(["fss", "--baseline", "saliency", "--masks", str(masks), "--voc-root", str(voc), "--fold", "0",
                        "--runs", "1", "--episodes", "12", "--image-size", size, "--eval-resolution", resolution,
                        "--workers", "0", "--out", str(out)])
         r = json.loads(out.read_text())["fold0"]
@@ -112,13 +113,13 @@ def test_episode_sampling_image_draws_an_image_then_any_class_present(tmp_path):
     queries = [q for q, _ in pairs]
     assert abs(sum(q[0] == "a" for q in queries) / len(queries) - 4 / 7) < 0.08   # images uniformly
     assert all(s[0] == "b" for q, supports, c in ids(image) if c == 2 for s in supports)  # supports >= 2048 px
-    with pytest.raises(ValueError, match="split list"):
-        D.FewShotEpisodes("pascal", voc, 0, sampling="image", split_list=tmp_path / "x.txt")
+    with pytest.raises(ValueError, match="pair list"):
+        D.FewShotEpisodes("pascal", voc, 0, sampling="image", pair_list=tmp_path / "x.txt")
     # evaluate.py --episode-sampling image: other episodes; without it, those of the default
     runs = {}
     for name, extra in (("none", []), ("pair", ["--episode-sampling", "pair"]), ("image", ["--episode-sampling",
                                                                                               "image"])):
-        evaluate.main(["fss", "--baseline", "foreground", "--root", str(voc), "--fold", "0", "--runs", "1",
+        evaluate.main(["fss", "--baseline", "foreground", "--voc-root", str(voc), "--fold", "0", "--runs", "1",
                        "--episodes", "40", "--image-size", "32", "--workers", "0", "--out", str(tmp_path / "r.json"),
                        "--save-episodes", str(tmp_path / f"{name}.jsonl"), *extra])
         runs[name] = (tmp_path / f"{name}.jsonl").read_text()
@@ -170,7 +171,7 @@ def test_coco_masks_repri_style(tmp_path):
                {"id": 1, "image_id": 1, "category_id": 3, "iscrowd": 0, "area": 200.0, "bbox": [0, 0, 40, 20],
                 "segmentation": [[2, 2, 12.7, 2, 12.7, 12.7, 2, 12.7], [20, 2, 30, 2, 30, 12, 20, 12]]},
                {"id": 2, "image_id": 1, "category_id": 1, "iscrowd": 1, "area": float(crowd.sum()),
-                "bbox": [40, 30, 18, 8], "segmentation": D._rle_uncompressed(crowd)}]}
+                "bbox": [40, 30, 18, 8], "segmentation": demo_data._rle_uncompressed(crowd)}]}
     model.write_json(ann, root / "annotations" / "instances_val2014.json")
     full = D.load_mask(D.render_coco_masks(root) / "COCO_val2014_000000000001.png")
     repri = D.load_mask(D.render_coco_masks(root, style="repri")

@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 
 import datasets as D
+import demo_data
 import model
 from masksplit import MaskSplit
 
-def write_voc(root, labels, split="val"):
+def write_voc(root, labels, image_set="val"):
     """VOC2012 tree with palette masks `labels` {stem: uint8 [H,W]} and random JPEG images of the same size."""
     voc = pathlib.Path(root) / "VOCdevkit" / "VOC2012"
     rng = np.random.default_rng(0)
@@ -22,10 +23,10 @@ def write_voc(root, labels, split="val"):
         img = rng.integers(0, 256, label.shape + (3,), dtype=np.uint8)
         Image.fromarray(img).save(_mkdir(voc / "JPEGImages") / f"{stem}.jpg", quality=95)
         mask = Image.fromarray(label, "P")
-        mask.putpalette(D.voc_palette())
+        mask.putpalette(demo_data.voc_palette())
         D.save_png(mask, voc / "SegmentationClassAug" / f"{stem}.png")
     lists = _mkdir(voc / "ImageSets" / "Segmentation")
-    (lists / f"{split}.txt").write_text("\n".join(labels) + "\n")
+    (lists / f"{image_set}.txt").write_text("\n".join(labels) + "\n")
     return voc
 
 
@@ -92,7 +93,7 @@ def test_binary_masks_every_mode(tmp_path):
 def test_class_masks_palette_and_gray(tmp_path):
     label = np.array([[0, 1, 255], [20, 7, 0]], np.uint8)
     pal = Image.fromarray(label, "P")
-    pal.putpalette(D.voc_palette())
+    pal.putpalette(demo_data.voc_palette())
     pal.save(tmp_path / "p.png")
     Image.fromarray(label).save(tmp_path / "l.png")
     Image.fromarray(np.stack([label] * 3, -1)).save(tmp_path / "rgb.png")
@@ -196,7 +197,7 @@ def test_hsnet_split_list_and_pseudo_mask(tmp_path):
     for stem, label in labels.items():
         D.save_png(label > 0, tmp_path / "pseudo" / f"{stem}.png")
     with pytest.warns(UserWarning, match="1 of 5"):
-        ep = D.FewShotEpisodes("pascal", voc, 1, episodes=6, image_size=32, split_list=lists,
+        ep = D.FewShotEpisodes("pascal", voc, 1, episodes=6, image_size=32, pair_list=lists,
                                pseudo_masks=tmp_path / "pseudo")
     assert sorted(ep.candidates) == [("im0", 6), ("im1", 7), ("im2", 6), ("im3", 7)]
     item = ep[2]
@@ -207,7 +208,7 @@ def test_hsnet_split_list_and_pseudo_mask(tmp_path):
         D.load_pseudo_mask(tmp_path / "pseudo" / "im0.png", size=(61, 60))
     (lists / "fold2.txt").write_text("im0__03\n")
     with pytest.raises(ValueError, match="not in fold"):
-        D.FewShotEpisodes("pascal", voc, 2, split_list=lists)
+        D.FewShotEpisodes("pascal", voc, 2, pair_list=lists)
 
 
 @pytest.mark.filterwarnings("ignore:.*give no episodes")
@@ -215,7 +216,7 @@ def test_coco_rendering_folds_and_cache(tmp_path, monkeypatch):
     pytest.importorskip("pycocotools")
     root = tmp_path / "coco"
     _mkdir(root / "val2014")
-    cat_ids = D.COCO_CATEGORY_IDS                      # 80 ids with gaps; index k+1 for the k-th sorted id
+    cat_ids = demo_data.COCO_CATEGORY_IDS                      # 80 ids with gaps; index k+1 for the k-th sorted id
     images, anns = [], []
     for i in range(4):
         Image.new("RGB", (80, 60), (i * 40, 90, 30)).save(root / "val2014" / f"COCO_val2014_{i + 1:012d}.jpg")
@@ -230,7 +231,7 @@ def test_coco_rendering_folds_and_cache(tmp_path, monkeypatch):
     crowd = np.zeros((60, 80), bool)
     crowd[55:, :] = True
     anns.append({"id": len(anns) + 1, "image_id": 1, "category_id": cat_ids[1], "iscrowd": 1, "area": 400,
-                 "bbox": [0, 55, 80, 5], "segmentation": D._rle_uncompressed(crowd)})
+                 "bbox": [0, 55, 80, 5], "segmentation": demo_data._rle_uncompressed(crowd)})
     model.write_json({"images": images, "annotations": anns,
                   "categories": [{"id": c, "name": str(c)} for c in reversed(cat_ids)]},
                  root / "annotations" / "instances_val2014.json")
@@ -316,7 +317,7 @@ def test_full_augmentation_keeps_255_and_is_deterministic(tmp_path):
     assert all(a[k].dtype == torch.uint8 for k in ("query_img", "query_target", "support_img", "support_mask"))
     assert (a["query_target"] == 255).any() and (augmented(ds, a)[1] == 255).any()
     assert a["query_img"].shape == a["support_img"].shape == (3, 48, 48) and a["image_id"] == "x"
-    plain = D.MaskSplitPairs(images, masks, image_size=48, augment=False, split=MaskSplit(prob=0.0))[0]
+    plain = D.MaskSplitPairs(images, masks, image_size=48, augment=False, masksplit=MaskSplit(prob=0.0))[0]
     assert set(torch.unique(plain["query_target"]).tolist()) == {0, 1}                  # no split: no 255
     assert torch.equal(plain["query_target"], plain["support_mask"])
     assert torch.equal(plain["query_params"], torch.tensor(D.NO_STEP))                  # and no other step
@@ -336,19 +337,19 @@ def test_loader_workers_give_the_same_pairs_and_keep_freed_memory(tmp_path):
 
 def test_train_aug_is_every_masked_image_not_in_val(tmp_path):
     labels = {f"t{i}": block(40, 40, 3, 400) for i in range(5)}
-    voc = write_voc(tmp_path, labels, split="val")
+    voc = write_voc(tmp_path, labels, image_set="val")
     (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("t1\nt3\n")
     (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("t0\n")     # VOC's own, smaller train split
-    assert D.voc_split(voc, "train_aug") == ["t0", "t2", "t4"] and D.voc_split(voc, "train") == ["t0"]
-    assert D.fold_train_ids(voc, 1, split="train_aug") == ["t0", "t2", "t4"]
+    assert D.voc_image_set(voc, "train_aug") == ["t0", "t2", "t4"] and D.voc_image_set(voc, "train") == ["t0"]
+    assert D.fold_train_ids(voc, 1, image_set="train_aug") == ["t0", "t2", "t4"]
     (voc / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("t4\nt2\n")  # a list file wins
-    assert D.voc_split(voc, "train_aug") == ["t4", "t2"]
+    assert D.voc_image_set(voc, "train_aug") == ["t4", "t2"]
     (voc / "SegmentationClassAug").rename(voc / "SegmentationClass")         # plain VOC 2012: still derived
     (voc / "ImageSets" / "Segmentation" / "train_aug.txt").unlink()
-    assert D.voc_split(voc, "train_aug") == ["t0", "t2", "t4"]
+    assert D.voc_image_set(voc, "train_aug") == ["t0", "t2", "t4"]
     (voc / "ImageSets" / "Segmentation" / "val.txt").unlink()
     with pytest.raises(ValueError, match="val.txt"):
-        D.voc_split(voc, "train_aug")
+        D.voc_image_set(voc, "train_aug")
 
 
 @pytest.mark.filterwarnings("ignore:.*give no episodes")
@@ -382,9 +383,9 @@ def test_groundtruth_union_source_and_fold_training_ids(tmp_path):
     label[5:30, 5:60] = 3
     label[35:65, 10:40] = 12
     label[30:35, 5:40] = 255
-    voc = write_voc(tmp_path, {"g": label, "h": block(70, 70, 8, 3000)}, split="train")
+    voc = write_voc(tmp_path, {"g": label, "h": block(70, 70, 8, 3000)}, image_set="train")
     ds = D.MaskSplitPairs(voc / "JPEGImages", voc / "SegmentationClassAug", mask_source="groundtruth",
-                          image_size=70, augment=False, split=MaskSplit(prob=0.0))
+                          image_size=70, augment=False, masksplit=MaskSplit(prob=0.0))
     t = {ds[i]["image_id"]: ds[i]["query_target"] for i in range(2)}
     assert torch.equal(t["g"], torch.from_numpy(((label > 0) & (label < 255)).astype(np.int64)))
     assert D.fold_train_ids(voc, 0) == ["h"]                 # "g" holds class 3
@@ -396,18 +397,18 @@ def test_groundtruth_union_source_and_fold_training_ids(tmp_path):
 def test_supervised_pairs_exclude_test_fold(tmp_path):
     labels = {f"s{i}": block(64, 64, [2, 2, 9, 9, 9][i], 2500) for i in range(5)}
     labels["s0"][50:, :] = 255
-    voc = write_voc(tmp_path, labels, split="train")
+    voc = write_voc(tmp_path, labels, image_set="train")
     with pytest.raises(ValueError, match="val.txt"):        # the default train_aug cannot be derived without val
         D.SupervisedPairs(voc, fold=1)
-    ds = D.SupervisedPairs(voc, fold=1, image_size=48, split="train")  # fold 1 = 6..10
+    ds = D.SupervisedPairs(voc, fold=1, image_size=48, image_set="train")  # fold 1 = 6..10
     assert ds.classes == [c for c in range(1, 21) if c not in range(6, 11)]
     assert len(ds) == 2 and {c for _, c in ds.items} == {2}
     item = ds[0]
     assert item["class_id"] == 2 and item["support_id"] != item["image_id"]
     assert set(torch.unique(item["query_target"]).tolist()) <= {0, 1, 255} and item["support_mask"].sum() > 0
-    assert {c for _, c in D.SupervisedPairs(voc, fold=0, split="train").items} == {9}
+    assert {c for _, c in D.SupervisedPairs(voc, fold=0, image_set="train").items} == {9}
     with pytest.raises(ValueError, match="fold 1"):
-        D.SupervisedPairs(voc, fold=1, split="train", min_pixels=2501)
+        D.SupervisedPairs(voc, fold=1, image_set="train", min_pixels=2501)
 
 
 def test_salient_objects(tmp_path):
@@ -467,17 +468,17 @@ def test_unreadable_mask_is_an_error_naming_it(tmp_path):
 
 def test_demo_data_is_deterministic_fast_and_usable(tmp_path):
     start = time.perf_counter()
-    paths = D.make_demo_data(tmp_path / "a", seed=0)
+    paths = demo_data.make_demo_data(tmp_path / "a", seed=0)
     assert time.perf_counter() - start < 15
     small = dict(train_images=4, val_images=4, salient_images=2, coco_images=3)
-    other = D.make_demo_data(tmp_path / "b", seed=0, **small)
-    again = D.make_demo_data(tmp_path / "c", seed=0, **small)
+    other = demo_data.make_demo_data(tmp_path / "b", seed=0, **small)
+    again = demo_data.make_demo_data(tmp_path / "c", seed=0, **small)
     for key in ("voc_images", "voc_masks", "salient_masks"):
         names = sorted(p.name for p in other[key].iterdir())
         assert names and names == sorted(p.name for p in again[key].iterdir())
         assert all((other[key] / n).read_bytes() == (again[key] / n).read_bytes() for n in names)
     assert "DEMO" in (paths["root"] / "README.txt").read_text()
-    assert len(D.voc_split(paths["voc"], "train")) == 120 and len(D.voc_split(paths["voc"], "val")) == 60
+    assert len(D.voc_image_set(paths["voc"], "train")) == 120 and len(D.voc_image_set(paths["voc"], "val")) == 60
     mask = Image.open(paths["voc_masks"] / "demo_val_0000.png")
     assert mask.mode == "P" and 255 in np.asarray(mask)
     for fold in range(4):                                           # one-shot episodes in every PASCAL-5i fold

@@ -12,7 +12,8 @@ import evaluate
 import model
 import saliency_train
 import train_fss
-from datasets import make_demo_data, voc_split
+from datasets import voc_image_set
+from demo_data import make_demo_data
 from model import configure_backends, hybrid_loss, load_checkpoint, mixed_precision
 from test_basnet import write_pairs
 
@@ -29,7 +30,7 @@ def demo(tmp_path_factory):
 
 def train(demo, out, *extra):
     """train_fss.py on 6 demo images, 2 steps per epoch; returns the log lines."""
-    stems = voc_split(demo["voc"], "train")[:6]
+    stems = voc_image_set(demo["voc"], "train")[:6]
     (out.parent / "six.txt").write_text("\n".join(stems) + "\n")
     train_fss.main(["--mask-source", "gt", "--voc-root", str(demo["voc"]), "--list", str(out.parent / "six.txt"),
                     "--backbone", "efficientnet_lite0", "--weights", "none", "--image-size", "64",
@@ -177,7 +178,7 @@ def test_trainers_under_gpu_mixed_precision(demo, tmp_path, monkeypatch, fake_gp
 
 def test_per_fold_result_files_merge_into_one_table(demo, straight, tmp_path):
     def run(folds, out, *extra):
-        evaluate.main(["fss", "--checkpoint", str(straight[0] / "last.pt"), "--root", str(demo["voc"]),
+        evaluate.main(["fss", "--checkpoint", str(straight[0] / "last.pt"), "--voc-root", str(demo["voc"]),
                        "--fold", folds, "--runs", "2", "--episodes", "4", "--image-size", "64", "--workers", "0",
                        "--out", str(tmp_path / out), *extra])
         return tmp_path / out

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from datasets import make_demo_data
+from demo_data import make_demo_data
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["saliency", "basnet", "pseudomasks_voc", "fss_voc", "eval_voc", "eval_voc_saliency", "eval_voc_foreground",

@@ -20,7 +20,8 @@ import make_pseudomasks
 import saliency_train
 import train_fss
 from datasets import (MaskSplitPairs, SalientObjects, _read_list, list_images, load_binary_mask, load_image,
-                      render_coco_masks, save_png, voc_palette)
+                      render_coco_masks, save_png)
+from demo_data import voc_palette
 from model import FiniteGuard, SaliencyNet, _writer, check_output, save_checkpoint, trim_log, write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,7 +133,7 @@ def test_evaluate_saliency_folder_without_images_is_one_line_error(tmp_path):
 def test_checkpoint_of_another_kind_is_refused(tmp_path):
     ckpt = saliency_checkpoint(tmp_path / "sal.pt")
     with pytest.raises(SystemExit, match="sal.pt is a 'saliency' checkpoint"):
-        evaluate.main(["fss", "--checkpoint", str(ckpt), "--root", str(tmp_path), "--out", str(tmp_path / "r.json")])
+        evaluate.main(["fss", "--checkpoint", str(ckpt), "--voc-root", str(tmp_path), "--out", str(tmp_path / "r.json")])
     save_checkpoint(tmp_path / "fss.pt", kind="fss", config={}, model={})
     with pytest.raises(SystemExit, match="fss.pt is a 'fss' checkpoint"):
         make_pseudomasks.main(["--checkpoint", str(tmp_path / "fss.pt"), "--images", str(tmp_path), "--out",
@@ -242,9 +243,9 @@ def test_output_locations_are_checked_before_any_work(tmp_path):
     nowhere = tmp_path / "no_dataset_here"                  # the work would fail on it: the output is checked first
     for out, what in ((tmp_path, "is a folder"), (a_file / "r.json", "cannot write there")):
         with pytest.raises(SystemExit, match=f"{out}: .*{what}"):
-            evaluate.main(["fss", "--baseline", "foreground", "--root", str(nowhere), "--out", str(out)])
+            evaluate.main(["fss", "--baseline", "foreground", "--voc-root", str(nowhere), "--out", str(out)])
         with pytest.raises(SystemExit, match=f"{out}: .*{what}"):
-            evaluate.main(["fss", "--baseline", "foreground", "--root", str(nowhere), "--out",
+            evaluate.main(["fss", "--baseline", "foreground", "--voc-root", str(nowhere), "--out",
                            str(tmp_path / "r.json"), "--save-episodes", str(out)])
     with pytest.raises(SystemExit, match=f"{a_file}: cannot write there"):
         train_fss.main(["--images", str(nowhere), "--masks", str(nowhere), "--out", str(a_file)])
@@ -267,7 +268,7 @@ BAD_FLAG_VALUES = {
         ("--save-every", "0"), ("--batch-size", "0"), ("--max-steps", "0")]),
     make_pseudomasks.parse_args: (["--checkpoint", "c", "--images", "i", "--out", "o"], [
         ("--threshold", "2"), ("--batch-size", "0")]),
-    evaluate.main: (["fss", "--root", "r"], [("--runs", "0"), ("--episodes", "0")]),
+    evaluate.main: (["fss", "--voc-root", "r"], [("--runs", "0"), ("--episodes", "0")]),
 }
 
 
@@ -381,7 +382,7 @@ def test_temporary_files_are_unique_removed_on_any_exit_and_outputs_follow_the_u
     monkeypatch.setattr(evaluate, "FewShotEpisodes", interrupted)
     (tmp_path / "out").mkdir()
     with pytest.raises(KeyboardInterrupt):
-        evaluate.main(["fss", "--baseline", "foreground", "--root", str(tmp_path), "--out",
+        evaluate.main(["fss", "--baseline", "foreground", "--voc-root", str(tmp_path), "--out",
                        str(tmp_path / "out" / "r.json"), "--save-episodes", str(tmp_path / "out" / "e.jsonl")])
     assert not list((tmp_path / "out").iterdir())                         # no temporary file left behind
     killed = subprocess.Popen([sys.executable, "-c", ""])                 # SIGKILL leaves its temporary file:

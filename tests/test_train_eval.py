@@ -8,7 +8,8 @@ from PIL import Image
 
 import evaluate
 import train_fss
-from datasets import FewShotEpisodes, load_mask, make_demo_data, save_png, voc_split
+from datasets import FewShotEpisodes, load_mask, save_png, voc_image_set
+from demo_data import make_demo_data
 from evaluate import FewShotMetric
 from model import load_checkpoint
 
@@ -35,7 +36,7 @@ def train(demo, out, *extra):
 def checkpoint(demo, tmp_path_factory):
     """A short run on 6 training images (2 steps per epoch) that crosses epoch boundaries."""
     out = tmp_path_factory.mktemp("run")
-    stems = voc_split(demo["voc"], "train")[:6]
+    stems = voc_image_set(demo["voc"], "train")[:6]
     (out / "six.txt").write_text("\n".join(stems) + "\n")
     log = train(demo, out / "straight", "--list", str(out / "six.txt"), "--max-steps", "5")
     return out, log
@@ -82,7 +83,7 @@ def test_resume_continues_exactly(demo, checkpoint):
 
 
 def evaluate_json(demo, ckpt, out, *extra):
-    evaluate.main(["fss", "--checkpoint", str(ckpt), "--root", str(demo["voc"]), "--fold", "0,1", "--runs", "2",
+    evaluate.main(["fss", "--checkpoint", str(ckpt), "--voc-root", str(demo["voc"]), "--fold", "0,1", "--runs", "2",
                    "--episodes", "8", "--image-size", "64", "--workers", "0", "--out", str(out), *extra])
     return json.loads(out.read_text())
 
@@ -130,9 +131,9 @@ def test_evaluation_is_deterministic_and_the_cache_is_exact(demo, checkpoint, tm
 def test_saliency_baseline_uses_the_query_pseudo_mask(demo, tmp_path):
     # every pseudo-mask all foreground: intersection = the query's class pixels, union = its non-ignored pixels
     masks = tmp_path / "masks"
-    for stem in voc_split(demo["voc"], "val"):
+    for stem in voc_image_set(demo["voc"], "val"):
         save_png(np.full(load_mask(demo["voc_masks"] / f"{stem}.png").shape, 255, np.uint8), masks / f"{stem}.png")
-    evaluate.main(["fss", "--baseline", "saliency", "--masks", str(masks), "--root", str(demo["voc"]),
+    evaluate.main(["fss", "--baseline", "saliency", "--masks", str(masks), "--voc-root", str(demo["voc"]),
                    "--fold", "2", "--runs", "1", "--episodes", "5", "--eval-resolution", "original",
                    "--workers", "0", "--out", str(tmp_path / "r.json"), "--save-episodes", str(tmp_path / "e.jsonl")])
     ds = FewShotEpisodes("pascal", demo["voc"], 2, episodes=5, seed=0, image_size=64)
@@ -141,12 +142,12 @@ def test_saliency_baseline_uses_the_query_pseudo_mask(demo, tmp_path):
         _, mask = ds.load(x["query"], x["class"])
         assert (x["intersection"], x["union"]) == (int((mask == 1).sum()), int((mask != 255).sum()))
     # the all-foreground baseline gives exactly the same episodes
-    evaluate.main(["fss", "--baseline", "foreground", "--root", str(demo["voc"]), "--fold", "2", "--runs", "1",
+    evaluate.main(["fss", "--baseline", "foreground", "--voc-root", str(demo["voc"]), "--fold", "2", "--runs", "1",
                    "--episodes", "5", "--eval-resolution", "original", "--workers", "0",
                    "--out", str(tmp_path / "f.json"), "--save-episodes", str(tmp_path / "f.jsonl")])
     assert (tmp_path / "f.jsonl").read_text() == (tmp_path / "e.jsonl").read_text()
     with pytest.raises(SystemExit, match="--masks"):
-        evaluate.main(["fss", "--baseline", "saliency", "--root", str(demo["voc"]), "--out", str(tmp_path / "x")])
+        evaluate.main(["fss", "--baseline", "saliency", "--voc-root", str(demo["voc"]), "--out", str(tmp_path / "x")])
 
 
 def test_other_training_sources_and_flag_errors(demo, checkpoint, tmp_path):
@@ -175,7 +176,7 @@ def test_coco_episodes_evaluate(demo, checkpoint, tmp_path):
     pytest.importorskip("pycocotools")
     out = tmp_path / "coco.json"
     evaluate.main(["fss", "--checkpoint", str(checkpoint[0] / "straight" / "last.pt"), "--dataset", "coco",
-                   "--root", str(demo["coco"]), "--fold", "0", "--runs", "1", "--episodes", "4", "--image-size", "64",
+                   "--coco-root", str(demo["coco"]), "--fold", "0", "--runs", "1", "--episodes", "4", "--image-size", "64",
                    "--shots", "2", "--workers", "0", "--out", str(out)])
     r = json.loads(out.read_text())
     assert 0.0 <= r["fold0"]["miou"] <= 1.0 and r["backbone_forwards"] <= 4 * 3
@@ -186,7 +187,7 @@ def test_fold_based_self_supervised_training_leaves_out_test_fold_images(demo):
                                "--image-size", "64"])
     data = train_fss.build_dataset(args)
     test_classes = set(range(6, 11))
-    assert 0 < len(data) < len(voc_split(demo["voc"], "train"))
+    assert 0 < len(data) < len(voc_image_set(demo["voc"], "train"))
     for path in data.masks:
         assert not test_classes & set(np.unique(load_mask(path)).tolist()), path
     with pytest.raises(SystemExit):
