@@ -1,29 +1,15 @@
-"""Data: image / mask I/O, real dataset layouts, augmentations, MaskSplit training pairs, one-shot test episodes,
-loaders, demo data.
-
-Everything that reads images and masks lives here; the scripts only choose. Items are dicts with named keys.
-Writing files, checkpoints and the rest of a run's plumbing live in model.py (this module imports it, never the
-reverse). Sections, in order:
-  File I/O              load_image, load_mask, load_binary_mask, list_images, save_png, foreground_counts
-  Layouts               voc_paths / voc_image_set (PASCAL), coco_paths / render_coco_masks (COCO), folds
-  Augmentation          build_augmentation: the two independent views (paper section 3.2); apply_deferred
-  Training pairs        MaskSplitPairs: one pseudo-mask -> support half + query half (paper section 3.2; the
-                        split line itself is masksplit.py); SupervisedPairs (Table 2's supervised row)
-  Test episodes         FewShotEpisodes: seeded one-shot / k-shot episodes of PASCAL-5i / COCO-20i (section 4)
-  Salient objects       SalientObjects: image + saliency-label folders (stages 1-3)
-  Loaders               make_loader, EpochItems
-  Demo data             make_demo_data: synthetic data of the quick start, at the end (never a benchmark)
+"""Data: image and mask files, the real dataset layouts, the augmentation, MaskSplit training pairs, one-shot test
+episodes, loaders. Everything that reads images and masks lives here; the scripts only choose. Items are dicts with
+named keys. This module imports model.py (files, checkpoints and the rest of a run's plumbing), never the reverse.
 
 Layouts read (the real ones):
 - PASCAL VOC 2012   VOCdevkit/VOC2012/{JPEGImages, SegmentationClassAug | SegmentationClass,
                     ImageSets/Segmentation/<image set>.txt}; masks: palette or gray PNG, 0 bg, 1..20, 255 ignore.
-- COCO              <root>/<image set>/*.jpg + <root>/annotations/instances_<image set>.json (pycocotools, lazily
-                    imported); class masks are rendered once into a cache folder (categories -> 1..80 in
-                    sorted category-id order, crowd regions -> 255).
+- COCO              <root>/<image set>/*.jpg + <root>/annotations/instances_<image set>.json, rendered once by
+                    pycocotools into cached class masks (categories -> 1..80 in sorted id order, crowd -> 255).
 - Salient objects   an image folder and a mask folder with the same stems (MSRA-B, ECSSD, DUTS, SOD).
-- Pseudo-masks      a folder of 0/255 single-channel PNGs named like the images (MaskContrast's released
-                    `saliency_unsupervised_model` folder has this format); make_pseudomasks.py's log_shard*.jsonl
-                    there records the images it wrote no mask for (images_without_mask).
+- Pseudo-masks      a folder of 0/255 PNGs named like the images (MaskContrast's released `saliency_unsupervised_model`
+                    folder too); make_pseudomasks.py's log_shard*.jsonl there names the images it left without one.
 
     pairs = MaskSplitPairs("VOC2012/JPEGImages", "pseudo_masks/", list_file="train.txt")   # section 3.2
     episodes = FewShotEpisodes("pascal", "VOCdevkit", fold=0, episodes=1000, seed=0)       # section 4
@@ -62,7 +48,6 @@ EPISODE_SAMPLINGS = ("pair", "image")
 
 # ---------------------------------------------------------------------------------------------------------------
 # File I/O
-# ---------------------------------------------------------------------------------------------------------------
 
 def _open(path, what):
     """Open and fully decode an image file; ValueError naming the file when it is missing or unreadable."""
@@ -163,15 +148,6 @@ def _read_list(list_file):
     return _unique(list_file, stems)
 
 
-def _stems(list_file):
-    """list_file may be a path to a list file or an iterable of stems."""
-    if list_file is None:
-        return None
-    if isinstance(list_file, (str, os.PathLike)):
-        return _read_list(list_file)
-    return [str(s) for s in list_file]
-
-
 def files_by_stem(folder, suffixes, what):
     """{stem: path} of the files of `folder` whose suffix, in any case (.JPG, .Png), is in `suffixes`; ValueError
     naming the folder when it is missing."""
@@ -192,9 +168,9 @@ def list_images(folder, list_file=None):
     by_stem = files_by_stem(folder, IMAGE_SUFFIXES, "image")
     if not by_stem:
         raise ValueError(f"{folder}: no images (.jpg .jpeg .png .bmp) in folder")
-    stems = _stems(list_file)
-    if stems is None:
+    if list_file is None:
         return sorted(by_stem.values())
+    stems = _read_list(list_file) if isinstance(list_file, (str, os.PathLike)) else [str(s) for s in list_file]
     missing = [s for s in stems if s not in by_stem]
     if missing:
         raise ValueError(f"{list_file if isinstance(list_file, (str, os.PathLike)) else 'list'}: "
@@ -223,10 +199,9 @@ def image_to_tensor(pil, size):
 
 
 def resize_mask(mask, size):
-    """The one mask resize of the project: an integer or bool mask [..., H, W] (numpy or torch) -> int64 tensor of
-    size (H', W'), nearest-exact: each target pixel takes the source pixel under its centre, the grid of the
-    images' bilinear resize. Ground truth, support masks, pseudo-masks and training views all go through it, so
-    a mask resized along two paths lands on the same pixels (a plain "nearest" grid is offset by half a pixel)."""
+    """The one mask resize: an integer or bool mask [..., H, W] (numpy or torch) -> int64 tensor [..., H', W'],
+    nearest-exact (each target pixel takes the source pixel under its centre: the grid of the images' bilinear
+    resize, so every mask resized along any path lands on the same pixels; plain "nearest" is half a pixel off)."""
     m = torch.from_numpy(np.ascontiguousarray(mask)) if isinstance(mask, np.ndarray) else mask
     if tuple(m.shape[-2:]) == tuple(size):
         return m.long()
@@ -238,11 +213,6 @@ def _check_same_size(image, image_path, mask, mask_path):
     if mask.shape != (image.height, image.width):
         raise ValueError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
                          f"{image_path} is {image.width}x{image.height}")
-
-
-def union_mask(class_mask):
-    """Ground-truth union of all objects ("groundtruth" mask source of Table 2): every class pixel (1..254)."""
-    return (class_mask > 0) & (class_mask < IGNORE)
 
 
 def cache_dir():
@@ -292,7 +262,6 @@ def _class_counts(num_classes):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Layouts
-# ---------------------------------------------------------------------------------------------------------------
 
 def voc_paths(root):
     """Locate a VOC 2012 tree. `root` may be VOC2012 itself, VOCdevkit, or a folder holding VOCdevkit.
@@ -498,41 +467,25 @@ def images_without_mask(masks_dir):
     return stems
 
 
-def load_pseudo_mask(path, size=None):
-    """A pseudo-mask (0/255 PNG) as np.bool_ [H, W]; `size` = (H, W) it must have. Used by the saliency baseline of
-    Table 3 (the query's own pseudo-mask is the prediction)."""
-    mask = load_binary_mask(path)
-    if size is not None and tuple(mask.shape) != tuple(size):
-        raise ValueError(f"{path}: pseudo-mask is {mask.shape[1]}x{mask.shape[0]} (WxH), its image is "
-                         f"{size[1]}x{size[0]}")
-    return mask
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Augmentation (paper section 3.2: "grayscale, color jitter, horizontal flip, vertical flip, rotate and random
 # resize", applied twice to each training image; the parameters' laws are torchvision's)
-# ---------------------------------------------------------------------------------------------------------------
 
 ROTATION_BORDERS = ("fill", "reflect")
-# one view's draw of the steps applied where the batch lands (Augmentation.draw), in this order; jitter and gray
-# are 0 / 1 (the step taken or not), a view is rotated where its angle is not 0 and blurred where its kernel is > 1
-VIEW_PARAMS = ("angle", "jitter", "brightness", "contrast", "saturation", "hue", "blur_kernel", "blur_sigma", "gray")
-NO_STEP = (0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0)     # the draw of a view that takes none of them
-ANGLE, JITTER, BRIGHTNESS, CONTRAST, SATURATION, HUE, BLUR_KERNEL, BLUR_SIGMA, GRAY = range(len(VIEW_PARAMS))
+# the columns of a view's draw (Augmentation.draw): jitter and gray are 0 / 1 (the step taken or not); a view is
+# rotated where its angle is not 0 and blurred where its kernel is > 1. NO_STEP: a view that takes none of them.
+ANGLE, JITTER, BRIGHTNESS, CONTRAST, SATURATION, HUE, BLUR_KERNEL, BLUR_SIGMA, GRAY = range(9)
+NO_STEP = (0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0)
 
 
 class Augmentation:
-    """The two independent views of a training pair (section 3.2), in two places:
-
-    crop_and_flip (in the loader, per view): random resized crop to image_size x image_size (scale in `scale`, the
-        authors' 0.5-1.2; draws above 1 cannot fit and are drawn again, as torchvision does), horizontal and
-        vertical flips with p flip_p. augment=False: resize only.
-    draw (in the loader, per view): the rest's parameters, torchvision's laws: rotation uniform in +-rotation
-        degrees with p rotation_p; colour jitter with p jitter_p (brightness, contrast, saturation factors uniform
-        in [1 - jitter, 1 + jitter], hue in [-jitter, jitter]); Gaussian blur with p blur_p (kernel one of
-        blur_kernels, sigma uniform in blur_sigma); grayscale with p gray_p. A step not drawn is the identity.
-    apply (on the training device, the whole batch at once): those steps, each a few batched tensor operations.
-
+    """The two independent views of a training pair (section 3.2), in two places. In the loader, per view:
+    crop_and_flip, a random resized crop (scale in `scale`, the authors' 0.5-1.2: draws above 1 cannot fit and are
+    drawn again, as torchvision does) and horizontal and vertical flips with p flip_p (augment=False: resize only);
+    draw, the rest's parameters with torchvision's laws: rotation uniform in +-rotation degrees with p rotation_p;
+    colour jitter with p jitter_p (brightness, contrast, saturation uniform in [1 - jitter, 1 + jitter], hue in
+    [-jitter, jitter]); Gaussian blur with p blur_p (kernel one of blur_kernels, sigma uniform in blur_sigma);
+    grayscale with p gray_p. Where the batch lands, the whole batch at once: apply, each step on its views.
     rotation_border "fill": pixels a rotation brings in from outside the image are black, and 255 in the masks
     (callers map it: ignored in the query target, background in the support mask); "reflect": the authors'
     albumentations Rotate (BORDER_REFLECT_101) on image and masks, no pixel filled."""
@@ -564,7 +517,7 @@ class Augmentation:
         return image, mask
 
     def draw(self, rng):
-        """One view's rotation, colour jitter, blur and grayscale -> float32 [len(VIEW_PARAMS)]."""
+        """One view's rotation, colour jitter, blur and grayscale -> float32 [9] (ANGLE, ..., GRAY)."""
         angle, jitter, brightness, contrast, saturation, hue, kernel, sigma, gray = NO_STEP
         if self.augment and rng.random() < self.rotation_p:
             angle = rng.uniform(-self.rotation, self.rotation)
@@ -704,6 +657,7 @@ def training_views(batch, augmentation, device):
     query_target, support_mask = masks.chunk(2)
     return query, query_target.long(), support, (support_mask == 1).float()   # 255 outside: background
 
+
 def _pair(augmentation, query_image, query_tgt, support_image, support_fg, rng):
     """Two independent views (section 3.2) of PIL images (MaskSplit's are one image) with the query target 0/1/255
     and the support mask 0/1 (numpy): cropped and flipped here, the rest drawn (query_params, support_params) for
@@ -719,45 +673,37 @@ def _pair(augmentation, query_image, query_tgt, support_image, support_fg, rng):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Self-supervised training pairs (paper section 3.2)
-# ---------------------------------------------------------------------------------------------------------------
 
 class MaskSplitPairs(torch.utils.data.Dataset):
-    """One training episode per image: MaskSplit on the mask at original resolution, then two independent
-    augmentations (support view, query view).
-
-    images: image folder. masks: mask folder with the same stems (.png).
+    """One training episode per image (section 3.2): MaskSplit on its mask at original resolution, then two
+    independent augmentations (support view, query view). images: image folder. masks: mask folder with the same stems (.png).
     mask_source: "pseudo" (0/255 pseudo-masks, load_binary_mask) or "groundtruth" (class-index masks, e.g.
         SegmentationClassAug: the union of all objects, Table 2's "groundtruth" source).
     masksplit: a MaskSplit (default: the paper's Vsplit, slope 40, alternate, prob 1); prob=0.0 = no split.
-    augment: Table 1's "aug" switch. seed / set_epoch(e): item i of epoch e is a pure function of (seed, e, i).
+    augment: Table 1's "aug" switch. dataset[(e, i)] (or dataset[i], epoch 0): item i of epoch e, a pure function
+        of (seed, e, i), so one loader with persistent workers serves every epoch of a run.
     min_pixels: images whose mask has fewer foreground pixels are left out (scanned once and cached).
     redraw_image_below: 0 (ours): `masksplit` alone decides (MaskSplit redraws the split while a half is under its
         min_pixels, then leaves the mask unsplit). N > 0, the authors' code (N = 512, with a one-draw MaskSplit of
-        min_pixels 0): when the support or the query half has fewer than N pixels, another image is drawn at
-        random instead.
+        min_pixels 0): a support or query half under N pixels draws another image instead.
     Items: query_img [3,S,S] uint8, query_target [S,S] uint8 (1 query fg, 255 support fg, 0 bg), support_img,
-    support_mask [S,S] uint8 0/1, cropped and flipped; query_params, support_params [8] (Augmentation.draw: the
+    support_mask [S,S] uint8 0/1, cropped and flipped; query_params, support_params [9] (Augmentation.draw: the
     rest of each view, applied batched by training_views); image_id str.
     """
 
-    def __init__(self, images, masks=None, list_file=None, image_size=400, masksplit=None, augment=True, seed=0,
-                 mask_source="pseudo", min_pixels=1, redraw_image_below=0,
-                 **augment_args):
-        if masks is None:
-            raise ValueError("MaskSplitPairs needs a mask folder (pseudo-masks, or class masks with "
-                             "mask_source='groundtruth')")
+    def __init__(self, images, masks, list_file=None, image_size=400, masksplit=None, augment=True, seed=0,
+                 mask_source="pseudo", min_pixels=1, redraw_image_below=0, **augment_args):
         if mask_source not in ("pseudo", "groundtruth"):
             raise ValueError(f"mask_source must be 'pseudo' or 'groundtruth', got {mask_source!r}")
         self.mask_source, self.seed = mask_source, seed
         self.masksplit = masksplit if masksplit is not None else MaskSplit()
         self.augmentation = Augmentation(image_size, augment, **augment_args)
-        self.epoch, self.redraw_image_below = 0, redraw_image_below
+        self.redraw_image_below = redraw_image_below
         image_paths = list_images(images, list_file)
         no_mask = images_without_mask(masks) if mask_source == "pseudo" else set()
         with_mask = [p for p in image_paths if p.stem not in no_mask]
         mask_paths = _mask_paths(masks, [p.stem for p in with_mask])
-        counts = foreground_counts(mask_paths, masks, lambda path: int(self._load_fg(path).sum()),
-                                   mask_source)
+        counts = foreground_counts(mask_paths, masks, lambda path: int(self._load_fg(path).sum()), mask_source)
         keep = [i for i, p in enumerate(mask_paths) if counts[p.stem] >= max(min_pixels, 1)]
         self.dropped = sorted({p.stem for p in image_paths} - {with_mask[i].stem for i in keep})
         if self.dropped:
@@ -772,26 +718,19 @@ class MaskSplitPairs(torch.utils.data.Dataset):
     def _load_fg(self, path):
         if self.mask_source == "pseudo":
             return load_binary_mask(path)
-        return union_mask(load_mask(path, VOC_CLASSES))  # VOC 255 boundaries count as background here
-
-    def set_epoch(self, epoch):
-        """Call before each epoch (before creating the DataLoader iterator) for new draws every epoch."""
-        self.epoch = int(epoch)
+        mask = load_mask(path, VOC_CLASSES)         # Table 2's "groundtruth": the union of all objects (255: not)
+        return (mask > 0) & (mask < IGNORE)
 
     def __len__(self):
         return len(self.images)
 
-    def _load(self, i):
-        image = load_image(self.images[i])
-        fg = self._load_fg(self.masks[i])
-        _check_same_size(image, self.images[i], fg, self.masks[i])
-        return image, fg
-
-    def __getitem__(self, index):
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        rng = np.random.default_rng([self.seed, epoch, index])
         redrawn, i = 0, index
         while True:
-            image, fg = self._load(i)
+            image, fg = load_image(self.images[i]), self._load_fg(self.masks[i])
+            _check_same_size(image, self.images[i], fg, self.masks[i])
             support_fg, query_fg = self.masksplit(fg, generator=rng)
             if min(np.count_nonzero(support_fg), np.count_nonzero(query_fg)) >= self.redraw_image_below:
                 break
@@ -815,7 +754,7 @@ class SupervisedPairs(torch.utils.data.Dataset):
     def __init__(self, voc_root, fold, image_size=400, seed=0, image_set="train_aug", augment=True, min_pixels=2048,
                  **augment_args):
         paths = voc_paths(voc_root)
-        self.seed, self.epoch = seed, 0
+        self.seed = seed
         self.augmentation = Augmentation(image_size, augment, **augment_args)
         test = set(pascal_fold_classes(fold))
         self.classes = [c for c in range(1, VOC_CLASSES + 1) if c not in test]
@@ -829,9 +768,6 @@ class SupervisedPairs(torch.utils.data.Dataset):
             raise ValueError(f"{voc_root}: no training class of fold {fold} has two images with >= "
                              f"{min_pixels} pixels in image set {image_set!r}")
 
-    def set_epoch(self, epoch):
-        self.epoch = int(epoch)
-
     def __len__(self):
         return len(self.items)
 
@@ -841,8 +777,9 @@ class SupervisedPairs(torch.utils.data.Dataset):
         _check_same_size(image, image_path, mask, mask_path)
         return image, mask
 
-    def __getitem__(self, index):
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        rng = np.random.default_rng([self.seed, epoch, index])
         query_id, c = self.items[index]
         others = [s for s in self.holders[c] if s != query_id]
         support_id = others[int(rng.integers(len(others)))]
@@ -856,7 +793,6 @@ class SupervisedPairs(torch.utils.data.Dataset):
 
 # ---------------------------------------------------------------------------------------------------------------
 # One-shot test episodes (paper section 4)
-# ---------------------------------------------------------------------------------------------------------------
 
 def _read_pair_list(pair_list, fold):
     """HSNet-style pair list: a file, or a folder holding fold<i>.txt; lines `<id>__<cc>`."""
@@ -873,14 +809,11 @@ def _read_pair_list(pair_list, fold):
 
 
 class FewShotEpisodes(torch.utils.data.Dataset):
-    """k-shot test episodes of PASCAL-5i or COCO-20i (paper section 4).
-
-    Query candidates: every (image, fold class) with >= min_pixels pixels of the class at original resolution;
+    """k-shot test episodes of PASCAL-5i or COCO-20i (paper section 4). Query candidates: every (image, fold class) with >= min_pixels pixels of the class at original resolution;
     the supports are k other distinct images holding the class with >= min_pixels pixels. The candidate index is
     computed once by scanning the masks and cached (or read from an HSNet-style pair list: pair_list = a
     fold<i>.txt file or its folder; entries whose image is absent are dropped with a warning). Episode i is a
     pure function of (dataset, fold, shots, seed, i): query candidate drawn uniformly, then supports.
-
     pascal: root = VOC tree, image_set default "val". coco: root holds <image set>/ and
     annotations/instances_<image set>.json, image_set=None picks the only one; coco_folds = "interleaved" | "contiguous".
     sampling: "pair" (ours): the query is a (image, class) candidate drawn uniformly. "image" (the authors' code):
@@ -888,8 +821,7 @@ class FewShotEpisodes(torch.utils.data.Dataset):
     all fold classes present in it, of any size (those with `shots` other holders to draw supports from).
     coco_masks: "full" or "repri" (render_coco_masks' styles; the authors evaluated on RePRI's).
     pseudo_masks: a pseudo-mask folder; items then also have "query_pseudo_mask" [H,W] int64 0/1 (Table 3's
-    saliency baseline: the query's own pseudo-mask is the prediction; all background for an image that
-    make_pseudomasks.py recorded as having no mask).
+    Saliency*: the query's own pseudo-mask is the prediction).
     Items: query_img [3,S,S], query_mask [S,S] int64 (0/1/255), query_mask_orig [H,W] int64, support_imgs
     [k,3,S,S], support_masks [k,S,S] float, class_id int, query_id str, support_ids list[str], episode int.
     """
@@ -1019,24 +951,21 @@ class FewShotEpisodes(torch.utils.data.Dataset):
         item["support_imgs"] = torch.stack([image_to_tensor(img, S) for img, _ in support])
         item["support_masks"] = torch.stack([resize_mask(m == 1, (S, S)).float() for _, m in support])
         item.update(class_id=c, query_id=query_id, support_ids=support_ids, episode=i)
-        if self.pseudo_masks is not None:
-            if query_id in self.without_pseudo_mask:
-                pm = np.zeros(mask.shape, bool)
-            else:
-                pm = load_pseudo_mask(self.pseudo_paths[query_id], size=mask.shape)
+        if self.pseudo_masks is not None:   # Table 3's Saliency*; all background where make_pseudomasks wrote none
+            pm = np.zeros(mask.shape, bool)
+            if query_id not in self.without_pseudo_mask:
+                pm = load_binary_mask(self.pseudo_paths[query_id])
+                _check_same_size(image, self.image_path(query_id), pm, self.pseudo_paths[query_id])
             item["query_pseudo_mask"] = torch.from_numpy(pm.astype(np.int64))
         return item
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Salient-object folders
-# ---------------------------------------------------------------------------------------------------------------
 
 class SalientObjects(torch.utils.data.Dataset):
-    """Image folder (+ optional mask folder with the same stems; masks via load_binary_mask), e.g. MSRA-B, ECSSD,
-    DUTS, SOD, or images + pseudo-masks. Items: image [3,S,S] (ImageNet-normalised), image_id str, orig_size
-    tensor [2] (H, W); with masks also mask [S,S] float 0/1 (nearest). A mask folder whose every mask is empty
-    is a ValueError (foreground_counts)."""
+    """An image folder and optionally a mask folder with the same stems (MSRA-B, SOD, ..., images + pseudo-masks).
+    Items: image [3,S,S] (normalised), image_id, orig_size [2] (H, W); with masks also mask [S,S] float 0/1."""
 
     def __init__(self, images_dir, masks_dir=None, list_file=None, image_size=400):
         self.images = list_images(images_dir, list_file)
@@ -1059,31 +988,10 @@ class SalientObjects(torch.utils.data.Dataset):
         return item
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Loaders: one per run, shared by the scripts
-# ---------------------------------------------------------------------------------------------------------------
-
 def make_loader(dataset, device, workers, **batching):
-    """The DataLoader of every script (batching: batch_sampler= or batch_size=): workers started once and kept for
-    the whole run (persistent), batches in pinned memory when they go to a GPU (so that .to(device,
-    non_blocking=True) overlaps the copy with the computation). Workers keep their freed memory
-    (model.keep_freed_memory, as configure_backends does for the script's own process)."""
+    """The DataLoader of every script (batch_sampler= or batch_size=): workers started once for the whole run, which
+    keep their freed memory (model.keep_freed_memory); batches in pinned memory when they go to a GPU, so that
+    .to(device, non_blocking=True) overlaps the copy with the computation."""
     return torch.utils.data.DataLoader(dataset, num_workers=workers, persistent_workers=workers > 0,
                                        pin_memory=device.type == "cuda", worker_init_fn=keep_freed_memory,
                                        **batching)
-
-
-class EpochItems(torch.utils.data.Dataset):
-    """dataset[(epoch, i)] = item i of `epoch` (dataset.set_epoch(epoch), then dataset[i]): the epoch travels with
-    the index, so one loader with persistent workers serves every epoch of a run."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        self.dataset.set_epoch(epoch)
-        return self.dataset[index]

@@ -1,8 +1,7 @@
 r"""MaskSplit: cut a saliency mask into a support half and a query half (paper section 3.2, Figure 3).
 
-A single file with no dependency beyond the standard library, numpy and torch: copy it into your project.
-Everything works on numpy arrays and torch tensors (CPU or CUDA), on one mask [H, W] or a batch [B, H, W];
-any nonzero value is foreground.
+One file needing only numpy and torch: copy it into your project. Everything works on numpy arrays and torch
+tensors (CPU or CUDA), on one mask [H, W] or a batch [B, H, W]; any nonzero value is foreground.
 
 Geometry of a vertical split ("Vsplit"), with c[x] the foreground count of column x and T the total:
 
@@ -17,12 +16,9 @@ Geometry of a vertical split ("Vsplit"), with c[x] the foreground count of colum
     y=H-1 -----\---\----
               x = m-s
 
-A horizontal split ("Hsplit") is the vertical split of the transposed mask: median row m, line from
-(0, m + shift) to (W - 1, m - shift), support = the part strictly below it (swap=False).
-
+A horizontal split ("Hsplit") is the vertical split of the transposed mask: support = below the line (swap=False).
 line="official" follows the authors' public code, which differs from the paper: its line runs from
 (m - 3*shift, top) to (m - shift, bottom) and pixels exactly on the line belong to neither half.
-
 The query loss ignores the support half (section 3.2, last paragraph): `query_target` marks it with
 `ignore_index`, so `F.cross_entropy(logits, target, ignore_index=255)` never pushes it to background.
 
@@ -32,8 +28,6 @@ The query loss ignores the support half (section 3.2, last paragraph): `query_ta
 """
 import numpy as np
 import torch
-
-__all__ = ["split_mask", "query_target", "MaskSplit"]
 
 DIRECTIONS = ("vertical", "horizontal")
 LINES = ("paper", "official")
@@ -50,8 +44,7 @@ def _as_torch(mask):
 
 def _per_item(value, batch, name, device):
     """A scalar or one value per batch item -> int64 tensor [B, 1, 1]."""
-    value = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
-    value = value.to(device=device, dtype=torch.int64).reshape(-1)
+    value = torch.as_tensor(value).to(device=device, dtype=torch.int64).reshape(-1)
     if value.numel() == 1:
         value = value.expand(batch)
     if value.numel() != batch:
@@ -66,11 +59,9 @@ def _halves(fg, direction, shift, swap, line):
         return support.transpose(1, 2).contiguous(), query.transpose(1, 2).contiguous()
     height, width = fg.shape[1:]
     # the median column m: the smallest x with cumsum(c)[x] >= T / 2, in integers 2 * cumsum(c)[x] >= T
-    counts = fg.sum(dim=1)                                                        # c[x], [B, W]
-    cumulative = counts.cumsum(dim=1)
+    cumulative = fg.sum(dim=1).cumsum(dim=1)                     # cumsum(c), c[x] = foreground of column x, [B, W]
     m = (2 * cumulative >= cumulative[:, -1:]).int().argmax(dim=1).view(-1, 1, 1)
-    x = torch.arange(width, device=fg.device).view(1, 1, width)
-    y = torch.arange(height, device=fg.device).view(1, height, 1)
+    x, y = torch.arange(width, device=fg.device).view(1, 1, width), torch.arange(height, device=fg.device)[:, None]
     span = max(height - 1, 1)                                                     # H - 1
     if line == "paper":
         # the line from (m + s, 0) to (m - s, H - 1): x_line(y) = m + s - 2 s y / (H - 1); multiplied by H - 1,
@@ -92,28 +83,21 @@ def split_mask(mask, direction="vertical", shift=0, swap=False, line="paper"):
     """Deterministic MaskSplit of `mask` ([H, W] or [B, H, W]) -> (support_fg, query_fg), boolean masks of the
     input's library, shape and device. `shift` (pixels, section 3.2 "slope") and `swap` (section 3.2
     "alternate") are scalars or, for a batch, one value per item."""
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    if line not in LINES:
-        raise ValueError(f"line must be one of {LINES}, got {line!r}")
+    if direction not in DIRECTIONS or line not in LINES:
+        raise ValueError(f"direction must be one of {DIRECTIONS} and line one of {LINES}, got {direction!r}, {line!r}")
     fg, from_numpy = _as_torch(mask)
     if fg.dim() not in (2, 3):
         raise ValueError(f"mask must be [H, W] or [B, H, W], got shape {tuple(fg.shape)}")
-    single = fg.dim() == 2
-    batch = fg.unsqueeze(0) if single else fg
-    shift_t = _per_item(shift, batch.shape[0], "shift", fg.device)
-    swap_t = _per_item(swap, batch.shape[0], "swap", fg.device).bool()
-    support, query = _halves(batch, direction, shift_t, swap_t, line)
-    if single:
-        support, query = support[0], query[0]
-    if from_numpy:
-        return support.numpy(), query.numpy()
-    return support, query
+    batch = fg.view(-1, *fg.shape[-2:])
+    shift, swap = (_per_item(v, len(batch), name, fg.device) for v, name in ((shift, "shift"), (swap, "swap")))
+    support, query = _halves(batch, direction, shift, swap.bool(), line)
+    support, query = support.view(fg.shape), query.view(fg.shape)
+    return (support.numpy(), query.numpy()) if from_numpy else (support, query)
 
 
 def query_target(query_fg, support_fg, ignore_index=255):
-    """Query training target (section 3.2): 1 on the query foreground, `ignore_index` on the support foreground
-    (where the query fg does not also cover it, as in "no split"), 0 elsewhere. int64 for torch, uint8 for numpy."""
+    """The query's training target (section 3.2): 1 on the query foreground, `ignore_index` on the support
+    foreground not also query (as in "no split"), 0 elsewhere. int64 for torch, uint8 for numpy."""
     if isinstance(query_fg, np.ndarray):
         if not 0 <= ignore_index <= 255:
             raise ValueError(f"ignore_index {ignore_index} does not fit the uint8 target of a numpy mask")
@@ -124,29 +108,13 @@ def query_target(query_fg, support_fg, ignore_index=255):
     return target.masked_fill(query_fg != 0, 1)
 
 
-def _count(fg):
-    """Foreground pixels of a boolean mask (numpy or torch)."""
-    return int(fg.sum())
-
-
-class _Draws:
-    """Uniform draws from a numpy Generator, a torch Generator, or (None) torch's default generator."""
-
-    def __init__(self, generator):
-        if generator is not None and not isinstance(generator, (np.random.Generator, torch.Generator)):
-            raise TypeError(f"generator must be numpy.random.Generator or torch.Generator, got {type(generator)}")
-        self.generator = generator
-
-    def uniform(self):
-        if isinstance(self.generator, np.random.Generator):
-            return float(self.generator.random())
-        return float(torch.rand((), generator=self.generator))
-
-    def integer(self, low, high):
-        """Uniform integer in [low, high] (both included)."""
-        if isinstance(self.generator, np.random.Generator):
-            return int(self.generator.integers(low, high + 1))
-        return int(torch.randint(low, high + 1, (), generator=self.generator))
+def _draw(generator, low=None, high=None):
+    """A uniform number in [0, 1), or integer in [low, high], from a numpy or torch Generator (None: torch's)."""
+    if isinstance(generator, np.random.Generator):
+        return float(generator.random()) if low is None else int(generator.integers(low, high + 1))
+    if low is None:
+        return float(torch.rand((), generator=generator))
+    return int(torch.randint(low, high + 1, (), generator=generator))
 
 
 class MaskSplit:
@@ -166,20 +134,14 @@ class MaskSplit:
             raise ValueError(f"direction must be vertical, horizontal or mixed, got {direction!r}")
         if line not in LINES:
             raise ValueError(f"line must be one of {LINES}, got {line!r}")
-        if not 0.0 <= prob <= 1.0:
-            raise ValueError(f"prob must be in [0, 1], got {prob}")
-        if max_shift < 0 or min_pixels < 0 or max_tries < 1:
-            raise ValueError("max_shift and min_pixels must be >= 0 and max_tries >= 1")
+        if not 0.0 <= prob <= 1.0 or max_shift < 0 or min_pixels < 0 or max_tries < 1:
+            raise ValueError(f"MaskSplit needs prob in [0, 1], max_shift and min_pixels >= 0 and max_tries >= 1, got "
+                             f"{prob}, {max_shift}, {min_pixels} and {max_tries}")
         self.direction, self.max_shift, self.alternate = direction, int(max_shift), bool(alternate)
         self.prob, self.min_pixels, self.line, self.max_tries = float(prob), int(min_pixels), line, int(max_tries)
 
-    def __repr__(self):
-        return (f"MaskSplit(direction={self.direction!r}, max_shift={self.max_shift}, alternate={self.alternate}, "
-                f"prob={self.prob}, min_pixels={self.min_pixels}, line={self.line!r})")
-
     def __call__(self, mask, generator=None):
-        support, query, _ = self.sample(mask, generator)
-        return support, query
+        return self.sample(mask, generator)[:2]
 
     def sample(self, mask, generator=None):
         """Like calling the object, and also returns what was drawn: a dict {"direction", "shift", "swap"}
@@ -191,19 +153,17 @@ class MaskSplit:
             return stack([s for s, _, _ in items]), stack([q for _, q, _ in items]), [p for _, _, p in items]
         if fg.dim() != 2:
             raise ValueError(f"mask must be [H, W] or [B, H, W], got shape {tuple(fg.shape)}")
-        if _count(fg) == 0:
+        if not fg.any():
             raise ValueError("MaskSplit got an all-empty mask: there is no foreground to split")
-        draws = _Draws(generator)
-        if draws.uniform() < self.prob:
+        if generator is not None and not isinstance(generator, (np.random.Generator, torch.Generator)):
+            raise TypeError(f"generator must be numpy.random.Generator or torch.Generator, got {type(generator)}")
+        if _draw(generator) < self.prob:
             for _ in range(self.max_tries):
-                params = {
-                    "direction": self.direction if self.direction != "mixed"
-                    else DIRECTIONS[int(draws.uniform() < 0.5)],
-                    "shift": draws.integer(-self.max_shift, self.max_shift),
-                    "swap": self.alternate and draws.uniform() < 0.5,
-                }
+                direction = self.direction if self.direction != "mixed" else DIRECTIONS[int(_draw(generator) < 0.5)]
+                params = {"direction": direction, "shift": _draw(generator, -self.max_shift, self.max_shift),
+                          "swap": self.alternate and _draw(generator) < 0.5}
                 support, query = split_mask(mask, line=self.line, **params)
-                if min(_count(support), _count(query)) >= self.min_pixels:
+                if min(int(support.sum()), int(query.sum())) >= self.min_pixels:
                     return support, query, params
         whole = mask != 0
         return whole, whole.copy() if isinstance(whole, np.ndarray) else whole.clone(), None

@@ -1,22 +1,18 @@
 """Stage 1: unsupervised saliency pseudo-labels, DeepUSPS-style (Nguyen et al., NeurIPS 2019); paper section 3.2.
 
-    python saliency_train.py --images DIR [--list FILE] --out DIR [--backbone efficientnet_lite0 --weights imagenet
-                             --rounds 3 --epochs 25 --image-size N]
+    python saliency_train.py --images DIR [--list FILE] --out DIR [--backbone B --weights W --rounds 3 --epochs 25]
     python saliency_train.py --images DIR --out DIR --priors-only
 
-1. Hand-crafted priors (torch, batched) on SLIC superpixels (scikit-image, per image on the CPU)
-   -> OUT/priors/<prior>/<stem>.png (0..255).
+1. Hand-crafted priors (RBD, MC, DSR) on SLIC superpixels -> OUT/priors/<prior>/<stem>.png (0..255).
 2. Phase I, per prior, --rounds rounds of --epochs epochs: a fresh decoder trained on fixed targets (the prior
    binarised at its DeepUSPS threshold in round 1, the previous round's moving average binarised at 0.5 later),
    with DeepUSPS's continuous F-measure loss; after every epoch each image's prediction, through a dense CRF,
-   updates a moving average (OUT/refine/<prior>/round<r>/, PNG files). The last round's network -> OUT/<prior>.pt.
+   updates a moving average (OUT/refine/<prior>/round<r>/). The last round's network -> OUT/<prior>.pt.
 3. Phase II, fusion: one decoder trained on every prior's refined labels (loss averaged over them); its
-   predictions (through the CRF) on the training images -> OUT/prob/<stem>.png (0..255), OUT/labels/<stem>.png
-   (0/255), checkpoint OUT/saliency.pt.
-No ground truth is read anywhere. --resume continues after the last finished epoch (OUT/last.pt holds the decoder
-and optimizer; every label set is a file). Differences from DeepUSPS: the backbone is frozen (features computed
-once, a bounded fp16 cache) and only the light decoder trains; the CRF's bilateral kernel is evaluated against a
-grid of source pixels; no HS prior; no augmentation (see README).
+   predictions (through the CRF) -> OUT/prob/<stem>.png (0..255), OUT/labels/<stem>.png (0/255), OUT/saliency.pt.
+No ground truth is read anywhere. --resume continues after the last finished epoch (OUT/last.pt). Differences from
+DeepUSPS: the backbone is frozen (features computed once, a bounded fp16 cache) and only the light decoder trains;
+the CRF's bilateral kernel is evaluated against a grid of source pixels; no HS prior; no augmentation (see README).
 """
 import argparse
 import json
@@ -35,12 +31,11 @@ from model import (BACKBONES, FiniteGuard, HelpFormatter, SaliencyNet, add_devic
                    nonnegative_float, pick_device, positive_float, positive_int, restore_rng, resume_checkpoint,
                    save_checkpoint, seeded_generator, training_state, trim_log, unit_float)
 
-# DeepUSPS's per-prior binarisation thresholds for the first round (Nguyen et al. 2019).
-PRIOR_THRESHOLDS = {"mc": 0.31, "hs": 0.36, "dsr": 0.23, "rbd": 0.25}
+PRIORS = ("rbd", "mc", "dsr")
+PRIOR_THRESHOLDS = {"mc": 0.31, "hs": 0.36, "dsr": 0.23, "rbd": 0.25}  # DeepUSPS's round-1 binarisation per prior
 
 
 # ---- colour space and superpixels ----
-
 def rgb_to_lab(rgb):
     """sRGB in [0, 1], [B,3,H,W] -> CIE L*a*b* (D65 white), [B,3,H,W]."""
     lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
@@ -53,32 +48,18 @@ def rgb_to_lab(rgb):
     return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], 1)
 
 
-def segment_mean(values, labels, k):
-    """values [B,N,C], labels [B,N] in [0,k) -> (per-segment means [B,k,C], pixel counts [B,k])."""
-    b, _, c = values.shape
-    sums = values.new_zeros(b, k, c).scatter_add_(1, labels[..., None].expand(-1, -1, c), values)
-    counts = values.new_zeros(b, k).scatter_add_(1, labels, torch.ones_like(labels, dtype=values.dtype))
-    return sums / counts.clamp_min(1)[..., None], counts
-
-
 def slic_labels(rgb, n_segments=200, compactness=10.0):
-    """SLIC superpixels (Achanta et al., TPAMI 2012), scikit-image's implementation, one image at a time on the CPU:
-    [0,1] images [B,3,H,W] -> (labels [B,H,W] int64 on the input's device, k).
-
-    Distance d_lab^2 + (m/S)^2 d_xy^2 in CIE Lab with m = compactness, 10 iterations, and SLIC's connectivity step:
-    every superpixel is one 4-connected piece. Labels are consecutive 0..k_i-1 per image; k is the largest k_i of
-    the batch (labels k_i..k-1 of an image are empty). The connectivity step merges pieces under half a
-    superpixel's size into a neighbour, so k_i can fall below n_segments (115 to 179 of 200 on five 256 px SOD images);
-    an image with fewer pixels than n_segments gets at most one superpixel per pixel. For the priors of section 3.2."""
+    """SLIC superpixels (Achanta et al., TPAMI 2012; scikit-image's, m = compactness, per image on the CPU): [0,1]
+    images [B,3,H,W] -> (labels [B,H,W] int64 on the input's device, k). Labels are consecutive 0..k_i-1 per image,
+    k the largest k_i (an image's labels k_i..k-1 are empty); SLIC's connectivity step makes every superpixel one
+    4-connected piece, so k_i can fall below n_segments."""
     if n_segments < 1:
         raise ValueError(f"superpixels per image (--superpixels) must be at least 1, got {n_segments}")
-    images = rgb.detach().float().permute(0, 2, 3, 1).cpu().numpy()
     labels = []
-    for image in images:
+    for image in rgb.detach().float().permute(0, 2, 3, 1).cpu().numpy():
         raw = skimage.segmentation.slic(image, n_segments=n_segments, compactness=compactness, max_num_iter=10,
                                         enforce_connectivity=True, convert2lab=True, start_label=0, channel_axis=-1)
-        present = np.bincount(raw.ravel()) > 0
-        labels.append((np.cumsum(present) - 1)[raw])  # consecutive 0..k_i-1
+        labels.append((np.cumsum(np.bincount(raw.ravel()) > 0) - 1)[raw])  # consecutive 0..k_i-1
     labels = torch.from_numpy(np.stack(labels)).to(rgb.device, torch.int64)
     return labels, int(labels.max()) + 1
 
@@ -88,13 +69,14 @@ def superpixel_graph(rgb, n_segments=200, compactness=10.0):
     labels [B,H,W], lab / rgb [B,K,3] mean colours, pos [B,K,2] mean (y, x) in [0,1], valid [B,K] (non-empty),
     adj [B,K,K] (4-neighbour touching, no self loops), boundary [B,K] (touches the image border)."""
     b, _, h, w = rgb.shape
-    lab = rgb_to_lab(rgb)
     labels, k = slic_labels(rgb, n_segments, compactness)
     flat = labels.flatten(1)
     ys = torch.linspace(0, 1, h, device=rgb.device).view(h, 1).expand(h, w)
     xs = torch.linspace(0, 1, w, device=rgb.device).view(1, w).expand(h, w)
-    pix = torch.cat([lab, rgb, torch.stack([ys, xs]).expand(b, 2, h, w)], 1).flatten(2).transpose(1, 2)
-    means, counts = segment_mean(pix, flat, k)
+    pix = torch.cat([rgb_to_lab(rgb), rgb, torch.stack([ys, xs]).expand(b, 2, h, w)], 1).flatten(2).transpose(1, 2)
+    sums = pix.new_zeros(b, k, pix.shape[-1]).scatter_add_(1, flat[..., None].expand(-1, -1, pix.shape[-1]), pix)
+    counts = pix.new_zeros(b, k).scatter_add_(1, flat, torch.ones_like(flat, dtype=pix.dtype))
+    means = sums / counts.clamp_min(1)[..., None]
     adj = torch.zeros(b, k * k, dtype=torch.bool, device=rgb.device)
     for a, c in ((labels[:, :, :-1], labels[:, :, 1:]), (labels[:, :-1, :], labels[:, 1:, :])):
         adj.scatter_(1, (a * k + c).flatten(1), True)
@@ -113,30 +95,26 @@ def to_pixels(values, labels):
 
 def normalise(maps):
     """Min-max each map of [B,H,W] to [0,1] (a constant map becomes 0)."""
-    lo = maps.flatten(1).min(1).values.view(-1, 1, 1)
-    hi = maps.flatten(1).max(1).values.view(-1, 1, 1)
+    lo, hi = maps.flatten(1).min(1).values.view(-1, 1, 1), maps.flatten(1).max(1).values.view(-1, 1, 1)
     return (maps - lo) / (hi - lo).clamp_min(1e-12)
 
 
 def _solve(matrix, rhs, valid):
-    """Solve matrix @ x = rhs per batch item, with the rows / columns of empty superpixels replaced by identity.
-    One system at a time: the batched LU of torch's CPU build (MKL) fails on some real batches ("Pivots given to
-    lu_solve must all be greater or equal to 1") whose every system solves alone."""
-    pair = valid[:, :, None] & valid[:, None, :]
-    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
-    matrix = torch.where(pair, matrix, eye.expand_as(matrix))
-    rhs = torch.where(valid, rhs, 0.0)
-    return torch.stack([torch.linalg.solve(m, r) for m, r in zip(matrix, rhs)])
+    """Solve matrix @ x = rhs per batch item, the rows / columns of empty superpixels replaced by identity. One system
+    at a time: torch's batched CPU LU fails on some batches whose every system solves alone."""
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device).expand_as(matrix)
+    matrix = torch.where(valid[:, :, None] & valid[:, None, :], matrix, eye)
+    return torch.stack([torch.linalg.solve(m, r) for m, r in zip(matrix, torch.where(valid, rhs, 0.0))])
 
 
 def _valid_min_max(values, valid):
+    """Min-max over the non-empty superpixels (dim 1) to [0,1]; the empty ones become 0."""
     lo = torch.where(valid, values, math.inf).min(1, keepdim=True).values
     hi = torch.where(valid, values, -math.inf).max(1, keepdim=True).values
     return torch.where(valid, (values - lo) / (hi - lo).clamp_min(1e-12), 0.0)
 
 
 # ---- priors ----
-
 def rbd_prior(graph, sigma_clr=10.0, sigma_bndcon=1.0, sigma_spa=0.25, mu=0.1, bg_lambda=1.0):
     """RBD, robust background detection (Zhu et al., CVPR 2014): boundary connectivity from geodesic distances
     on the superpixel graph, background-weighted contrast, then the least-squares saliency optimisation.
@@ -145,34 +123,27 @@ def rbd_prior(graph, sigma_clr=10.0, sigma_bndcon=1.0, sigma_spa=0.25, mu=0.1, b
     pair = valid[:, :, None] & valid[:, None, :]
     d_app = torch.cdist(lab, lab)
     # geodesic distances: edges between touching superpixels and between all border superpixels (as in RBD)
-    edges = (adj | (bnd[:, :, None] & bnd[:, None, :])) & pair
-    geo = torch.where(edges, d_app, math.inf)
+    geo = torch.where((adj | (bnd[:, :, None] & bnd[:, None, :])) & pair, d_app, math.inf)
     geo = geo.masked_fill(torch.eye(geo.shape[-1], dtype=torch.bool, device=geo.device), 0.0)
     for k in range(geo.shape[-1]):  # Floyd-Warshall, all items of the batch at once
         geo = torch.minimum(geo, geo[:, :, k:k + 1] + geo[:, k:k + 1, :])
     span = torch.where(pair, torch.exp(-geo ** 2 / (2 * sigma_clr ** 2)), 0.0)
-    area = span.sum(-1)
-    len_bnd = (span * bnd[:, None, :]).sum(-1)
-    bnd_con = len_bnd / area.clamp_min(1e-12).sqrt()
+    bnd_con = (span * bnd[:, None, :]).sum(-1) / span.sum(-1).clamp_min(1e-12).sqrt()  # Len_bnd / sqrt(Area)
     w_bg = 1 - torch.exp(-bnd_con ** 2 / (2 * sigma_bndcon ** 2))
     w_spa = torch.exp(-torch.cdist(graph["pos"], graph["pos"]) ** 2 / (2 * sigma_spa ** 2))
     w_ctr = _valid_min_max((d_app * w_spa * w_bg[:, None, :] * valid[:, None, :]).sum(-1), valid)
     # minimise sum w_bg s^2 + sum w_fg (s - 1)^2 + sum_{ij adjacent} w_ij (s_i - s_j)^2
     w_smooth = torch.where(adj & pair, torch.exp(-d_app ** 2 / (2 * sigma_clr ** 2)) + mu, 0.0)
     system = torch.diag_embed(w_smooth.sum(-1) + bg_lambda * w_bg + w_ctr) - w_smooth
-    sal = _solve(system, w_ctr, valid)
-    return normalise(to_pixels(sal.clamp(0, 1), graph["labels"]))
+    return normalise(to_pixels(_solve(system, w_ctr, valid).clamp(0, 1), graph["labels"]))
 
 
 def mc_prior(graph, sigma2=0.1):
     """MC, absorbing Markov chain (Jiang et al., ICCV 2013): border superpixels are duplicated as absorbing nodes;
     saliency is the expected time to absorption N @ 1 with N = (I - Q)^-1."""
-    valid, adj, bnd = graph["valid"], graph["adj"], graph["boundary"]
+    valid, adj, bnd, lab = graph["valid"], graph["adj"], graph["boundary"], graph["lab"]
     pair = valid[:, :, None] & valid[:, None, :]
-    lab = graph["lab"]
-    lo = torch.where(valid[..., None], lab, math.inf).min(1, keepdim=True).values
-    hi = torch.where(valid[..., None], lab, -math.inf).max(1, keepdim=True).values
-    feat = (lab - lo) / (hi - lo).clamp_min(1e-12)  # Lab normalised to [0, 1] per image
+    feat = _valid_min_max(lab, valid[..., None])  # Lab normalised to [0, 1] per image
     affinity = torch.exp(-torch.cdist(feat, feat) / sigma2)
     eye = torch.eye(adj.shape[-1], dtype=torch.bool, device=adj.device)
     ring2 = (adj | (adj.float() @ adj.float() > 0)) & ~eye  # neighbours and neighbours of neighbours
@@ -195,9 +166,8 @@ def _dsr_errors(graph, lam=0.01, energy=0.95, ista_iters=200):
     mean = (x * wb).sum(1, keepdim=True) / n_b
     centred_b = (x - mean) * wb
     cov = centred_b.transpose(1, 2) @ centred_b / n_b
-    evals, evecs = torch.linalg.eigh(cov.double())  # ascending
-    evals, evecs = evals.to(x.dtype), evecs.to(x.dtype)
-    evals, evecs = evals.flip(-1).clamp_min(0), evecs.flip(-1)
+    evals, evecs = (t.to(x.dtype).flip(-1) for t in torch.linalg.eigh(cov.double()))  # descending
+    evals = evals.clamp_min(0)
     share = evals.cumsum(-1) / evals.sum(-1, keepdim=True).clamp_min(1e-12)
     keep = (share - evals / evals.sum(-1, keepdim=True).clamp_min(1e-12)) < energy  # smallest set with >= energy
     u = evecs * keep[:, None, :]
@@ -241,75 +211,54 @@ def dsr_prior(rgb, n_segments=200, scales=(0.5, 1.0, 2.0), lam=0.01, sigma=0.25)
     return normalise(out)
 
 
-PRIORS = ("rbd", "mc", "dsr")
-
-
 def compute_priors(rgb, names=PRIORS, n_segments=200, rbd_bg_lambda=1.0):
     """Batch of [0,1] images [B,3,H,W] -> {prior name: saliency maps [B,H,W] in [0,1]}."""
-    unknown = set(names) - set(PRIORS)
-    if unknown:
+    if unknown := set(names) - set(PRIORS):
         raise ValueError(f"unknown prior(s) {sorted(unknown)}; available: {', '.join(PRIORS)}")
-    out = {}
     graph = superpixel_graph(rgb, n_segments) if {"rbd", "mc"} & set(names) else None
-    for name in names:
-        if name == "rbd":
-            out[name] = rbd_prior(graph, bg_lambda=rbd_bg_lambda)
-        elif name == "mc":
-            out[name] = mc_prior(graph)
-        else:
-            out[name] = dsr_prior(rgb, n_segments)
-    return out
+    prior = {"rbd": lambda: rbd_prior(graph, bg_lambda=rbd_bg_lambda), "mc": lambda: mc_prior(graph),
+             "dsr": lambda: dsr_prior(rgb, n_segments)}
+    return {name: prior[name]() for name in names}
 
 
 # ---- dense CRF (Krähenbühl & Koltun, NeurIPS 2011), as DeepUSPS applies it to every prediction ----
-
 def _symmetric_filter(kernel_apply, q, ones_response):
     """pydensecrf's NORMALIZE_SYMMETRIC: D^-1/2 K D^-1/2 q with D = K 1 (the pixel itself included)."""
     norm = ones_response.clamp_min(1e-20).rsqrt()
     return norm * kernel_apply(norm * q)
 
 
-def _gaussian_blur(x, sigma):
-    """Separable Gaussian filter of [B,H,W] maps (zero outside the image), sigma in pixels."""
-    radius = max(1, math.ceil(3 * sigma))
-    g = torch.exp(-torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device) ** 2 / (2 * sigma ** 2))
-    x = F.conv2d(x[:, None], g.view(1, 1, 1, -1), padding=(0, radius))
-    return F.conv2d(x, g.view(1, 1, -1, 1), padding=(radius, 0))[:, 0]
-
-
-def _bilateral_kernel(feats, src):
-    """exp(-|f_i - f_j|^2 / 2) between every pixel feature feats [N,D] and the sources feats[src] -> [N,S],
-    computed in place (it is the largest array of the CRF)."""
-    k = feats @ feats[src].T
-    k.sub_(0.5 * (feats * feats).sum(1, keepdim=True)).sub_(0.5 * (feats[src] * feats[src]).sum(1)[None])
-    return k.clamp_(-40, 0).exp_()  # below -40 the kernel is 0 to float precision (and exp of it is slow)
-
-
 def dense_crf(prob, rgb, iters=5, gauss_sxy=3.0, gauss_compat=3.0, bil_sxy=80.0, bil_srgb=13.0, bil_compat=10.0,
               reference_size=432, max_sources=256):
-    """Mean-field inference of the fully connected two-label CRF, DeepUSPS's parameters (Gaussian kernel sxy 3,
-    compat 3; bilateral kernel sxy 80, srgb 13, compat 10; 5 iterations; Potts; symmetric normalisation).
-    prob [B,H,W] saliency in [0,1], rgb [B,3,H,W] in [0,1] -> refined saliency [B,H,W] (a new tensor).
-
+    """Mean-field inference of the fully connected two-label CRF (Potts, symmetric normalisation), DeepUSPS's
+    parameters: prob [B,H,W] saliency in [0,1], rgb [B,3,H,W] in [0,1] -> refined saliency [B,H,W] (a new tensor).
     Unary -log p. Spatial sigmas are in pixels of DeepUSPS's 432 px maps and scaled to this map's size. The
     bilateral kernel (position + colour) is evaluated exactly between every pixel and a regular grid of at most
     max_sources source pixels, each standing for its grid cell: O(HW x sources) instead of O((HW)^2)."""
-    b, h, w = prob.shape
+    _, h, w = prob.shape
     scale = max(h, w) / reference_size
-    ys, xs = torch.meshgrid(torch.arange(h, device=prob.device, dtype=torch.float32),
-                            torch.arange(w, device=prob.device, dtype=torch.float32), indexing="ij")
+    ys, xs = torch.meshgrid(*(torch.arange(n, device=prob.device, dtype=torch.float32) for n in (h, w)), indexing="ij")
     step = max(1, math.ceil(math.sqrt(h * w / max_sources)))
     src = ((ys % step == step // 2) & (xs % step == step // 2)).flatten().nonzero()[:, 0]  # grid of sources
     pos = torch.stack([ys, xs], -1).flatten(0, 1) / (bil_sxy * scale)
+    sigma = gauss_sxy * scale  # separable Gaussian kernel, zero outside the image
+    radius = max(1, math.ceil(3 * sigma))
+    g = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32, device=prob.device) ** 2 / (2 * sigma ** 2))
+
+    def gauss(q):  # [1,H,W] -> Gaussian filter response [1,H,W]
+        q = F.conv2d(q[:, None], g.view(1, 1, 1, -1), padding=(0, radius))
+        return F.conv2d(q, g.view(1, 1, -1, 1), padding=(radius, 0))[:, 0]
+
     out = []
     for p, image in zip(prob.float().clamp(1e-5, 1 - 1e-5), rgb.float()):
-        kernel = _bilateral_kernel(torch.cat([pos, image.flatten(1).T * (255 / bil_srgb)], 1), src) * step ** 2
+        # exp(-|f_i - f_j|^2 / 2) between every pixel's features and the sources', in place (the CRF's largest array)
+        f = torch.cat([pos, image.flatten(1).T * (255 / bil_srgb)], 1)
+        kernel = f @ f[src].T
+        kernel.sub_(0.5 * (f * f).sum(1, keepdim=True)).sub_(0.5 * (f[src] * f[src]).sum(1)[None])
+        kernel = kernel.clamp_(-40, 0).exp_() * step ** 2  # below -40 the kernel is 0 to float precision
 
         def bil(q):  # [1,H,W] -> bilateral filter response [1,H,W]
             return (kernel @ q.flatten()[src]).view(1, h, w)
-
-        def gauss(q):
-            return _gaussian_blur(q, gauss_sxy * scale)
 
         ones = torch.ones(1, h, w, device=p.device)
         ones_bil, ones_gauss = bil(ones), gauss(ones)
@@ -326,7 +275,6 @@ def dense_crf(prob, rgb, iters=5, gauss_sxy=3.0, gauss_compat=3.0, bil_sxy=80.0,
 
 
 # ---- DeepUSPS training: per-prior networks with self-supervised label refinement, then fusion ----
-
 def f_measure_loss(prob, target, beta2=1.0, eps=1e-5):
     """DeepUSPS's continuous F-measure loss: 1 - F_beta from soft TP / FP / FN per image, mean over the batch.
     prob, target [B,H,W] in [0,1]; beta2 weighs recall (DeepUSPS: 1 per prior, 4 for the fusion)."""
@@ -338,12 +286,10 @@ def f_measure_loss(prob, target, beta2=1.0, eps=1e-5):
 
 
 def update_moving_average(average, crf_map, momentum, epoch):
-    """DeepUSPS's moving average of the CRF-refined predictions, after epoch `epoch` (1-based):
-    mva <- momentum * mva + (1 - momentum) * crf_map from mva = 0, divided by 1 - momentum^epoch (bias
-    correction, as in Adam) so that a round of few epochs is not pulled towards 0. DeepUSPS's 25 epochs make the
-    two differ by at most 0.7^25 < 2e-4. average is ignored at epoch 1. Returns a new tensor."""
-    keep = momentum * (1 - momentum ** (epoch - 1))
-    return (keep * average + (1 - momentum) * crf_map) / (1 - momentum ** epoch)
+    """DeepUSPS's moving average of the CRF-refined predictions after epoch `epoch` (1-based): mva <- momentum * mva
+    + (1 - momentum) * crf_map from mva = 0, divided by 1 - momentum^epoch (bias correction, as in Adam) so that a
+    round of few epochs is not pulled towards 0. average is ignored at epoch 1. Returns a new tensor."""
+    return (momentum * (1 - momentum ** (epoch - 1)) * average + (1 - momentum) * crf_map) / (1 - momentum ** epoch)
 
 
 def _load_rgb(path, size):
@@ -372,12 +318,9 @@ def write_priors(paths, out, names, size, n_segments, batch_size, device, rbd_bg
 
 def read_maps(folder, stems, size):
     """Saliency maps OUT/.../<stem>.png (0..255) resized to the training size -> [N,size,size] float in [0,1]."""
-    maps = []
-    for stem in stems:
-        arr = np.asarray(load_image(folder / f"{stem}.png").convert("L"), dtype=np.float32) / 255
-        maps.append(F.interpolate(torch.from_numpy(arr)[None, None], size=(size, size), mode="bilinear",
-                                  align_corners=False)[0, 0])
-    return torch.stack(maps)
+    arrays = (np.asarray(load_image(folder / f"{s}.png").convert("L"), dtype=np.float32) / 255 for s in stems)
+    return torch.stack([F.interpolate(torch.from_numpy(a)[None, None], size=(size, size), mode="bilinear",
+                                      align_corners=False)[0, 0] for a in arrays])
 
 
 def write_maps(maps, folder, stems):
@@ -388,19 +331,15 @@ def write_maps(maps, folder, stems):
 
 class Features:
     """The frozen backbone's three feature maps per image, by index. The first images' features are kept (fp16,
-    on the device) up to cache_bytes; the others are recomputed for every batch, so memory stays bounded
-    whatever the number of images."""
+    on the device) up to cache_bytes, the others recomputed for every batch: memory stays bounded."""
 
     def __init__(self, net, paths, size, batch_size, device, cache_bytes):
         self.net, self.paths, self.size, self.device = net, paths, size, device
-        per_image = sum(f.numel() * 2 for f in self._compute([0]))
+        per_image = sum(f.numel() * 2 for f in self._compute([0]))  # bytes
         self.cached = min(len(paths), int(cache_bytes // per_image))
         chunks = [self._compute(range(i, min(i + batch_size, self.cached)))
                   for i in tqdm(range(0, self.cached, batch_size), desc="features", disable=not self.cached)]
         self.cache = [torch.cat(level) for level in zip(*chunks)] if chunks else None
-
-    def __len__(self):
-        return len(self.paths)
 
     @torch.no_grad()
     def _compute(self, idx):
@@ -409,10 +348,8 @@ class Features:
 
     def __getitem__(self, idx):
         """idx: list of image indices -> list of three float [len(idx),C,h,w] tensors on the device."""
-        if all(i < self.cached for i in idx):
-            feats = [f[torch.as_tensor(idx, device=f.device)] for f in self.cache]
-        else:
-            feats = self._compute(idx)
+        cached = all(i < self.cached for i in idx)
+        feats = [f[torch.as_tensor(idx, device=f.device)] for f in self.cache] if cached else self._compute(idx)
         return [f.float() for f in feats]
 
 
@@ -423,30 +360,28 @@ def batches(n, batch_size, generator=None):
 
 
 @torch.no_grad()
-def predict(net, feats, idx, size):
-    """Sigmoid saliency [len(idx),size,size] of the images idx."""
+def predict(net, feats, paths, idx, args):
+    """Saliency [len(idx),S,S] of the images idx (sigmoid), through the dense CRF with --crf (DeepUSPS)."""
     net.eval()
-    return torch.sigmoid(net.decode(feats[idx], (size, size)).float())
+    pred = torch.sigmoid(net.decode(feats[idx], (args.image_size, args.image_size)).float())
+    if args.crf:
+        pred = dense_crf(pred, torch.stack([_load_rgb(paths[i], args.image_size)[0] for i in idx]).to(pred.device))
+    return pred
 
 
 def train_epoch(net, optimizer, precision, feats, target_dirs, stems, args, beta2, generator):
-    """One epoch over the images on fixed targets: the maps in target_dirs binarised at their threshold (one label
-    set per directory; the loss is averaged over them). target_dirs: list of (folder, threshold); precision: the
-    (autocast, scaler) of model.mixed_precision. Mean loss (not finite when any batch's loss was not)."""
+    """One epoch on fixed targets: target_dirs, a list of (folder, threshold), one binarised label set each (the loss
+    averaged over them); precision: model.mixed_precision's (autocast, scaler). Mean loss (not finite if any was)."""
     autocast, scaler = precision
     net.train()
-    size, device = args.image_size, next(net.parameters()).device
-    total = 0.0
+    size, device, total = args.image_size, next(net.parameters()).device, 0.0
     for idx in batches(len(stems), args.batch_size, generator):
         names = [stems[i] for i in idx]
         targets = [(read_maps(d, names, size) >= t).float().to(device) for d, t in target_dirs]
         with autocast():
-            logits = net.decode(feats[idx], (size, size))
-        logits = logits.float()
-        if args.loss == "fmeasure":
-            loss = torch.stack([f_measure_loss(torch.sigmoid(logits), t, beta2) for t in targets]).mean()
-        else:
-            loss = torch.stack([F.binary_cross_entropy_with_logits(logits, t) for t in targets]).mean()
+            logits = net.decode(feats[idx], (size, size)).float()
+        loss = torch.stack([f_measure_loss(torch.sigmoid(logits), t, beta2) if args.loss == "fmeasure"
+                            else F.binary_cross_entropy_with_logits(logits, t) for t in targets]).mean()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -456,15 +391,11 @@ def train_epoch(net, optimizer, precision, feats, target_dirs, stems, args, beta
 
 
 def refine(net, feats, paths, args, epoch, previous_dir, out_dir):
-    """After an epoch: every image's prediction, through the dense CRF (--crf), updates the moving average
+    """After epoch `epoch` (1-based): every image's prediction (through the CRF with --crf) updates its moving average
     (previous_dir -> out_dir, PNG files: the average never lives in memory or in the checkpoint)."""
-    stems = [p.stem for p in paths]
     for idx in batches(len(paths), args.batch_size):
-        pred = predict(net, feats, idx, args.image_size)
-        if args.crf:
-            rgb = torch.stack([_load_rgb(paths[i], args.image_size)[0] for i in idx]).to(pred.device)
-            pred = dense_crf(pred, rgb)
-        names = [stems[i] for i in idx]
+        pred = predict(net, feats, paths, idx, args)
+        names = [paths[i].stem for i in idx]
         previous = read_maps(previous_dir, names, args.image_size).to(pred.device) if epoch > 1 else pred
         write_maps(update_moving_average(previous, pred, args.momentum, epoch), out_dir, names)
 
@@ -494,57 +425,53 @@ def prior_thresholds_flag(text):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--images", required=True, help="folder of unlabelled training images")
-    p.add_argument("--list", default=None, help="optional file of image stems to use")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--priors", type=priors_flag, default=",".join(PRIORS),
-                   help=f"comma-separated subset of {','.join(PRIORS)}")
-    p.add_argument("--priors-only", action="store_true", help="only write OUT/priors/<prior>/<stem>.png")
-    p.add_argument("--prior-size", type=positive_int, default=256, help="priors are computed at this square size")
-    p.add_argument("--superpixels", type=positive_int, default=200, help="SLIC superpixels per image for the priors")
-    p.add_argument("--rbd-bg-lambda", type=nonnegative_float, default=1.0,
-                   help="weight of RBD's background term: 1 as in the RBD paper, 5 in the RBD authors' code")
-    p.add_argument("--prior-thresholds", type=prior_thresholds_flag, default="",
-                   help="first-round binarisation per prior, e.g. rbd=0.25,mc=0.31 (default: DeepUSPS's values)")
-    p.add_argument("--backbone", default="resnet101", choices=BACKBONES,
-                   help="frozen ImageNet backbone of the saliency networks (DeepUSPS: a Cityscapes DRN)")
-    p.add_argument("--weights", default="imagenet", help="imagenet | none | PATH (backbone weights)")
-    p.add_argument("--image-size", type=positive_int, default=320, help="square training size of the saliency networks")
-    p.add_argument("--rounds", type=positive_int, default=3, help="DeepUSPS refinement rounds per prior (DeepUSPS: 3)")
-    p.add_argument("--epochs", type=positive_int, default=25, help="epochs per refinement round (DeepUSPS: 25)")
-    p.add_argument("--fusion-epochs", type=positive_int, default=None,
-                   help="epochs of the fusion network (DeepUSPS: 200; default: --epochs)")
-    p.add_argument("--momentum", type=momentum_float, default=0.7,
-                   help="moving average: momentum * mva + (1-momentum) * crf")
-    p.add_argument("--threshold", type=unit_float, default=0.5, help="binarisation of the moving averages (rounds 2+)")
-    p.add_argument("--loss", default="fmeasure", choices=("fmeasure", "bce"),
-                   help="DeepUSPS's continuous F-measure loss, or per-pixel BCE")
-    p.add_argument("--beta2", type=positive_float, default=1.0,
-                   help="F-measure loss weight of recall per prior (DeepUSPS 1)")
-    p.add_argument("--fusion-beta2", type=positive_float, default=4.0,
-                   help="the same for the fusion network (DeepUSPS 4)")
-    p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=True,
-                   help="dense CRF on the predictions before the moving average and on the final maps (DeepUSPS)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="images per training step")
-    p.add_argument("--feature-cache-gb", type=nonnegative_float, default=4.0,
-                   help="keep at most this much of the frozen backbone's features (fp16); recompute the rest")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate of the decoder")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same run)")
+    add = p.add_argument
+    add("--images", required=True, help="folder of unlabelled training images")
+    add("--list", default=None, help="optional file of image stems to use")
+    add("--out", required=True, help="output folder")
+    add("--priors", type=priors_flag, default=",".join(PRIORS), help=f"comma-separated subset of {','.join(PRIORS)}")
+    add("--priors-only", action="store_true", help="only write OUT/priors/<prior>/<stem>.png")
+    add("--prior-size", type=positive_int, default=256, help="priors are computed at this square size")
+    add("--superpixels", type=positive_int, default=200, help="SLIC superpixels per image for the priors")
+    add("--rbd-bg-lambda", type=nonnegative_float, default=1.0,
+        help="weight of RBD's background term: 1 as in the RBD paper, 5 in the RBD authors' code")
+    add("--prior-thresholds", type=prior_thresholds_flag, default="",
+        help="first-round binarisation per prior, e.g. rbd=0.25,mc=0.31 (default: DeepUSPS's values)")
+    add("--backbone", default="resnet101", choices=BACKBONES,
+        help="frozen ImageNet backbone of the saliency networks (DeepUSPS: a Cityscapes DRN)")
+    add("--weights", default="imagenet", help="imagenet | none | PATH (backbone weights)")
+    add("--image-size", type=positive_int, default=320, help="square training size of the saliency networks")
+    add("--rounds", type=positive_int, default=3, help="DeepUSPS refinement rounds per prior (DeepUSPS: 3)")
+    add("--epochs", type=positive_int, default=25, help="epochs per refinement round (DeepUSPS: 25)")
+    add("--fusion-epochs", type=positive_int, default=None,
+        help="epochs of the fusion network (DeepUSPS: 200; default: --epochs)")
+    add("--momentum", type=momentum_float, default=0.7, help="moving average: momentum * mva + (1-momentum) * crf")
+    add("--threshold", type=unit_float, default=0.5, help="binarisation of the moving averages (rounds 2+)")
+    add("--loss", default="fmeasure", choices=("fmeasure", "bce"),
+        help="DeepUSPS's continuous F-measure loss, or per-pixel BCE")
+    add("--beta2", type=positive_float, default=1.0, help="F-measure loss weight of recall per prior (DeepUSPS 1)")
+    add("--fusion-beta2", type=positive_float, default=4.0, help="the same for the fusion network (DeepUSPS 4)")
+    add("--crf", action=argparse.BooleanOptionalAction, default=True,
+        help="dense CRF on the predictions before the moving average and on the final maps (DeepUSPS)")
+    add("--batch-size", type=positive_int, default=16, help="images per training step")
+    add("--feature-cache-gb", type=nonnegative_float, default=4.0,
+        help="keep at most this much of the frozen backbone's features (fp16); recompute the rest")
+    add("--lr", type=positive_float, default=1e-3, help="Adam learning rate of the decoder")
+    add("--seed", type=int, default=0, help="random seed (same seed, same run)")
     add_device_flags(p, workers=False)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt at its last finished epoch")
+    add("--resume", action="store_true", help="continue from OUT/last.pt at its last finished epoch")
     args = p.parse_args(argv)
     args.fusion_epochs = args.fusion_epochs or args.epochs
     return args
 
 
-# flags that may change on --resume; every other flag must match the checkpoint's run
-RESUME_FREE = ("resume", "device", "feature_cache_gb", "priors_only")
+RESUME_FREE = ("resume", "device", "feature_cache_gb", "priors_only")  # flags --resume may change; the rest must match
 
 
 class Progress:
-    """Where the run stands: finished (task, epoch) pairs in OUT/last.pt with the decoder and optimizer of the
-    task in progress; a task is one refinement round of one prior, or the fusion. On --resume, finished tasks are
-    skipped (their outputs are files) and the task in progress continues after its last finished epoch."""
+    """Where the run stands (OUT/last.pt: the last finished (task, epoch), the decoder and optimizer); a task is one
+    refinement round of one prior, or the fusion. On --resume, finished tasks are skipped (their outputs are files)
+    and the task in progress continues after its last finished epoch."""
 
     def __init__(self, out, args, paths, config, resume):
         self.path, self.log_path = out / "last.pt", out / "log.jsonl"
@@ -604,9 +531,7 @@ def train_network(net, feats, paths, args, progress, task, init, name, target_di
         guard.check(progress.log_lines + 1, net)    # before its moving averages and its checkpoint
         bar.set_postfix(loss=f"{loss:.4f}")
         if refine_to is not None:
-            out, prior, rnd = refine_to
-            refine(net, feats, paths, args, epoch + 1, mva_dir(out, prior, rnd, epoch), mva_dir(out, prior, rnd,
-                                                                                                 epoch + 1))
+            refine(net, feats, paths, args, epoch + 1, mva_dir(*refine_to, epoch), mva_dir(*refine_to, epoch + 1))
         record = {"task": name, "round": (refine_to or (0, 0, 0))[2] + 1, "epoch": epoch + 1, "loss": loss}
         progress.epoch_done(task, epoch + 1, net, optimizer, scaler, record)
 
@@ -631,8 +556,7 @@ def main(argv=None):
     progress = Progress(out, args, paths, config, args.resume)
     feats = Features(net, paths, args.image_size, args.batch_size, device, args.feature_cache_gb * 2 ** 30)
 
-    # Phase I (DeepUSPS): per prior, rounds of training on fixed targets; each round's moving averages, binarised,
-    # are the next round's targets; the first round's targets are the prior binarised at its own threshold.
+    # Phase I (DeepUSPS), per prior: rounds on fixed targets, the binarised prior first, then the last round's averages
     task, refined = 0, []
     for name in args.priors:
         targets = (out / "priors" / name, args.prior_thresholds[name])
@@ -641,29 +565,19 @@ def main(argv=None):
                           refine_to=(out, name, rnd))
             targets = (mva_dir(out, name, rnd, args.epochs), args.threshold)
             task += 1
-        save_network(net, progress, task - 1, config, args, out / f"{name}.pt")
+        if progress.task < task:  # the prior's refined network, for measuring it (a resumed run past it saved it)
+            save_checkpoint(out / f"{name}.pt", kind="saliency", config=config, model=net.state_dict(), args=vars(args))
         refined.append(targets)
     # Phase II: the fusion network, trained on every prior's refined labels at once (loss averaged over them)
     train_network(net, feats, paths, args, progress, task, init, "fusion", refined, args.fusion_epochs,
                   args.fusion_beta2)
     save_checkpoint(out / "saliency.pt", kind="saliency", config=config, model=net.state_dict(), args=vars(args))
     for idx in tqdm(batches(len(paths), args.batch_size), desc="write"):
-        prob = predict(net, feats, idx, args.image_size)
-        if args.crf:
-            prob = dense_crf(prob, torch.stack([_load_rgb(paths[i], args.image_size)[0] for i in idx]).to(device))
-        for i, pr in zip(idx, prob):
-            image = load_image(paths[i])
-            arr = _to_png_array(pr, (image.height, image.width))
+        for i, pr in zip(idx, predict(net, feats, paths, idx, args)):
+            arr = _to_png_array(pr, load_image(paths[i]).size[::-1])  # at the image's (H, W)
             save_png(arr, out / "prob" / f"{paths[i].stem}.png")
             save_png(np.where(arr >= 128, 255, 0).astype(np.uint8), out / "labels" / f"{paths[i].stem}.png")
     print(f"wrote {len(paths)} saliency maps to {out / 'prob'} and {out / 'labels'}; network {out / 'saliency.pt'}")
-
-
-def save_network(net, progress, task, config, args, path):
-    """A prior's refined network (its last round) as a 'saliency' checkpoint, for measuring it on other images."""
-    if progress.task > task:  # a resumed run past this prior: its network was saved then
-        return
-    save_checkpoint(path, kind="saliency", config=config, model=net.state_dict(), args=vars(args))
 
 
 if __name__ == "__main__":

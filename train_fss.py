@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets import (IGNORE, EpochItems, MaskSplitPairs, SupervisedPairs, fold_train_ids, make_loader,
+from datasets import (IGNORE, MaskSplitPairs, SupervisedPairs, fold_train_ids, make_loader,
                       training_views, voc_paths, voc_image_set)
 from masksplit import MaskSplit
 from model import (BACKBONES, FSSNet, FiniteGuard, HelpFormatter, add_device_flags, check_output, configure_backends,
@@ -140,7 +140,7 @@ def epoch_batches(n, batch_size, seed, epoch):
 
 
 class RunBatches:
-    """Batch sampler of a whole run, steps start .. total-1 across epochs: [(epoch, i), ...] for EpochItems, so one
+    """Batch sampler of a whole run, steps start .. total-1 across epochs: [(epoch, i), ...] (the datasets' keys), so one
     loader (persistent workers) serves every epoch."""
 
     def __init__(self, n, batch_size, seed, start, total):
@@ -235,7 +235,7 @@ def main(argv=None):
 
     net.train()  # the backbone stays in eval mode (FrozenBackbone)
     bar = tqdm(total=total, initial=step, desc="train_fss", dynamic_ncols=True)
-    loader = make_loader(EpochItems(dataset), device, args.workers,
+    loader = make_loader(dataset, device, args.workers,
                          batch_sampler=RunBatches(len(dataset), args.batch_size, args.seed, step, total))
     guard = FiniteGuard()
     with open(log_path, "a" if args.resume else "w") as log:  # a fresh run starts a fresh log
