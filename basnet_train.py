@@ -1,7 +1,6 @@
 """Stage 2: BAS-Net (Qin et al., CVPR 2019) trained on the DeepUSPS saliency labels (paper section 3.2).
 
-    python basnet_train.py --images DIR --masks DIR [--list FILE] --out DIR --max-steps N
-                           [--weights imagenet|none|PATH]
+    python basnet_train.py --images DIR --masks DIR [--list FILE] --out DIR --max-steps N [--weights imagenet|none|PATH]
 
 Labels are the 0/255 maps of saliency_train.py (OUT/labels): no human annotation. Training as in the original:
 resize 256, random crop 224, horizontal flip, Adam lr 1e-3, batch 8, hybrid loss on all 8 outputs.
@@ -20,6 +19,7 @@ from model import (BASNET_ENCODERS, BASNet, FiniteGuard, HelpFormatter, add_devi
                    pick_device, positive_float, positive_int, restore_rng, resume_checkpoint, save_checkpoint,
                    seeded_generator, training_state, trim_log)
 
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--images", required=True, help="folder of training images")
@@ -34,12 +34,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=8, help="BAS-Net: 8")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (BAS-Net: 1e-3)")
     p.add_argument("--weights", default="imagenet", help="encoder weights: imagenet (BAS-Net) | none | PATH")
-    p.add_argument("--encoder", default="resnet34", choices=BASNET_ENCODERS,
-                   help="resnet34 (BAS-Net); efficientnet_lite0: the encoder whose ImageNet weights work offline "
-                        "(CPU recipe; not in the paper)")
-    p.add_argument("--width", type=positive_float, default=1.0,
-                   help="channel width of everything after the encoder (1: BAS-Net); < 1 only with the Lite0 encoder "
-                        "(CPU recipe; not in the paper)")
+    p.add_argument("--encoder", default="resnet34", choices=BASNET_ENCODERS, help="resnet34 (BAS-Net); "
+                   "efficientnet_lite0: the encoder whose ImageNet weights work offline (CPU recipe; not in the paper)")
+    p.add_argument("--width", type=positive_float, default=1.0, help="channel width of everything after the encoder "
+                   "(1: BAS-Net); < 1 only with the Lite0 encoder (CPU recipe; not in the paper)")
     p.add_argument("--save-every", type=positive_int, default=500, help="steps between checkpoints")
     p.add_argument("--log-every", type=positive_int, default=10, help="steps between log.jsonl lines")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same run)")
@@ -51,26 +49,19 @@ def parse_args(argv=None):
     return args
 
 
-def batch_indices(n, batch_size, step, seed):
-    """Image indices of step `step`: a fresh seeded permutation per pass over the data, so the batches depend
-    only on (seed, step) and a resumed run sees exactly the batches of an uninterrupted one."""
-    per_epoch = max(1, n // batch_size)  # drop the last incomplete batch
-    epoch, pos = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=seeded_generator(seed, epoch))
-    if n < batch_size:
-        return order
-    return order[pos * batch_size:(pos + 1) * batch_size]
-
-
 class StepBatches:
-    """Batch sampler yielding batch_indices(...) for steps start .. total-1 (lazily), for a DataLoader."""
+    """A DataLoader's batch sampler: the image indices of steps start .. total-1, lazily. Each pass over the data is a
+    fresh seeded permutation (the last incomplete batch dropped), so a batch depends only on (seed, step) and a
+    resumed run sees exactly the batches of an uninterrupted one."""
 
     def __init__(self, n, batch_size, start, total, seed):
         self.n, self.batch_size, self.start, self.total, self.seed = n, batch_size, start, total, seed
 
     def __iter__(self):
+        per_epoch, b = max(1, self.n // self.batch_size), self.batch_size
         for step in range(self.start, self.total):
-            yield batch_indices(self.n, self.batch_size, step, self.seed).tolist()
+            epoch, pos = divmod(step, per_epoch)  # pos is 0 when n < batch size: the whole permutation
+            yield torch.randperm(self.n, generator=seeded_generator(self.seed, epoch))[pos * b:(pos + 1) * b].tolist()
 
     def __len__(self):
         return max(0, self.total - self.start)
@@ -78,16 +69,14 @@ class StepBatches:
 
 def crop_and_flip(images, masks, crop, flip, generator):
     """Random crop (crop x crop) and horizontal flip, per item, from a seeded generator. New tensors."""
-    size = images.shape[-1]
-    out_i, out_m = [], []
+    size, pairs = images.shape[-1], []
     for img, msk in zip(images, masks):
-        y, x = (torch.randint(0, size - crop + 1, (2,), generator=generator)).tolist()
+        y, x = torch.randint(0, size - crop + 1, (2,), generator=generator).tolist()
         img, msk = img[:, y:y + crop, x:x + crop], msk[y:y + crop, x:x + crop]
         if flip and torch.rand((), generator=generator) < 0.5:
             img, msk = img.flip(-1), msk.flip(-1)
-        out_i.append(img)
-        out_m.append(msk)
-    return torch.stack(out_i), torch.stack(out_m)[:, None]
+        pairs.append((img, msk))
+    return torch.stack([img for img, _ in pairs]), torch.stack([msk for _, msk in pairs])[:, None]
 
 
 # flags that may change on --resume; every other flag must match the checkpoint's run
@@ -105,7 +94,6 @@ def main(argv=None):
     net = BASNet(args.weights, args.encoder, args.width).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
     autocast, scaler = mixed_precision(device)
-    config = {**net.config, "image_size": args.image_size}
     step = 0
     if args.resume and (out / "last.pt").is_file():
         state = resume_checkpoint(out / "last.pt", "basnet", args, RESUME_FREE)
@@ -114,13 +102,6 @@ def main(argv=None):
         step = state["step"]
     log_path = out / "log.jsonl"
     trim_log(log_path, step)  # drop log lines written after the checkpoint we continue from
-
-    def save():
-        guard.check(step, net)
-        save_checkpoint(out / "last.pt", kind="basnet", config=config,
-                        **training_state(net.state_dict(), optimizer, scaler), step=step,
-                        epoch=step // max(1, len(data) // args.batch_size), args=vars(args))
-
     net.train()
     bar = tqdm(range(step, args.max_steps), initial=step, total=args.max_steps, desc="basnet")
     loader = make_loader(data, device, args.workers,
@@ -148,7 +129,10 @@ def main(argv=None):
             bar.set_postfix(loss=f"{mean:.4f}")
             running, logged = zero, step
         if step % args.save_every == 0 or step == args.max_steps:
-            save()
+            guard.check(step, net)
+            save_checkpoint(out / "last.pt", kind="basnet", config={**net.config, "image_size": args.image_size},
+                            **training_state(net.state_dict(), optimizer, scaler), step=step,
+                            epoch=step // max(1, len(data) // args.batch_size), args=vars(args))
     print(f"BAS-Net: {step} steps, checkpoint {out / 'last.pt'}")
 
 

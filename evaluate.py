@@ -3,7 +3,6 @@
     python evaluate.py fss --checkpoint last.pt --voc-root VOC2012 --fold all        # few-shot mIoU (paper section 4)
     python evaluate.py merge fold0.json fold1.json ... --out results.json                # per-fold files, one table
     python evaluate.py predict --checkpoint last.pt --support IMG MASK --query DIR --out DIR  # your own images
-    python evaluate.py saliency --pred DIR --gt DIR                                      # saliency quality
 """
 import argparse
 import contextlib
@@ -19,8 +18,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from datasets import (IGNORE, FewShotEpisodes, foreground_counts, image_to_tensor, list_images, load_binary_mask,
-                      load_image, make_loader, resize_mask, save_png)
+from datasets import (IGNORE, FewShotEpisodes, image_to_tensor, list_images, load_binary_mask, load_image,
+                      make_loader, resize_mask, save_png)
 from model import (IMAGENET_MEAN, IMAGENET_STD, HelpFormatter, add_device_flags, atomic_file, check_output,
                    configure_backends, exits_on_bad_input, load_network, mixed_precision, pick_device, positive_int,
                    write_json)
@@ -31,21 +30,14 @@ from model import (IMAGENET_MEAN, IMAGENET_STD, HelpFormatter, add_device_flags,
 
 class FewShotMetric:
     """The one implementation of the few-shot numbers, fed one episode at a time (255 = ignored pixels).
-
-    miou_episode_mean: the metric of the authors' code, which produced the paper's own numbers: per class, the
-          mean of the per-episode foreground IoU, then the mean over the fold's classes.
-    miou: the standard mIoU of HSNet / PFENet: per class, intersection summed over the episodes / union summed
-          over the episodes, averaged over the fold's classes that had episodes.
-    fbiou: foreground-background IoU: mean of the foreground IoU and the background IoU, each summed over all
-          episodes.
-    """
+    miou_episode_mean: the authors' code's, which made the paper's numbers: per class the mean of the per-episode
+        foreground IoU, then the mean over the fold's classes. miou: HSNet's / PFENet's standard: per class the
+        intersection summed over the episodes / the union summed over them, averaged over the classes.
+    fbiou: the mean of the foreground and the background IoU, each summed over all episodes."""
 
     def __init__(self):
-        self.inter = {}  # class -> summed foreground intersection
-        self.union = {}
-        self.episode_iou = {}  # class -> list of per-episode foreground IoU
-        self.fb_inter = np.zeros(2)  # [background, foreground]
-        self.fb_union = np.zeros(2)
+        self.inter, self.union, self.episode_iou = {}, {}, {}     # per class: sums, and the per-episode IoUs
+        self.fb_inter, self.fb_union = np.zeros(2), np.zeros(2)   # [background, foreground]
 
     def update(self, class_id, pred, target):
         """pred: int [H,W] in {0,1}; target: int [H,W] in {0,1,255}. Returns (intersection, union) of the
@@ -130,8 +122,6 @@ def add_fss_args(p):
                         "row; needs --masks); foreground = every pixel is foreground (a sanity floor, ours)")
     p.add_argument("--masks", help="pseudo-mask folder (0/255 PNG named like the images): the saliency "
                                    "baseline's predictions, and a column of --figure")
-    p.add_argument("--no-feature-cache", action="store_true",
-                   help="run the backbone on both images of every episode (for timing the cache)")
     p.add_argument("--save-episodes", help="JSON-lines file: one line per episode to recompute the metric")
     p.add_argument("--figure", help="PNG: a grid of episodes like the paper's Figure 5, with column titles and each "
                                     "row's fold, class and IoU")
@@ -159,25 +149,22 @@ class FeatureCache:
             del self.store[image_id]
 
 
-def predict_episode(net, item, device, cache=None, episode=0):
-    """Logits [1,2,S,S] of one episode, with or without the feature cache; returns (logits, backbone forwards)."""
+def predict_episode(net, item, device, cache, episode):
+    """Logits [1, 2, S, S] of one episode; the backbone runs only on images the cache does not hold."""
     query = item["query_img"].to(device, non_blocking=True)
     supports = item["support_imgs"].to(device, non_blocking=True)
     masks = item["support_masks"].to(device, non_blocking=True)[None]
-    if cache is None:
-        return net(query[None], supports[None], masks), 1 + len(supports)
-    before = cache.forwards
     query_proj = cache.get(item["query_id"], query)
     support_proj = [cache.get(sid, img) for sid, img in zip(item["support_ids"], supports)]
     support_proj = [torch.cat(level) for level in zip(*support_proj)]
     logits = net.decode(query_proj, net.prototypes(support_proj, masks[0], shots=len(supports)), query.shape[-2:])
     cache.release(episode)
-    return logits, cache.forwards - before
+    return logits
 
 
 def predicted_mask(logits, size):
-    """Logits [2,S,S] -> the 0/1 mask [H,W] at size (H, W) on the CPU: the logits upsampled bilinearly when the
-    sizes differ, then the argmax (evaluate's --eval-resolution original, and predict's masks)."""
+    """Logits [2, S, S] -> the 0/1 mask [H, W] at `size` on the CPU: the logits upsampled bilinearly where the sizes
+    differ, then the argmax (--eval-resolution original, and predict's masks)."""
     if tuple(logits.shape[-2:]) != tuple(size):
         logits = F.interpolate(logits[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
     return logits.argmax(0).cpu()
@@ -185,17 +172,15 @@ def predicted_mask(logits, size):
 
 def run_episodes(net, ds, args, device, run, log_file, figure_rows):
     """One run over ds's episodes -> (metric summary, backbone forwards)."""
-    ids = [ds.episode_ids(i) for i in range(len(ds))]
     last_use = {}
-    for i, (query_id, support_ids, _) in enumerate(ids):
-        for image_id in [query_id, *support_ids]:
-            last_use[image_id] = i
-    cache = None if (net is None or args.no_feature_cache) else FeatureCache(net, last_use)
+    for i in range(len(ds)):
+        query_id, support_ids, _ = ds.episode_ids(i)
+        last_use.update((image_id, i) for image_id in [query_id, *support_ids])
+    cache = FeatureCache(net, last_use)
     loader = make_loader(ds, device, args.workers, batch_size=None)
     autocast, _ = mixed_precision(device)
-    metric, forwards = FewShotMetric(), 0
+    metric, original = FewShotMetric(), args.eval_resolution == "original"
     for i, item in enumerate(tqdm(loader, desc=f"fold {ds.fold} run {run}", leave=False)):
-        original = args.eval_resolution == "original"
         target = item["query_mask_orig"] if original else item["query_mask"]
         if args.baseline == "foreground":
             pred, pred_small = torch.ones_like(target), torch.ones_like(item["query_mask"])
@@ -205,8 +190,7 @@ def run_episodes(net, ds, args, device, run, log_file, figure_rows):
             pred_small = resize_mask(item["query_pseudo_mask"], item["query_mask"].shape)
         else:
             with torch.no_grad(), autocast():
-                logits, n = predict_episode(net, item, device, cache, i)
-            forwards += n
+                logits = predict_episode(net, item, device, cache, i)
             pred_small = predicted_mask(logits[0], logits.shape[-2:])
             pred = predicted_mask(logits[0], target.shape) if original else pred_small
         inter, union = metric.update(item["class_id"], pred, target)
@@ -216,7 +200,7 @@ def run_episodes(net, ds, args, device, run, log_file, figure_rows):
                                        "intersection": inter, "union": union}) + "\n")
         if args.figure and run == 0 and sum(r[2] == ds.fold for r in figure_rows) < args.figure_episodes:
             figure_rows.append((item, pred_small, ds.fold, ds.class_name(item["class_id"]), inter / max(union, 1)))
-    return metric.summary(), forwards
+    return metric.summary(), cache.forwards
 
 
 def figure_grid(rows, path):
@@ -261,8 +245,8 @@ def figure_grid(rows, path):
 
 
 def mean_over_runs(runs):
-    """The paper's number of a fold (section 4): the mean, and the standard deviation, over the runs (5 runs of
-    1000 episodes, each run its own seed) of each run's mIoU / FB-IoU; per class the mean over the runs."""
+    """The paper's number of a fold (section 4): the mean, and the standard deviation, over the runs (5 runs of 2500
+    episodes, each with its own seed) of each run's mIoU / FB-IoU; per class the mean over the runs."""
     entry = {}
     for key in ("miou", "fbiou", "miou_episode_mean"):
         values = [r[key] for r in runs]
@@ -514,132 +498,6 @@ def run_predict(args):
                          f"the other {written} were written")
 
 
-# ---- saliency: MAE, F-beta, S-measure ----
-
-BETA2 = 0.3  # F-beta weight of precision, beta^2 = 0.3 (Achanta et al. 2009, the saliency convention)
-
-
-def precision_recall(pred, gt):
-    """pred uint8 [H,W] (0..255), gt bool [H,W] -> (precision, recall) float64 arrays [256], one per threshold t
-    (salient = pred >= t, t = 0..255). An empty prediction has precision 0; an empty ground truth recall 0."""
-    pred = np.asarray(pred, dtype=np.uint8)
-    fg = np.bincount(pred[gt], minlength=256)[::-1].cumsum()[::-1]  # ground-truth pixels with pred >= t
-    bg = np.bincount(pred[~gt], minlength=256)[::-1].cumsum()[::-1]
-    detected = fg + bg
-    precision = np.divide(fg, detected, out=np.zeros(256), where=detected > 0)
-    recall = fg / gt.sum() if gt.any() else np.zeros(256)
-    return precision, recall
-
-
-def f_beta_curve(precision, recall, beta2=BETA2):
-    """F-beta per threshold from (dataset-mean) precision and recall arrays."""
-    num = (1 + beta2) * precision * recall
-    den = beta2 * precision + recall
-    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
-
-
-def _matlab_round(v):
-    return int(np.floor(v + 0.5))
-
-
-def _object_score(values):
-    if values.size == 0:
-        return 0.0
-    mu = values.mean()
-    sigma = values.std(ddof=1) if values.size > 1 else 0.0
-    return 2 * mu / (mu * mu + 1 + sigma + 1e-12)
-
-
-def _region_ssim(pred, gt):
-    n = pred.size
-    if n == 0:
-        return 0.0
-    x, y = pred.mean(), gt.mean()
-    sx = ((pred - x) ** 2).sum() / (n - 1 + 1e-12)
-    sy = ((gt - y) ** 2).sum() / (n - 1 + 1e-12)
-    sxy = ((pred - x) * (gt - y)).sum() / (n - 1 + 1e-12)
-    alpha, beta = 4 * x * y * sxy, (x * x + y * y) * (sx + sy)
-    if alpha != 0:
-        return alpha / (beta + 1e-12)
-    return 1.0 if beta == 0 else 0.0
-
-
-def s_measure(pred, gt, alpha=0.5):
-    """Structure measure (Fan et al., ICCV 2017): alpha * object-aware + (1 - alpha) * region-aware similarity.
-    pred float [H,W] in [0,1], gt bool [H,W]."""
-    pred = np.asarray(pred, dtype=np.float64)
-    y = gt.mean()
-    if y == 0:
-        return float(1 - pred.mean())
-    if y == 1:
-        return float(pred.mean())
-    s_object = y * _object_score(pred[gt]) + (1 - y) * _object_score(1 - pred[~gt])
-    h, w = gt.shape
-    total = gt.sum()
-    cx = _matlab_round((np.arange(1, w + 1) * gt.sum(0)).sum() / total)  # centroid, 1-based as in the reference
-    cy = _matlab_round((np.arange(1, h + 1) * gt.sum(1)).sum() / total)
-    g = gt.astype(np.float64)
-    s_region = 0.0
-    for rows, cols, weight in ((slice(0, cy), slice(0, cx), cx * cy), (slice(0, cy), slice(cx, w), (w - cx) * cy),
-                               (slice(cy, h), slice(0, cx), cx * (h - cy)),
-                               (slice(cy, h), slice(cx, w), (w - cx) * (h - cy))):
-        s_region += weight / (h * w) * _region_ssim(pred[rows, cols], g[rows, cols])
-    return float(max(alpha * s_object + (1 - alpha) * s_region, 0.0))
-
-
-def saliency_metrics(pairs):
-    """pairs: iterable of (uint8 [H,W] prediction, bool [H,W] ground truth) of the same size -> dict with MAE, max and
-    mean F-beta (F-beta of the dataset-mean precision / recall at 256 thresholds; max and mean over thresholds),
-    S-measure (mean over images) and the image count."""
-    mae, s, precision, recall, n = 0.0, 0.0, np.zeros(256), np.zeros(256), 0
-    for pred, gt in pairs:
-        p, r = precision_recall(pred, gt)
-        precision, recall = precision + p, recall + r
-        prob = np.asarray(pred, dtype=np.float64) / 255
-        mae += np.abs(prob - gt).mean()
-        s += s_measure(prob, gt)
-        n += 1
-    if n == 0:
-        raise ValueError("saliency_metrics: no images")
-    f = f_beta_curve(precision / n, recall / n)
-    return {"mae": mae / n, "max_fbeta": float(f.max()), "mean_fbeta": float(f.mean()), "s_measure": s / n,
-            "images": n}
-
-
-def add_saliency_args(p):
-    p.add_argument("--pred", required=True, help="folder of predicted saliency maps (8-bit PNG, 0..255)")
-    p.add_argument("--gt", required=True, help="folder of ground-truth masks (1-bit, palette or 8-bit PNG)")
-    p.add_argument("--list", default=None, help="optional file of stems to evaluate")
-    p.add_argument("--out", default=None, help="metrics JSON (default PRED/saliency_metrics.json)")
-
-
-def _read_prediction(path, size):
-    """8-bit map at the ground truth's size (bilinear when the sizes differ) -> uint8 [H,W]."""
-    pil = load_image(path).convert("L")
-    if pil.size != (size[1], size[0]):
-        pil = pil.resize((size[1], size[0]), Image.BILINEAR)
-    return np.asarray(pil, dtype=np.uint8)
-
-
-def run_saliency(args):
-    out = check_output(args.out or os.path.join(args.pred, "saliency_metrics.json"))
-    gts = list_images(args.gt, args.list)
-    preds = {p.stem: p for p in list_images(args.pred)}
-    missing = [g.stem for g in gts if g.stem not in preds]
-    if missing:
-        raise SystemExit(f"error: {len(missing)} prediction(s) missing in {args.pred}, e.g. {missing[:3]}")
-    foreground_counts(gts, args.gt)
-    masks = (load_binary_mask(g) for g in gts)
-    pairs = ((_read_prediction(preds[g.stem], m.shape), m) for g, m in zip(gts, masks))
-    pairs = tqdm(pairs, total=len(gts), desc="saliency")
-    metrics = saliency_metrics(pairs)
-    metrics.update(pred=os.fspath(args.pred), gt=os.fspath(args.gt))
-    write_json(metrics, out)
-    print(f"{metrics['images']} images  MAE {metrics['mae']:.4f}  max F-beta {metrics['max_fbeta']:.4f}  "
-          f"mean F-beta {metrics['mean_fbeta']:.4f}  S-measure {metrics['s_measure']:.4f}  -> {out}")
-    return metrics
-
-
 @exits_on_bad_input
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -657,11 +515,8 @@ def main(argv=None):
     merge.add_argument("--out", required=True, help="merged results JSON")
     add_predict_args(command("predict", "segment your own images from a support image and its mask",
                              PREDICT_DESCRIPTION))
-    add_saliency_args(command("saliency", "saliency metrics against ground truth",
-                              "MAE, max / mean F-beta (beta^2 = 0.3) and S-measure of saliency maps (8-bit PNGs) "
-                              "against ground-truth masks with the same stems."))
     args = parser.parse_args(argv)
-    {"fss": run_fss, "merge": run_merge, "predict": run_predict, "saliency": run_saliency}[args.command](args)
+    {"fss": run_fss, "merge": run_merge, "predict": run_predict}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,17 @@
 """Stage 3: object pseudo-masks for MaskSplit training (paper section 3.2): run the trained BAS-Net (or a DeepUSPS
 saliency network) over PASCAL / COCO images.
 
-    python make_pseudomasks.py --checkpoint DIR/last.pt --images DIR [--list FILE] --out DIR [--save-prob DIR]
-                               [--shard k/n]
+    python make_pseudomasks.py --checkpoint last.pt --images DIR [--list FILE] --out DIR [--save-prob DIR] [--shard k/n]
 
-Post-processing as in MaskContrast: threshold 0.5, drop 4-connected regions smaller than 1% of the image, and
-write no mask (logged) when what remains is under 1% of the image. Masks: 0/255 PNGs named like the images,
-written atomically. A rerun with the same checkpoint and settings (OUT/settings.json) skips images already done
-(written, or logged as without mask), so an interrupted run resumes; a rerun with others is refused.
---shard k/n processes every n-th image starting at k (0 <= k < n).
+Post-processing as in MaskContrast: threshold 0.5, drop 4-connected regions smaller than 1% of the image, and write no
+mask (logged) when what remains is under 1% of the image. Masks: 0/255 PNGs named like the images, written atomically. A
+rerun with the same checkpoint and settings (OUT/settings.json) skips images already done (written, or logged as without
+mask), so an interrupted run resumes; a rerun with others is refused. --shard k/n processes every n-th image starting at
+k (0 <= k < n).
 """
 import argparse
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,15 +39,6 @@ def postprocess(prob, threshold=0.5, min_fraction=0.01):
     min_pixels = min_fraction * prob.numel()
     mask = remove_small_regions(prob >= threshold, min_pixels)
     return mask if mask.sum() >= min_pixels else None
-
-
-@torch.no_grad()
-def saliency_probabilities(net, kind, images):
-    """Normalised images [B,3,S,S] -> saliency probabilities [B,S,S] (mixed precision as in training)."""
-    autocast, _ = mixed_precision(images.device)
-    with autocast():
-        logits = net(images)[0][:, 0] if kind == "basnet" else net(images)
-    return torch.sigmoid(logits.float())
 
 
 def parse_shard(text):
@@ -92,8 +81,7 @@ def claim_settings(out, args):
             done = json.loads(path.read_text())
         except ValueError:
             raise ValueError(f"{path}: not a JSON file") from None
-        differ = [f"{k} {done.get(k)} -> {v}" for k, v in settings.items() if done.get(k) != v]
-        if differ:
+        if differ := [f"{k} {done.get(k)} -> {v}" for k, v in settings.items() if done.get(k) != v]:
             raise ValueError(f"{out} holds pseudo-masks of other settings ({', '.join(differ)}); pass another --out, "
                              f"or empty the folder to redo them")
     else:
@@ -104,8 +92,7 @@ def claim_settings(out, args):
 def main(argv=None):
     args = parse_args(argv)
     out = check_output(args.out, folder=True)
-    if args.save_prob:
-        check_output(args.save_prob, folder=True)
+    prob_dir = check_output(args.save_prob, folder=True) if args.save_prob else None
     device = pick_device(args.device)
     configure_backends(device)
     net, checkpoint = load_network(args.checkpoint, ("basnet", "saliency"), device)
@@ -118,26 +105,25 @@ def main(argv=None):
     todo = [i for i in range(k, len(data), n) if data.images[i].stem not in no_mask
             and not (out / f"{data.images[i].stem}.png").is_file()]
     loader = make_loader(torch.utils.data.Subset(data, todo), device, args.workers, batch_size=args.batch_size)
-    written = skipped = 0
+    autocast, _ = mixed_precision(device)  # as in training
+    written = 0
     for batch in tqdm(loader, desc=f"pseudo-masks {k}/{n}"):
-        probs = saliency_probabilities(net, kind, batch["image"].to(device, non_blocking=True))
+        with torch.no_grad(), autocast():
+            logits = net(batch["image"].to(device, non_blocking=True))
+        probs = torch.sigmoid((logits[0][:, 0] if kind == "basnet" else logits).float())  # [B,S,S]
         for prob, stem, (h, w) in zip(probs, batch["image_id"], batch["orig_size"].tolist()):
             prob = F.interpolate(prob[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-            if args.save_prob:
-                save_png((prob.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy(),
-                         Path(args.save_prob) / f"{stem}.png")
+            if prob_dir:
+                save_png((prob.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy(), prob_dir / f"{stem}.png")
             mask = postprocess(prob, args.threshold, args.min_fraction)
             if mask is not None:
                 save_png(mask.cpu().numpy().astype(np.uint8) * 255, out / f"{stem}.png")
                 written += 1
-            else:
-                skipped += 1
             with open(log_path, "a") as f:
                 f.write(json.dumps({"image": stem, "written": mask is not None,
                                     "fraction": float((prob >= args.threshold).float().mean())}) + "\n")
-    print(f"shard {k}/{n}: {written} masks written, {skipped} images without a mask "
-          f"(under {args.min_fraction:.0%} salient), {len(range(k, len(data), n)) - len(todo)} already done; "
-          f"log {log_path}")
+    print(f"shard {k}/{n}: {written} masks written, {len(todo) - written} images without a mask (under "
+          f"{args.min_fraction:.0%} salient), {len(range(k, len(data), n)) - len(todo)} already done; log {log_path}")
 
 
 if __name__ == "__main__":

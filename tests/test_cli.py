@@ -7,6 +7,7 @@ import pytest
 import basnet_train
 import evaluate
 import make_pseudomasks
+import saliency_metrics
 import saliency_train
 import train_fss
 from model import HelpFormatter
@@ -28,7 +29,7 @@ def parsers(monkeypatch):
     out = {}
     for name, parse in (("saliency_train.py", saliency_train.parse_args), ("basnet_train.py", basnet_train.parse_args),
                         ("make_pseudomasks.py", make_pseudomasks.parse_args), ("train_fss.py", train_fss.parse_args),
-                        ("evaluate.py", evaluate.main)):
+                        ("saliency_metrics.py", saliency_metrics.parse_args), ("evaluate.py", evaluate.main)):
         with pytest.raises(Captured):
             parse([])
         out[name] = found["parser"]
@@ -40,7 +41,7 @@ def parsers(monkeypatch):
 
 def test_every_flag_has_help_and_shows_its_default(monkeypatch):
     found = parsers(monkeypatch)
-    assert {"evaluate.py fss", "evaluate.py predict", "evaluate.py merge", "evaluate.py saliency"} <= set(found)
+    assert {"evaluate.py fss", "evaluate.py predict", "evaluate.py merge", "saliency_metrics.py"} <= set(found)
     for name, parser in found.items():
         assert parser.formatter_class is HelpFormatter, name
         assert parser.description, f"{name}: no description"

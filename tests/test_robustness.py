@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageOps
 
 import basnet_train
+import saliency_metrics
 import evaluate
 import make_pseudomasks
 import saliency_train
@@ -116,18 +117,18 @@ def test_make_pseudomasks_unreadable_png_in_a_worker_is_one_line_error(tmp_path)
     assert_one_line_error(proc, str(bad))
 
 
-def test_evaluate_saliency_folder_without_images_is_one_line_error(tmp_path):
+def test_saliency_metrics_folder_without_images_is_one_line_error(tmp_path):
     data = write_folder(tmp_path / "data")
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
-    proc = run("evaluate.py", "saliency", "--pred", str(empty), "--gt", str(data / "masks"))
+    proc = run("tests/saliency_metrics.py", "--pred", str(empty), "--gt", str(data / "masks"))
     assert_one_line_error(proc, str(empty))
     with pytest.raises(SystemExit, match="nowhere"):  # a missing path
-        evaluate.main(["saliency", "--pred", str(tmp_path / "nowhere"), "--gt", str(data / "masks")])
+        saliency_metrics.main(["--pred", str(tmp_path / "nowhere"), "--gt", str(data / "masks")])
     (data / "masks" / "im03.png").write_bytes(b"not a png")
     with pytest.raises(SystemExit, match="im03.png"):
-        evaluate.main(["saliency", "--pred", str(data / "masks"), "--gt", str(data / "masks")])
+        saliency_metrics.main(["--pred", str(data / "masks"), "--gt", str(data / "masks")])
 
 
 def test_checkpoint_of_another_kind_is_refused(tmp_path):
@@ -217,7 +218,7 @@ def test_binary_masks_in_every_encoding_and_an_all_empty_set_is_an_error(tmp_pat
     with pytest.raises(ValueError, match=f"{data / 'masks'}: every mask is empty"):
         SalientObjects(data / "images", data / "masks")   # BAS-Net labels
     with pytest.raises(SystemExit, match=f"{data / 'masks'}: every mask is empty"):
-        evaluate.main(["saliency", "--pred", str(data / "images"), "--gt", str(data / "masks"),
+        saliency_metrics.main(["--pred", str(data / "images"), "--gt", str(data / "masks"),
                        "--out", str(tmp_path / "m.json")])
 
 

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-import evaluate
+import saliency_metrics
 import saliency_train as st
 
 
@@ -178,34 +178,34 @@ def test_precision_recall_by_hand():
     gt = np.zeros((2, 4), dtype=bool)
     gt[:, :2] = True  # 4 salient pixels
     pred = np.array([[200, 100, 100, 0], [200, 0, 0, 0]], dtype=np.uint8)
-    p, r = evaluate.precision_recall(pred, gt)
+    p, r = saliency_metrics.precision_recall(pred, gt)
     assert p[0] == 0.5 and r[0] == 1.0  # t=0: everything salient
     assert p[150] == 1.0 and r[150] == 0.5  # only the two 200s
     assert p[100] == pytest.approx(3 / 4) and r[100] == 0.75
     assert p[201] == 0.0 and r[201] == 0.0
-    f = evaluate.f_beta_curve(np.array([0.5, 1.0]), np.array([1.0, 0.5]))
+    f = saliency_metrics.f_beta_curve(np.array([0.5, 1.0]), np.array([1.0, 0.5]))
     assert f == pytest.approx([1.3 * 0.5 / (0.3 * 0.5 + 1), 1.3 * 0.5 / (0.3 + 0.5)])
 
 
 def test_metrics_on_hand_made_maps():
     gt = np.zeros((20, 30), dtype=bool)
     gt[5:15, 8:20] = True
-    perfect = evaluate.saliency_metrics([(gt.astype(np.uint8) * 255, gt)])
+    perfect = saliency_metrics.saliency_metrics([(gt.astype(np.uint8) * 255, gt)])
     assert perfect["mae"] == 0 and perfect["max_fbeta"] == pytest.approx(1.0)
     assert perfect["s_measure"] == pytest.approx(1.0, abs=1e-6)
-    inverted = evaluate.saliency_metrics([((~gt).astype(np.uint8) * 255, gt)])
+    inverted = saliency_metrics.saliency_metrics([((~gt).astype(np.uint8) * 255, gt)])
     assert inverted["mae"] == 1 and inverted["s_measure"] < 0.1
     blurry = np.where(gt, 180, 60).astype(np.uint8)
-    m = evaluate.saliency_metrics([(blurry, gt)])
+    m = saliency_metrics.saliency_metrics([(blurry, gt)])
     assert m["mae"] == pytest.approx(np.mean(np.where(gt, 75, 60)) / 255)
     assert m["max_fbeta"] == pytest.approx(1.0) and m["mean_fbeta"] < 1
     assert 0.5 < m["s_measure"] < 1
     empty = np.zeros((10, 10), dtype=bool)
-    assert evaluate.s_measure(np.zeros((10, 10)), empty) == 1.0
-    assert evaluate.s_measure(np.full((10, 10), 0.25), empty) == 0.75
+    assert saliency_metrics.s_measure(np.zeros((10, 10)), empty) == 1.0
+    assert saliency_metrics.s_measure(np.full((10, 10), 0.25), empty) == 0.75
 
 
-def test_evaluate_saliency_cli_gt_encodings(tmp_path, capsys):
+def test_saliency_metrics_cli_gt_encodings(tmp_path, capsys):
     gt = np.zeros((24, 32), dtype=bool)
     gt[4:18, 6:20] = True
     pred = np.where(gt, 200, 40).astype(np.uint8)
@@ -222,7 +222,7 @@ def test_evaluate_saliency_cli_gt_encodings(tmp_path, capsys):
         else:
             im = Image.fromarray(gt.astype(np.uint8) * 255).convert(mode)
         im.save(d / "a.png")
-        evaluate.main(["saliency", "--pred", str(tmp_path / "pred"), "--gt", str(d), "--out",
+        saliency_metrics.main(["--pred", str(tmp_path / "pred"), "--gt", str(d), "--out",
                        str(tmp_path / f"m_{mode}.json")])
         results.append(json.loads((tmp_path / f"m_{mode}.json").read_text()))
     assert "MAE" in capsys.readouterr().out
@@ -232,7 +232,7 @@ def test_evaluate_saliency_cli_gt_encodings(tmp_path, capsys):
     assert results[0]["mae"] == pytest.approx(np.abs(pred / 255 - gt).mean())
     (tmp_path / "pred" / "a.png").rename(tmp_path / "pred" / "b.png")
     with pytest.raises(SystemExit, match="missing"):
-        evaluate.main(["saliency", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt_L")])
+        saliency_metrics.main(["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt_L")])
 
 
 def test_targets_fixed_within_a_round_and_next_round_is_binarised_moving_average(tmp_path, monkeypatch):
