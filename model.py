@@ -480,8 +480,9 @@ class FSSNet(Rebuildable, nn.Module):
         return self.decode(query, prototypes, query_img.shape[-2:])
 
     def extract(self, images):
-        """Backbone features of images [N, 3, H, W] -> three [N, C, h, w] (no gradient)."""
-        return self.backbone(images)
+        """Backbone features of images [N, 3, H, W] -> three [N, C, h, w] (no gradient), in the default memory
+        layout whatever the backbone's: the head's GroupNorm runs in NCHW (its CUDA kernel copies channels_last)."""
+        return [f.contiguous() for f in self.backbone(images)]
 
     def project_features(self, feats):
         """Mixing module, projection: per level a 3x3 conv to 128 channels, GroupNorm, ReLU (query and support)."""

@@ -10,6 +10,7 @@ image is augmented twice, the loss is pixel-wise cross-entropy on the query with
 """
 import argparse
 import json
+import math
 import os
 import random
 import time
@@ -34,7 +35,7 @@ def build_parser():
     data.add_argument("--images", help="image folder (self-supervised training on pseudo-masks)")
     data.add_argument("--masks", help="pseudo-mask folder: 0/255 PNGs named like the images")
     data.add_argument("--list", help="file of image ids to train on (default: every image of --images; with "
-                                     "--voc-root: train_aug, VOC 2012 + SBD training images, see datasets.voc_image_set)")
+                                     "--voc-root: train_aug, VOC 2012 + SBD, datasets.voc_image_set)")
     data.add_argument("--mask-source", choices=["pseudo", "gt"], default="pseudo",
                       help="gt: union of the VOC ground-truth class masks (Table 2's 'groundtruth' rows)")
     data.add_argument("--voc-root", help="PASCAL VOC 2012 tree: for --mask-source gt, --supervised and --fold; "
@@ -49,11 +50,10 @@ def build_parser():
                      help="resnet101 (paper), resnet50, efficientnet_lite0 (CPU), *_deepstem (the authors' code)")
     net.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a state dict")
     net.add_argument("--backbone-bn", choices=["frozen", "batch"], default="frozen",
-                     help="frozen: BatchNorm in eval mode, as the paper says all layers are frozen; batch: the "
-                          "authors' code, whose backbone BatchNorm uses batch statistics in training")
+                     help="frozen: BatchNorm in eval mode (the paper: all layers frozen); batch: the authors' code, "
+                          "batch statistics in training")
     opt = p.add_argument_group("optimisation (paper section 4)")
-    opt.add_argument("--image-size", type=positive_int, default=400,
-                     help="query/support side in pixels (section 4: 400)")
+    opt.add_argument("--image-size", type=positive_int, default=400, help="query/support side (section 4: 400)")
     opt.add_argument("--batch-size", type=positive_int, default=16, help="episodes per step (section 4: 16)")
     opt.add_argument("--epochs", type=positive_int, default=100, help="paper: 100 on PASCAL, 20 on COCO")
     opt.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate")
@@ -72,12 +72,10 @@ def build_parser():
                             "then the mask is left unsplit); image = the authors' code: draw another image")
     split.add_argument("--no-aug", action="store_true", help="no augmentation (Table 1's 'aug' off)")
     split.add_argument("--rotation-border", choices=["fill", "reflect"], default="fill",
-                       help="pixels a rotation brings in from outside the image: fill = black, ignored by the loss "
-                            "and background in the support mask; reflect = the authors' code (albumentations' "
-                            "BORDER_REFLECT_101 on image and mask)")
+                       help="pixels a rotation brings in: fill = black, ignored by the loss and background in the "
+                            "support mask; reflect = the authors' code (BORDER_REFLECT_101 on image and mask)")
     run = p.add_argument_group("run")
-    run.add_argument("--max-steps", type=positive_int,
-                     help="stop after this many optimiser steps (all epochs if unset)")
+    run.add_argument("--max-steps", type=positive_int, help="stop after this many steps (default: all epochs)")
     run.add_argument("--seed", type=int, default=0, help="random seed (same seed, same run on the CPU)")
     add_device_flags(run, deterministic=True)
     run.add_argument("--log-every", type=positive_int, default=10, help="steps between log.jsonl lines")
@@ -96,8 +94,8 @@ def parse_args(argv=None):
     if args.fold is not None and args.voc_root is None:
         p.error("--fold needs --voc-root (its class masks tell which images hold test-fold classes)")
     if args.mask_source == "pseudo" and not args.supervised and (args.images is None or args.masks is None):
-        p.error("pass --images DIR --masks DIR (pseudo-masks), or --mask-source gt --voc-root DIR, or "
-                "--supervised --voc-root DIR --fold i")
+        p.error("pass --images DIR --masks DIR, or --mask-source gt --voc-root DIR, or --supervised --voc-root DIR "
+                "--fold i")
     return args
 
 
@@ -140,8 +138,8 @@ def epoch_batches(n, batch_size, seed, epoch):
 
 
 class RunBatches:
-    """Batch sampler of a whole run, steps start .. total-1 across epochs: [(epoch, i), ...] (the datasets' keys), so one
-    loader (persistent workers) serves every epoch."""
+    """Batch sampler of a whole run, steps start .. total-1 across epochs: [(epoch, i), ...] (the datasets' keys), so
+    one loader (persistent workers) serves every epoch."""
 
     def __init__(self, n, batch_size, seed, start, total):
         self.n, self.batch_size, self.seed, self.start, self.total = n, batch_size, seed, start, total
@@ -161,17 +159,16 @@ class RunBatches:
                     return
 
 
-def memory_format(device):
-    """channels_last on CUDA: cuDNN's tensor-core convolutions work in NHWC, so the frozen backbone (most of the
-    FLOPs) needs no layout copies, while GroupNorm in the head copies to NCHW and back; not measured on a GPU yet
-    (tests/bench_fss.py step times both). The CPU keeps NCHW."""
+def backbone_format(device):
+    """The backbone's memory layout: channels_last on CUDA (cuDNN's tensor-core convolutions work in NHWC, and the
+    backbone holds most of the FLOPs), NCHW on the CPU; the head is NCHW everywhere (FSSNet.extract)."""
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 def train_step(net, optimizer, batch, augmentation, device, autocast, scaler, fmt=torch.contiguous_format):
     """One optimiser step on a batch of MaskSplit pairs, augmented where it lands (datasets.training_views; images in
-    memory format fmt, like the net); returns the loss as a tensor on the device (reading it waits for the GPU: the
-    caller does so only when it logs)."""
+    the backbone's layout fmt) -> the loss as a tensor on the device (reading it waits for the GPU: done only for
+    the log)."""
     query, target, support, support_mask = training_views(batch, augmentation, device)
     query, support = query.contiguous(memory_format=fmt), support.contiguous(memory_format=fmt)
     with autocast():
@@ -186,9 +183,10 @@ def train_step(net, optimizer, batch, augmentation, device, autocast, scaler, fm
 
 
 def build_training(args, device, fmt, state=None):
-    """The network (section 3.3; memory format fmt), its Adam optimiser (section 4) and mixed precision of a run,
-    continued from the checkpoint `state` on --resume -> (net, optimizer, (autocast, scaler), first step)."""
-    net = FSSNet(args.backbone, args.weights, backbone_bn=args.backbone_bn).to(device, memory_format=fmt)
+    """The network (section 3.3; the backbone in layout fmt), its Adam optimiser (section 4) and mixed precision of
+    a run, continued from the checkpoint `state` on --resume -> (net, optimizer, (autocast, scaler), first step)."""
+    net = FSSNet(args.backbone, args.weights, backbone_bn=args.backbone_bn).to(device)
+    net.backbone.to(memory_format=fmt)
     optimizer = torch.optim.Adam(net.trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
     autocast, scaler = mixed_precision(device)
     if state is None:
@@ -218,14 +216,13 @@ def main(argv=None):
     elif args.resume:  # killed before its first checkpoint: nothing to continue, start afresh
         print(f"--resume: no {checkpoint_path} yet, starting from step 0")
     dataset = build_dataset(args)
-    fmt = memory_format(device)
+    fmt = backbone_format(device)
     net, optimizer, (autocast, scaler), step = build_training(args, device, fmt, state)
     trim_log(log_path, step)  # drop log lines of steps after the checkpoint (all of them when starting afresh)
     write_json(vars(args), os.path.join(args.out, "args.json"))
 
     steps_per_epoch = len(epoch_batches(len(dataset), args.batch_size, args.seed, 0))
-    total = args.epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps,
-                                                                             args.epochs * steps_per_epoch)
+    total = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
 
     def checkpoint(epoch):
         guard.check(step, net)

@@ -29,7 +29,7 @@ import evaluate  # noqa: E402
 from datasets import Augmentation, normalize  # noqa: E402
 from demo_data import make_demo_data  # noqa: E402
 from model import FSSNet, autocast_dtype, configure_backends, mixed_precision, pick_device, save_checkpoint  # noqa
-from train_fss import memory_format, train_step  # noqa: E402
+from train_fss import backbone_format, train_step  # noqa: E402
 
 
 def timed(fn, repeats, device):
@@ -58,12 +58,13 @@ def bench_step(args):
     for key in ("query_params", "support_params"):
         batch[key] = torch.stack([augmentation.draw(rng) for _ in range(b)])
     # train_fss.py's memory format, and on CUDA the other one too (is channels_last worth its GroupNorm copies?)
-    formats = [memory_format(device)] + ([torch.contiguous_format] if device.type == "cuda" else [])
+    formats = [backbone_format(device)] + ([torch.contiguous_format] if device.type == "cuda" else [])
     result = {"backbone": args.backbone, "image_size": s, "batch_size": b, "device": str(device),
               "autocast": str(autocast_dtype(device)), "threads": torch.get_num_threads()}
     for fmt in formats:
         torch.manual_seed(0)
-        net = FSSNet(args.backbone, "none").to(device, memory_format=fmt).train()
+        net = FSSNet(args.backbone, "none").to(device).train()
+        net.backbone.to(memory_format=fmt)
         optimizer = torch.optim.Adam(net.trainable_parameters(), lr=1e-4, weight_decay=1e-5)
 
         @torch.no_grad()
