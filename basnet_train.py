@@ -13,7 +13,7 @@ import json
 import torch
 from tqdm import tqdm
 
-from datasets import SalientObjects, make_loader
+from datasets import RunBatches, SalientObjects, make_loader
 from model import (BASNET_ENCODERS, BASNet, FiniteGuard, HelpFormatter, add_device_flags, check_output,
                    configure_backends, exits_on_bad_input, hybrid_loss, load_training_state, mixed_precision,
                    pick_device, positive_float, positive_int, restore_rng, resume_checkpoint, save_checkpoint,
@@ -24,7 +24,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--images", required=True, help="folder of training images")
     p.add_argument("--masks", required=True, help="folder of 0/255 saliency labels named like the images")
-    p.add_argument("--list", default=None, help="optional file of image stems to use")
+    p.add_argument("--list", help="optional file of image stems to use")
     p.add_argument("--out", required=True, help="output folder (last.pt, log.jsonl)")
     p.add_argument("--max-steps", type=positive_int, default=400000, help="training steps (BAS-Net: 400k)")
     p.add_argument("--image-size", type=positive_int, default=256,
@@ -47,24 +47,6 @@ def parse_args(argv=None):
     if args.crop > args.image_size:
         p.error(f"--crop {args.crop} is larger than --image-size {args.image_size}")
     return args
-
-
-class StepBatches:
-    """A DataLoader's batch sampler: the image indices of steps start .. total-1, lazily. Each pass over the data is a
-    fresh seeded permutation (the last incomplete batch dropped), so a batch depends only on (seed, step) and a
-    resumed run sees exactly the batches of an uninterrupted one."""
-
-    def __init__(self, n, batch_size, start, total, seed):
-        self.n, self.batch_size, self.start, self.total, self.seed = n, batch_size, start, total, seed
-
-    def __iter__(self):
-        per_epoch, b = max(1, self.n // self.batch_size), self.batch_size
-        for step in range(self.start, self.total):
-            epoch, pos = divmod(step, per_epoch)  # pos is 0 when n < batch size: the whole permutation
-            yield torch.randperm(self.n, generator=seeded_generator(self.seed, epoch))[pos * b:(pos + 1) * b].tolist()
-
-    def __len__(self):
-        return max(0, self.total - self.start)
 
 
 def crop_and_flip(images, masks, crop, flip, generator):
@@ -104,8 +86,8 @@ def main(argv=None):
     trim_log(log_path, step)  # drop log lines written after the checkpoint we continue from
     net.train()
     bar = tqdm(range(step, args.max_steps), initial=step, total=args.max_steps, desc="basnet")
-    loader = make_loader(data, device, args.workers,
-                         batch_sampler=StepBatches(len(data), args.batch_size, step, args.max_steps, args.seed))
+    batches = RunBatches(len(data), args.batch_size, args.seed, step, args.max_steps, drop_last=True)
+    loader = make_loader(data, device, args.workers, batch_sampler=batches)
     zero = torch.zeros((), dtype=torch.float64, device=device)  # float64: the sum a Python float would give
     running, logged, guard = zero, step, FiniteGuard()
     for it, batch in zip(bar, loader):
@@ -132,7 +114,7 @@ def main(argv=None):
             guard.check(step, net)
             save_checkpoint(out / "last.pt", kind="basnet", config={**net.config, "image_size": args.image_size},
                             **training_state(net.state_dict(), optimizer, scaler), step=step,
-                            epoch=step // max(1, len(data) // args.batch_size), args=vars(args))
+                            epoch=step // batches.per_epoch, args=vars(args))
     print(f"BAS-Net: {step} steps, checkpoint {out / 'last.pt'}")
 
 

@@ -1,6 +1,6 @@
-"""Data: image and mask files, the real dataset layouts, the augmentation, MaskSplit training pairs, one-shot test
-episodes, loaders. Everything that reads images and masks lives here; the scripts only choose. Items are dicts with
-named keys. This module imports model.py (files, checkpoints and the rest of a run's plumbing), never the reverse.
+"""Data: image and mask files, the real dataset layouts, the augmentation, MaskSplit training pairs, few-shot test
+episodes, loaders; everything that reads images and masks lives here, and items are dicts with named keys. This
+module imports model.py (files, checkpoints and the rest of a run's plumbing), never the reverse.
 
 Layouts read (the real ones):
 - PASCAL VOC 2012   VOCdevkit/VOC2012/{JPEGImages, SegmentationClassAug | SegmentationClass,
@@ -10,16 +10,15 @@ Layouts read (the real ones):
 - Salient objects   an image folder and a mask folder with the same stems (MSRA-B, ECSSD, DUTS, SOD).
 - Pseudo-masks      a folder of 0/255 PNGs named like the images (MaskContrast's released `saliency_unsupervised_model`
                     folder too); make_pseudomasks.py's log_shard*.jsonl there names the images it left without one.
-
-    pairs = MaskSplitPairs("VOC2012/JPEGImages", "pseudo_masks/", list_file="train.txt")   # section 3.2
-    episodes = FewShotEpisodes("pascal", "VOCdevkit", fold=0, episodes=1000, seed=0)       # section 4
 """
 import codecs
 import collections
 import contextlib
 import functools
 import hashlib
+import io
 import json
+import math
 import os
 import pathlib
 import warnings
@@ -30,9 +29,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 from torchvision import transforms
 from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
 
 from masksplit import MaskSplit, query_target
-from model import IMAGENET_MEAN, IMAGENET_STD, atomic_file, keep_freed_memory, write_json
+from model import IMAGENET_MEAN, IMAGENET_STD, atomic_file, keep_freed_memory, seeded_generator, write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 MASK_SUFFIXES = (".png",)
@@ -43,11 +43,11 @@ VOC_CLASS_NAMES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car
                    "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 COCO_CLASSES = 80
 COCO_FOLD_CONVENTIONS = ("interleaved", "contiguous")
+COCO_MASK_STYLES = ("full", "repri")
 EPISODE_SAMPLINGS = ("pair", "image")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# File I/O
+# File I/O -------------------------------------------------------------------------------------------------------------
 
 def _open(path, what):
     """Open and fully decode an image file; ValueError naming the file when it is missing or unreadable."""
@@ -73,9 +73,7 @@ def load_image(path):
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(background, img)
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img.convert("RGBA"))   # over black
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
@@ -110,9 +108,7 @@ def load_binary_mask(path):
         return _binary_levels(np.asarray(img.getchannel(0), dtype=np.uint8))
     if img.mode in ("RGB", "RGBA", "CMYK"):
         rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
-        if (rgb == rgb[..., :1]).all():
-            return _binary_levels(rgb[..., 0])
-        return rgb.any(-1)
+        return _binary_levels(rgb[..., 0]) if (rgb == rgb[..., :1]).all() else rgb.any(-1)
     raise ValueError(f"{path}: unsupported mask mode {img.mode!r}")
 
 
@@ -131,8 +127,7 @@ def _read_lines(path, what):
 
 
 def _unique(path, entries):
-    """entries without repeats (first kept); a warning naming the file when there were repeats, which would
-    otherwise weigh an image twice."""
+    """entries without repeats (first kept), with a warning naming the file: a repeat would weigh an image twice."""
     counts = collections.Counter(entries)
     repeated = [e for e, n in counts.items() if n > 1]
     if repeated:
@@ -149,8 +144,7 @@ def _read_list(list_file):
 
 
 def files_by_stem(folder, suffixes, what):
-    """{stem: path} of the files of `folder` whose suffix, in any case (.JPG, .Png), is in `suffixes`; ValueError
-    naming the folder when it is missing."""
+    """{stem: path} of the files of `folder` whose suffix, in any case (.JPG, .Png), is in `suffixes`."""
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder}: {what} folder not found")
@@ -162,9 +156,8 @@ def files_by_stem(folder, suffixes, what):
 
 
 def list_images(folder, list_file=None):
-    """Sorted image paths of `folder` (suffixes .jpg .jpeg .png .bmp, any case), restricted to the stems of
-    `list_file` (a path or a list of stems) when given. ValueError when the folder is missing or empty or a
-    listed stem has no image."""
+    """Sorted image paths of `folder` (IMAGE_SUFFIXES, any case), restricted to the stems of `list_file` (a path or a
+    list of stems) when given; ValueError when the folder is missing or empty or a listed stem has no image."""
     by_stem = files_by_stem(folder, IMAGE_SUFFIXES, "image")
     if not by_stem:
         raise ValueError(f"{folder}: no images (.jpg .jpeg .png .bmp) in folder")
@@ -179,8 +172,7 @@ def list_images(folder, list_file=None):
 
 
 def save_png(image, path):
-    """Write a PNG atomically (atomic_file), creating parent folders. `image`: PIL image, or a uint8 / bool numpy
-    array [H, W] (gray) or [H, W, 3] (RGB)."""
+    """Write a PNG atomically, parent folders made: a PIL image, or uint8 / bool [H, W] (gray) or [H, W, 3] (RGB)."""
     if not isinstance(image, Image.Image):
         arr = np.asarray(image)
         if arr.dtype == bool:
@@ -209,7 +201,7 @@ def resize_mask(mask, size):
     return resized.reshape(*m.shape[:-2], *size).long()
 
 
-def _check_same_size(image, image_path, mask, mask_path):
+def check_same_size(image, image_path, mask, mask_path):
     if mask.shape != (image.height, image.width):
         raise ValueError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
                          f"{image_path} is {image.width}x{image.height}")
@@ -233,7 +225,6 @@ def _cached_scan(kind, paths, scan, desc):
             return json.loads(cache.read_text())
         except ValueError:
             pass                                          # unreadable cache: rescan and overwrite
-    from tqdm import tqdm
     result = {pathlib.Path(p).stem: scan(p) for p in tqdm(paths, desc=desc, leave=False, disable=len(paths) < 200)}
     try:
         write_json(result, cache)
@@ -260,8 +251,7 @@ def _class_counts(num_classes):
     return scan
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Layouts
+# Layouts --------------------------------------------------------------------------------------------------------------
 
 def voc_paths(root):
     """Locate a VOC 2012 tree. `root` may be VOC2012 itself, VOCdevkit, or a folder holding VOCdevkit.
@@ -309,9 +299,8 @@ def _mask_paths(mask_dir, stems):
 
 def voc_class_counts(root, image_set="val"):
     """{stem: {class_id(str): pixels}} over a VOC image set, computed once and cached."""
-    paths = voc_paths(root)
-    stems = voc_image_set(root, image_set)
-    return _cached_scan("voc-counts", _mask_paths(paths["masks"], stems), _class_counts(VOC_CLASSES),
+    masks = voc_paths(root)["masks"]
+    return _cached_scan("voc-counts", _mask_paths(masks, voc_image_set(root, image_set)), _class_counts(VOC_CLASSES),
                         "scanning VOC masks")
 
 
@@ -360,17 +349,13 @@ def coco_paths(root, image_set=None):
     return {"images": root / image_set, "annotations": ann, "image_set": image_set}
 
 
-COCO_MASK_STYLES = ("full", "repri")
-
-
 def render_coco_masks(root, image_set=None, style="full"):
-    """Render per-image class masks of a COCO image set into PNGs (once; cached) and return the mask folder.
-    Categories -> 1..80 in sorted category-id order; objects drawn in annotation order (later on top, as
-    the usual label-PNG converters do); annotations without a segmentation (bbox-only) are skipped with a warning.
-    style "full": every polygon of an object (and RLE, compressed or not), crowd regions -> 255 where no object
-        is drawn. style "repri": the masks the authors evaluated on, from RePRI's create_masks.py: only the first
-        polygon of each object, filled at integer-truncated vertices (cv2.fillPoly there, PIL here), crowd
-        regions left background."""
+    """Render per-image class masks of a COCO image set into PNGs (once; cached) and return the mask folder: categories
+    1..80 in sorted category-id order, objects drawn in annotation order (later on top, as the usual label-PNG
+    converters do); annotations without a segmentation (bbox-only) are skipped with a warning.
+    style "full": every polygon of an object (and RLE, compressed or not), crowd regions -> 255 where no object is
+    drawn. "repri": the masks the authors evaluated on, from RePRI's create_masks.py: only the first polygon of each
+    object, filled at integer-truncated vertices (cv2.fillPoly there, PIL here), crowd regions left background."""
     if style not in COCO_MASK_STYLES:
         raise ValueError(f"COCO mask style must be one of {COCO_MASK_STYLES}, got {style!r}")
     try:
@@ -384,7 +369,6 @@ def render_coco_masks(root, image_set=None, style="full"):
     out = cache_dir() / f"coco-masks-{paths['image_set']}-{key}{'' if style == 'full' else '-' + style}"
     if (out / "done.json").is_file():
         return out
-    import io
     with contextlib.redirect_stdout(io.StringIO()):            # pycocotools prints progress
         try:
             coco = COCO(str(ann))
@@ -394,7 +378,6 @@ def render_coco_masks(root, image_set=None, style="full"):
     if len(cat_ids) > 254:
         raise ValueError(f"{ann}: {len(cat_ids)} categories do not fit a uint8 mask")
     index = {c: i + 1 for i, c in enumerate(cat_ids)}
-    from tqdm import tqdm
     skipped = []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)     # pycocotools vs numpy 2, harmless
@@ -438,8 +421,7 @@ def _render_coco_image(coco, img_id, index, ann, out, style):
 
 
 def _annotation_mask(coco, a, shape, ann):
-    """Bool mask of annotation `a` for an image of `shape` (H, W); ValueError naming the file and the annotation
-    when its segmentation cannot be decoded or has another size (an RLE of another image)."""
+    """Bool mask [H, W] of annotation `a` for an image of `shape`; ValueError if undecodable or of another size."""
     try:
         m = coco.annToMask(a) > 0
     except Exception as err:                                       # pycocotools raises many kinds
@@ -452,9 +434,8 @@ def _annotation_mask(coco, a, shape, ann):
 
 
 def images_without_mask(masks_dir):
-    """Stems that make_pseudomasks.py recorded in `masks_dir`'s log_shard*.jsonl as having no pseudo-mask (under
-    its --min-fraction salient; MaskContrast leaves such images out). Empty for a folder without such logs. A
-    line cut short by a kill is ignored: that image was not finished and has no record."""
+    """Stems that make_pseudomasks.py's log_shard*.jsonl in `masks_dir` record as without a pseudo-mask (under its
+    --min-fraction salient; MaskContrast leaves such images out); a line cut short by a kill is not a record."""
     stems = set()
     for log in sorted(pathlib.Path(masks_dir).glob("log_shard*.jsonl")):
         for line in log.read_text().splitlines():
@@ -467,9 +448,8 @@ def images_without_mask(masks_dir):
     return stems
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Augmentation (paper section 3.2: "grayscale, color jitter, horizontal flip, vertical flip, rotate and random
-# resize", applied twice to each training image; the parameters' laws are torchvision's)
+# Augmentation (paper section 3.2: "grayscale, color jitter, horizontal flip, vertical flip, rotate and random resize",
+# applied twice to each training image; the parameters' laws are torchvision's) --------------------------------------
 
 ROTATION_BORDERS = ("fill", "reflect")
 # the columns of a view's draw (Augmentation.draw): jitter and gray are 0 / 1 (the step taken or not); a view is
@@ -624,9 +604,8 @@ def adjust_hue(x, hue):
 
 def gaussian_blur(x, kernel, sigma, max_kernel):
     """torchvision's Gaussian blur (reflect padding) with each view's own odd kernel size and sigma [B, 1, 1, 1]:
-    weights exp(-t^2 / (2 sigma^2)) over the taps t within (kernel - 1) / 2 of the centre, normalised; every view
-    through one max_kernel wide filter, its taps beyond its own kernel weighted 0 (kernel 1: the identity). The 2-D
-    Gaussian is the product of two 1-D ones, so a horizontal pass and a vertical pass."""
+    every view through one max_kernel wide filter, its taps beyond its own kernel weighted 0 (kernel 1: the
+    identity). The 2-D Gaussian is the product of two 1-D ones, so a horizontal pass and a vertical pass."""
     b, c, h, w = x.shape
     radius = max_kernel // 2
     t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)           # taps [k]
@@ -640,8 +619,7 @@ def gaussian_blur(x, kernel, sigma, max_kernel):
 
 
 def normalize(images):
-    """Images in [0, 1], [..., 3, H, W], on any device -> ImageNet-normalised: the networks' input (the operations of
-    torchvision's normalize)."""
+    """The networks' input: images in [0, 1], [..., 3, H, W], any device, ImageNet-normalised as torchvision does."""
     return (images - _constant(IMAGENET_MEAN, images.device)[0]) / _constant(IMAGENET_STD, images.device)[0]
 
 
@@ -658,6 +636,13 @@ def training_views(batch, augmentation, device):
     return query, query_target.long(), support, (support_mask == 1).float()   # 255 outside: background
 
 
+def _class_target(image_path, mask_path, num_classes, class_id):
+    """(PIL image, mask [H,W] uint8: 1 class_id, 255 ignore, 0 other) of a class-index mask, at original resolution."""
+    image, mask = load_image(image_path), load_mask(mask_path, num_classes)
+    check_same_size(image, image_path, mask, mask_path)
+    return image, np.where(mask == IGNORE, IGNORE, mask == class_id).astype(np.uint8)
+
+
 def _pair(augmentation, query_image, query_tgt, support_image, support_fg, rng):
     """Two independent views (section 3.2) of PIL images (MaskSplit's are one image) with the query target 0/1/255
     and the support mask 0/1 (numpy): cropped and flipped here, the rest drawn (query_params, support_params) for
@@ -671,34 +656,31 @@ def _pair(augmentation, query_image, query_tgt, support_image, support_fg, rng):
             "support_img": support_img, "support_mask": support_mask, "support_params": augmentation.draw(rng)}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Self-supervised training pairs (paper section 3.2)
+# Self-supervised training pairs (paper section 3.2) -------------------------------------------------------------------
 
 class MaskSplitPairs(torch.utils.data.Dataset):
     """One training episode per image (section 3.2): MaskSplit on its mask at original resolution, then two
-    independent augmentations (support view, query view). images: image folder. masks: mask folder with the same stems (.png).
+    independent augmentations (support view, query view). images, masks: folders with the same stems (masks .png).
     mask_source: "pseudo" (0/255 pseudo-masks, load_binary_mask) or "groundtruth" (class-index masks, e.g.
         SegmentationClassAug: the union of all objects, Table 2's "groundtruth" source).
     masksplit: a MaskSplit (default: the paper's Vsplit, slope 40, alternate, prob 1); prob=0.0 = no split.
     augment: Table 1's "aug" switch. dataset[(e, i)] (or dataset[i], epoch 0): item i of epoch e, a pure function
         of (seed, e, i), so one loader with persistent workers serves every epoch of a run.
-    min_pixels: images whose mask has fewer foreground pixels are left out (scanned once and cached).
-    redraw_image_below: 0 (ours): `masksplit` alone decides (MaskSplit redraws the split while a half is under its
-        min_pixels, then leaves the mask unsplit). N > 0, the authors' code (N = 512, with a one-draw MaskSplit of
-        min_pixels 0): a support or query half under N pixels draws another image instead.
+    min_pixels: images with fewer foreground pixels are left out. redraw_image_below: 0 (ours): `masksplit` alone
+        decides (MaskSplit redraws the split while a half is under its min_pixels, then leaves the mask unsplit).
+        N > 0, the authors' code (N = 512, with a one-draw MaskSplit of min_pixels 0): a support or query half
+        under N pixels draws another image instead.
     Items: query_img [3,S,S] uint8, query_target [S,S] uint8 (1 query fg, 255 support fg, 0 bg), support_img,
     support_mask [S,S] uint8 0/1, cropped and flipped; query_params, support_params [9] (Augmentation.draw: the
-    rest of each view, applied batched by training_views); image_id str.
-    """
+    rest of each view, applied batched by training_views); image_id str."""
 
     def __init__(self, images, masks, list_file=None, image_size=400, masksplit=None, augment=True, seed=0,
                  mask_source="pseudo", min_pixels=1, redraw_image_below=0, **augment_args):
         if mask_source not in ("pseudo", "groundtruth"):
             raise ValueError(f"mask_source must be 'pseudo' or 'groundtruth', got {mask_source!r}")
-        self.mask_source, self.seed = mask_source, seed
+        self.mask_source, self.seed, self.redraw_image_below = mask_source, seed, redraw_image_below
         self.masksplit = masksplit if masksplit is not None else MaskSplit()
         self.augmentation = Augmentation(image_size, augment, **augment_args)
-        self.redraw_image_below = redraw_image_below
         image_paths = list_images(images, list_file)
         no_mask = images_without_mask(masks) if mask_source == "pseudo" else set()
         with_mask = [p for p in image_paths if p.stem not in no_mask]
@@ -712,8 +694,7 @@ class MaskSplitPairs(torch.utils.data.Dataset):
                           f"foreground pixels), e.g. {self.dropped[:3]}")
         if not keep:
             raise ValueError(f"{masks}: no mask has foreground pixels")
-        self.images = [with_mask[i] for i in keep]
-        self.masks = [mask_paths[i] for i in keep]
+        self.images, self.masks = [with_mask[i] for i in keep], [mask_paths[i] for i in keep]
 
     def _load_fg(self, path):
         if self.mask_source == "pseudo":
@@ -730,7 +711,7 @@ class MaskSplitPairs(torch.utils.data.Dataset):
         redrawn, i = 0, index
         while True:
             image, fg = load_image(self.images[i]), self._load_fg(self.masks[i])
-            _check_same_size(image, self.images[i], fg, self.masks[i])
+            check_same_size(image, self.images[i], fg, self.masks[i])
             support_fg, query_fg = self.masksplit(fg, generator=rng)
             if min(np.count_nonzero(support_fg), np.count_nonzero(query_fg)) >= self.redraw_image_below:
                 break
@@ -754,10 +735,8 @@ class SupervisedPairs(torch.utils.data.Dataset):
     def __init__(self, voc_root, fold, image_size=400, seed=0, image_set="train_aug", augment=True, min_pixels=2048,
                  **augment_args):
         paths = voc_paths(voc_root)
-        self.seed = seed
-        self.augmentation = Augmentation(image_size, augment, **augment_args)
-        test = set(pascal_fold_classes(fold))
-        self.classes = [c for c in range(1, VOC_CLASSES + 1) if c not in test]
+        self.seed, self.augmentation = seed, Augmentation(image_size, augment, **augment_args)
+        self.classes = [c for c in range(1, VOC_CLASSES + 1) if c not in pascal_fold_classes(fold)]
         counts = voc_class_counts(voc_root, image_set)
         self.images = {p.stem: p for p in list_images(paths["images"], list(counts))}
         self.masks = files_by_stem(paths["masks"], MASK_SUFFIXES, "mask")
@@ -771,60 +750,35 @@ class SupervisedPairs(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
-    def _load(self, stem):
-        image_path, mask_path = self.images[stem], self.masks[stem]
-        image, mask = load_image(image_path), load_mask(mask_path, VOC_CLASSES)
-        _check_same_size(image, image_path, mask, mask_path)
-        return image, mask
-
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         rng = np.random.default_rng([self.seed, epoch, index])
         query_id, c = self.items[index]
         others = [s for s in self.holders[c] if s != query_id]
         support_id = others[int(rng.integers(len(others)))]
-        q_img, q_mask = self._load(query_id)
-        s_img, s_mask = self._load(support_id)
-        target = np.where(q_mask == IGNORE, IGNORE, q_mask == c).astype(np.uint8)
-        item = _pair(self.augmentation, q_img, target, s_img, s_mask == c, rng)
+        q_img, target = _class_target(self.images[query_id], self.masks[query_id], VOC_CLASSES, c)
+        s_img, s_mask = _class_target(self.images[support_id], self.masks[support_id], VOC_CLASSES, c)
+        item = _pair(self.augmentation, q_img, target, s_img, s_mask == 1, rng)
         item.update(class_id=c, image_id=query_id, support_id=support_id)
         return item
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# One-shot test episodes (paper section 4)
-
-def _read_pair_list(pair_list, fold):
-    """HSNet-style pair list: a file, or a folder holding fold<i>.txt; lines `<id>__<cc>`."""
-    path = pathlib.Path(pair_list)
-    if path.is_dir():
-        path = path / f"fold{fold}.txt"
-    pairs = []
-    for n, line in _read_lines(path, "pair list"):
-        stem, sep, cls = line.rpartition("__")
-        if not sep or not cls.isdigit():
-            raise ValueError(f"{path}:{n}: expected '<image id>__<class>', got {line!r}")
-        pairs.append((stem, int(cls)))
-    return path, _unique(path, pairs)
-
+# Few-shot test episodes (paper section 4) -----------------------------------------------------------------------------
 
 class FewShotEpisodes(torch.utils.data.Dataset):
-    """k-shot test episodes of PASCAL-5i or COCO-20i (paper section 4). Query candidates: every (image, fold class) with >= min_pixels pixels of the class at original resolution;
-    the supports are k other distinct images holding the class with >= min_pixels pixels. The candidate index is
-    computed once by scanning the masks and cached (or read from an HSNet-style pair list: pair_list = a
-    fold<i>.txt file or its folder; entries whose image is absent are dropped with a warning). Episode i is a
-    pure function of (dataset, fold, shots, seed, i): query candidate drawn uniformly, then supports.
-    pascal: root = VOC tree, image_set default "val". coco: root holds <image set>/ and
-    annotations/instances_<image set>.json, image_set=None picks the only one; coco_folds = "interleaved" | "contiguous".
+    """k-shot test episodes of PASCAL-5i or COCO-20i (paper section 4). Query candidates: every (image, fold class)
+    with >= min_pixels pixels of the class at original resolution; the supports are k other distinct images holding
+    the class with >= min_pixels pixels. The candidate index is computed once by scanning the masks and cached, or
+    read from an HSNet-style pair list (pair_list: a fold<i>.txt file or its folder). Episode i is a pure function
+    of (dataset, fold, shots, seed, i). root: the VOC tree (image_set default "val") or the COCO root.
     sampling: "pair" (ours): the query is a (image, class) candidate drawn uniformly. "image" (the authors' code):
     an image drawn uniformly among those holding a fold class with >= min_pixels, then a class uniformly among
     all fold classes present in it, of any size (those with `shots` other holders to draw supports from).
-    coco_masks: "full" or "repri" (render_coco_masks' styles; the authors evaluated on RePRI's).
+    coco_folds, coco_masks: coco_fold_classes' conventions, render_coco_masks' styles.
     pseudo_masks: a pseudo-mask folder; items then also have "query_pseudo_mask" [H,W] int64 0/1 (Table 3's
     Saliency*: the query's own pseudo-mask is the prediction).
     Items: query_img [3,S,S], query_mask [S,S] int64 (0/1/255), query_mask_orig [H,W] int64, support_imgs
-    [k,3,S,S], support_masks [k,S,S] float, class_id int, query_id str, support_ids list[str], episode int.
-    """
+    [k,3,S,S], support_masks [k,S,S] float, class_id int, query_id str, support_ids list[str], episode int."""
 
     def __init__(self, dataset, root, fold, shots=1, episodes=1000, seed=0, image_size=400,
                  coco_folds="interleaved", min_pixels=2048, pair_list=None, image_set=None,
@@ -881,8 +835,7 @@ class FewShotEpisodes(torch.utils.data.Dataset):
         if self.dataset == "pascal":
             paths = voc_paths(root)
             self.image_dir, self.mask_dir, self.num_classes = paths["images"], paths["masks"], VOC_CLASSES
-            self.classes = pascal_fold_classes(fold)
-            self.names = VOC_CLASS_NAMES
+            self.classes, self.names = pascal_fold_classes(fold), VOC_CLASS_NAMES
             stems = voc_image_set(root, image_set or "val")
         else:
             if pair_list is not None:
@@ -891,14 +844,24 @@ class FewShotEpisodes(torch.utils.data.Dataset):
             self.image_dir, self.num_classes = paths["images"], COCO_CLASSES
             self.mask_dir = render_coco_masks(root, image_set, coco_masks)
             self.classes = coco_fold_classes(fold, coco_folds)
-            self.names = json.loads((self.mask_dir / "done.json").read_text()).get("names", ())  # older caches: none
+            self.names = json.loads((self.mask_dir / "done.json").read_text())["names"]
         self.suffix = {p.stem: p.suffix for p in list_images(self.image_dir)}
         self.mask_paths = files_by_stem(self.mask_dir, MASK_SUFFIXES, "mask")
         return sorted(self.mask_paths) if self.dataset == "coco" else stems   # COCO: every rendered mask
 
     def _listed_candidates(self, pair_list, fold):
-        """The (image, class) pairs of an HSNet-style pair list that have an image and a mask here."""
-        list_path, pairs = _read_pair_list(pair_list, fold)
+        """The (image, class) pairs of an HSNet-style pair list (a file, or a folder holding fold<i>.txt; lines
+        `<id>__<cc>`) that have an image and a mask here."""
+        list_path = pathlib.Path(pair_list)
+        if list_path.is_dir():
+            list_path = list_path / f"fold{fold}.txt"
+        pairs = []
+        for n, line in _read_lines(list_path, "pair list"):
+            stem, sep, cls = line.rpartition("__")
+            if not sep or not cls.isdigit():
+                raise ValueError(f"{list_path}:{n}: expected '<image id>__<class>', got {line!r}")
+            pairs.append((stem, int(cls)))
+        pairs = _unique(list_path, pairs)
         kept = [(s, c) for s, c in pairs if s in self.suffix and s in self.mask_paths]
         if len(kept) < len(pairs):
             warnings.warn(f"{list_path}: {len(pairs) - len(kept)} of {len(pairs)} entries have no image "
@@ -936,10 +899,7 @@ class FewShotEpisodes(torch.utils.data.Dataset):
 
     def load(self, image_id, class_id):
         """(PIL image, mask [H,W] uint8: 1 class, 255 ignore, 0 other) at original resolution."""
-        image_path, mask_path = self.image_path(image_id), self.mask_paths[image_id]
-        image, mask = load_image(image_path), load_mask(mask_path, self.num_classes)
-        _check_same_size(image, image_path, mask, mask_path)
-        return image, np.where(mask == IGNORE, IGNORE, mask == class_id).astype(np.uint8)
+        return _class_target(self.image_path(image_id), self.mask_paths[image_id], self.num_classes, class_id)
 
     def __getitem__(self, i):
         query_id, support_ids, c = self.episode_ids(i)
@@ -955,43 +915,62 @@ class FewShotEpisodes(torch.utils.data.Dataset):
             pm = np.zeros(mask.shape, bool)
             if query_id not in self.without_pseudo_mask:
                 pm = load_binary_mask(self.pseudo_paths[query_id])
-                _check_same_size(image, self.image_path(query_id), pm, self.pseudo_paths[query_id])
+                check_same_size(image, self.image_path(query_id), pm, self.pseudo_paths[query_id])
             item["query_pseudo_mask"] = torch.from_numpy(pm.astype(np.int64))
         return item
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Salient-object folders
+# Salient-object folders -----------------------------------------------------------------------------------------------
 
 class SalientObjects(torch.utils.data.Dataset):
     """An image folder and optionally a mask folder with the same stems (MSRA-B, SOD, ..., images + pseudo-masks).
     Items: image [3,S,S] (normalised), image_id, orig_size [2] (H, W); with masks also mask [S,S] float 0/1."""
 
     def __init__(self, images_dir, masks_dir=None, list_file=None, image_size=400):
-        self.images = list_images(images_dir, list_file)
-        self.masks = None if masks_dir is None else _mask_paths(masks_dir, [p.stem for p in self.images])
-        if self.masks is not None:
+        self.images, self.masks, self.image_size = list_images(images_dir, list_file), None, image_size
+        if masks_dir is not None:
+            self.masks = _mask_paths(masks_dir, [p.stem for p in self.images])
             foreground_counts(self.masks, masks_dir)
-        self.image_size = image_size
 
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        i = key[1] if isinstance(key, tuple) else key               # (epoch, index): the epoch changes nothing here
         image = load_image(self.images[i])
         item = {"image": image_to_tensor(image, self.image_size), "image_id": self.images[i].stem,
                 "orig_size": torch.tensor([image.height, image.width])}
         if self.masks is not None:
             mask = load_binary_mask(self.masks[i])
-            _check_same_size(image, self.images[i], mask, self.masks[i])
+            check_same_size(image, self.images[i], mask, self.masks[i])
             item["mask"] = resize_mask(mask, (self.image_size, self.image_size)).float()
         return item
 
 
+class RunBatches:
+    """The batch sampler of a whole training run, steps start .. total - 1 (max_steps, or all epochs): epoch e is a
+    permutation of the n items drawn from (seed, e) alone, so --resume skips the batches done without loading them;
+    cut into per_epoch batches of batch_size (drop_last: without the last incomplete one, unless it is the only
+    one), each a list of (epoch, index) keys: one loader with persistent workers serves every epoch."""
+
+    def __init__(self, n, batch_size, seed, start, max_steps=None, epochs=math.inf, drop_last=False):
+        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+        self.per_epoch = max(1, n // batch_size) if drop_last else -(-n // batch_size)
+        self.total = min(max_steps or math.inf, epochs * self.per_epoch)    # the run's last step + 1
+
+    def __len__(self):
+        return max(0, self.total - self.start)
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            epoch, position = divmod(step, self.per_epoch)
+            order = torch.randperm(self.n, generator=seeded_generator(self.seed, epoch)).tolist()
+            yield [(epoch, i) for i in order[position * self.batch_size:(position + 1) * self.batch_size]]
+
+
 def make_loader(dataset, device, workers, **batching):
-    """The DataLoader of every script (batch_sampler= or batch_size=): workers started once for the whole run, which
-    keep their freed memory (model.keep_freed_memory); batches in pinned memory when they go to a GPU, so that
-    .to(device, non_blocking=True) overlaps the copy with the computation."""
+    """The DataLoader of every script (batch_sampler= or batch_size=): persistent workers that keep their freed memory
+    (model.keep_freed_memory); batches in pinned memory for a GPU, whose copy (non_blocking) then overlaps compute."""
     return torch.utils.data.DataLoader(dataset, num_workers=workers, persistent_workers=workers > 0,
                                        pin_memory=device.type == "cuda", worker_init_fn=keep_freed_memory,
                                        **batching)

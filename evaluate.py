@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from datasets import (IGNORE, FewShotEpisodes, image_to_tensor, list_images, load_binary_mask, load_image,
-                      make_loader, resize_mask, save_png)
+from datasets import (IGNORE, FewShotEpisodes, check_same_size, image_to_tensor, list_images, load_binary_mask,
+                      load_image, make_loader, resize_mask, save_png)
 from model import (IMAGENET_MEAN, IMAGENET_STD, HelpFormatter, add_device_flags, atomic_file, check_output,
                    configure_backends, exits_on_bad_input, load_network, mixed_precision, pick_device, positive_int,
                    write_json)
@@ -45,16 +45,13 @@ class FewShotMetric:
         if pred.shape != target.shape:
             raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
         valid = target != IGNORE
-        fb = []
-        for value in (0, 1):
+        for value in (0, 1):                                     # background, foreground
             p, t = (pred == value) & valid, (target == value) & valid
-            fb.append((int((p & t).sum()), int((p | t).sum())))
-        self.fb_inter += [fb[0][0], fb[1][0]]
-        self.fb_union += [fb[0][1], fb[1][1]]
-        inter, union = fb[1]
-        c = int(class_id)
-        self.inter[c] = self.inter.get(c, 0) + inter
-        self.union[c] = self.union.get(c, 0) + union
+            inter, union = int((p & t).sum()), int((p | t).sum())
+            self.fb_inter[value] += inter
+            self.fb_union[value] += union
+        c = int(class_id)                                        # the foreground's intersection and union
+        self.inter[c], self.union[c] = self.inter.get(c, 0) + inter, self.union.get(c, 0) + union
         if union > 0:  # an episode without foreground in query nor prediction has no IoU
             self.episode_iou.setdefault(c, []).append(inter / union)
         return inter, union
@@ -93,15 +90,15 @@ def add_fss_args(p):
     p.add_argument("--checkpoint", help="train_fss.py checkpoint (last.pt); not needed with --baseline saliency")
     p.add_argument("--dataset", choices=["pascal", "coco"], default="pascal", help="PASCAL-5i or COCO-20i (section 4)")
     p.add_argument("--voc-root", help="PASCAL VOC 2012 tree (--dataset pascal)")
-    p.add_argument("--coco-root", help="COCO root: <image set>/ and annotations/instances_<image set>.json (--dataset coco)")
+    p.add_argument("--coco-root", help="COCO root: <image set>/, annotations/instances_<image set>.json")
     p.add_argument("--fold", default="all", help="0, 1, 2, 3, all, or a list like 1,2,3")
     p.add_argument("--shots", type=positive_int, default=1, help="support images per episode (paper: one-shot)")
     p.add_argument("--runs", type=positive_int, default=5, help="runs; run r uses seed + r (paper section 4: 5 runs)")
     p.add_argument("--episodes", type=positive_int, default=2500, help="episodes per run (paper section 4: 2500 tasks)")
     p.add_argument("--seed", type=int, default=0, help="episodes of run r are drawn with seed + r")
     p.add_argument("--coco-folds", choices=["interleaved", "contiguous"], default="interleaved",
-                   help="COCO-20i classes of fold i: interleaved {4k+i+1} (HSNet, PFENet, RePRI) or contiguous "
-                        "20i+1..20i+20 (the authors' code)")
+                   help="COCO-20i fold i: interleaved {4k+i+1} (HSNet, PFENet, RePRI), contiguous 20i+1..20i+20 (the "
+                        "authors' code)")
     p.add_argument("--episode-sampling", choices=["pair", "image"], default="pair",
                    help="pair: the query is an (image, class) pair with >= 2048 px of the class, drawn uniformly; "
                         "image: the authors' code: an image holding a fold class of >= 2048 px, then a class "
@@ -115,16 +112,13 @@ def add_fss_args(p):
                                         "the episodes' (image, class) pairs, e.g. HSNet's splits/pascal/val/fold1.txt")
     p.add_argument("--image-size", type=positive_int, default=400, help="query/support side (paper section 4: 400)")
     p.add_argument("--eval-resolution", choices=["resized", "original"], default="resized",
-                   help="resized: compare at image-size, as the paper's code; original: logits upsampled to the "
-                        "original mask")
+                   help="resized: at --image-size, as the paper's code; original: logits upsampled to the mask's size")
     p.add_argument("--baseline", choices=["saliency", "foreground"],
                    help="no network: saliency = the query's own pseudo-mask is the prediction (Table 3's Saliency* "
                         "row; needs --masks); foreground = every pixel is foreground (a sanity floor, ours)")
-    p.add_argument("--masks", help="pseudo-mask folder (0/255 PNG named like the images): the saliency "
-                                   "baseline's predictions, and a column of --figure")
+    p.add_argument("--masks", help="pseudo-mask folder: the saliency baseline's predictions, a column of --figure")
     p.add_argument("--save-episodes", help="JSON-lines file: one line per episode to recompute the metric")
-    p.add_argument("--figure", help="PNG: a grid of episodes like the paper's Figure 5, with column titles and each "
-                                    "row's fold, class and IoU")
+    p.add_argument("--figure", help="PNG: a grid of episodes like Figure 5, each row with its fold, class and IoU")
     p.add_argument("--figure-episodes", type=positive_int, default=2,
                    help="rows of --figure per evaluated fold (the first episodes of run 0)")
     add_device_flags(p)
@@ -132,8 +126,8 @@ def add_fss_args(p):
 
 
 class FeatureCache:
-    """Within one run each distinct image goes through the backbone once: its projected features are kept
-    until the last episode that uses it (the episode list is known in advance), then dropped."""
+    """Within one run each distinct image goes through the backbone once: its projected features are kept until the
+    last episode that uses it (the episode list is known in advance), then dropped."""
 
     def __init__(self, net, last_use):
         self.net, self.last_use, self.store, self.forwards = net, last_use, {}, 0
@@ -144,22 +138,16 @@ class FeatureCache:
             self.forwards += 1
         return self.store[image_id]
 
-    def release(self, episode):
+    def logits(self, item, device, episode):
+        """Logits [1, 2, S, S] of episode number `episode` (its item); then the features it used last go."""
+        query, supports = (item[k].to(device, non_blocking=True) for k in ("query_img", "support_imgs"))
+        support = [torch.cat(level) for level in zip(*map(self.get, item["support_ids"], supports))]
+        prototypes = self.net.prototypes(support, item["support_masks"].to(device, non_blocking=True),
+                                         shots=len(supports))
+        logits = self.net.decode(self.get(item["query_id"], query), prototypes, query.shape[-2:])
         for image_id in [i for i in self.store if self.last_use[i] <= episode]:
             del self.store[image_id]
-
-
-def predict_episode(net, item, device, cache, episode):
-    """Logits [1, 2, S, S] of one episode; the backbone runs only on images the cache does not hold."""
-    query = item["query_img"].to(device, non_blocking=True)
-    supports = item["support_imgs"].to(device, non_blocking=True)
-    masks = item["support_masks"].to(device, non_blocking=True)[None]
-    query_proj = cache.get(item["query_id"], query)
-    support_proj = [cache.get(sid, img) for sid, img in zip(item["support_ids"], supports)]
-    support_proj = [torch.cat(level) for level in zip(*support_proj)]
-    logits = net.decode(query_proj, net.prototypes(support_proj, masks[0], shots=len(supports)), query.shape[-2:])
-    cache.release(episode)
-    return logits
+        return logits
 
 
 def predicted_mask(logits, size):
@@ -190,7 +178,7 @@ def run_episodes(net, ds, args, device, run, log_file, figure_rows):
             pred_small = resize_mask(item["query_pseudo_mask"], item["query_mask"].shape)
         else:
             with torch.no_grad(), autocast():
-                logits = predict_episode(net, item, device, cache, i)
+                logits = cache.logits(item, device, i)
             pred_small = predicted_mask(logits[0], logits.shape[-2:])
             pred = predicted_mask(logits[0], target.shape) if original else pred_small
         inter, union = metric.update(item["class_id"], pred, target)
@@ -209,22 +197,17 @@ def figure_grid(rows, path):
     fold, class and IoU (the episode's, as the metric counted it) on its left."""
     from torchvision.utils import draw_segmentation_masks, make_grid
 
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     to_uint8 = lambda x: (x * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)  # noqa: E731
+    overlay = lambda img, m, color: draw_segmentation_masks(img, m.bool(), alpha=0.5, colors=color)  # noqa: E731
     tiles = []
     for item, pred, *_ in rows:
         query = to_uint8(item["query_img"])
-        overlay = lambda img, m, color: draw_segmentation_masks(img, m.bool(), alpha=0.5, colors=color)  # noqa
-        tiles.append(query)
-        tiles.append(overlay(to_uint8(item["support_imgs"][0]), item["support_masks"][0] > 0.5, "blue"))
+        tiles += [query, overlay(to_uint8(item["support_imgs"][0]), item["support_masks"][0] > 0.5, "blue")]
         if "query_pseudo_mask" in item:
             tiles.append(overlay(query, resize_mask(item["query_pseudo_mask"], pred.shape) == 1, "yellow"))
-        tiles.append(overlay(query, pred == 1, "red"))
-        tiles.append(overlay(query, item["query_mask"] == 1, "green"))
-    titles = ["query", "support", "saliency", "prediction", "truth"]
-    if "query_pseudo_mask" not in rows[0][0]:
-        titles.remove("saliency")
+        tiles += [overlay(query, pred == 1, "red"), overlay(query, item["query_mask"] == 1, "green")]
+    titles = ["query", "support"] + ["saliency"] * ("query_pseudo_mask" in rows[0][0]) + ["prediction", "truth"]
     grid = make_grid(tiles, nrow=len(titles), padding=4, pad_value=255)
     side = rows[0][1].shape[-1] + 4                               # a tile and its padding
     font = ImageFont.load_default(size=max(11, side // 14))
@@ -265,18 +248,16 @@ def run_fold(net, fold, args, device, log_file, figure_rows):
                              coco_folds=args.coco_folds, pair_list=args.pair_list, pseudo_masks=args.masks,
                              image_set=args.image_set, sampling=args.episode_sampling, coco_masks=args.coco_masks)
         summary, n = run_episodes(net, ds, args, device, run, log_file, figure_rows)
-        runs.append(summary)
-        forwards += n
-        episodes += len(ds)
+        runs, forwards, episodes = runs + [summary], forwards + n, episodes + len(ds)
     return {**mean_over_runs(runs), "runs": runs}, forwards, episodes
 
 
 def dataset_root(args):
     """--voc-root or --coco-root, the one --dataset needs."""
-    root = args.voc_root if args.dataset == "pascal" else args.coco_root
-    if root is None:
-        raise SystemExit(f"error: --dataset {args.dataset} needs --{'voc' if args.dataset == 'pascal' else 'coco'}-root DIR")
-    return root
+    name = "voc" if args.dataset == "pascal" else "coco"
+    if getattr(args, f"{name}_root") is None:
+        raise SystemExit(f"error: --dataset {args.dataset} needs --{name}-root DIR")
+    return getattr(args, f"{name}_root")
 
 
 def run_fss(args):
@@ -297,10 +278,9 @@ def run_fss(args):
         for fold in folds:
             results[f"fold{fold}"], n, m = run_fold(net, fold, args, device, log_file, figure_rows)
             forwards, episodes = forwards + n, episodes + m
-    results["mean"] = fold_mean(results, folds)
-    results["backbone_forwards"] = forwards
-    results["episodes_per_s"] = episodes / (time.time() - start)
-    results["config"] = {k: v for k, v in vars(args).items() if k != "command"}
+    results.update(mean=fold_mean(results, folds), backbone_forwards=forwards,
+                   episodes_per_s=episodes / (time.time() - start),
+                   config={k: v for k, v in vars(args).items() if k != "command"})
     write_json(results, args.out)
     if args.figure:
         figure_grid(figure_rows, args.figure)
@@ -376,10 +356,9 @@ def print_table(results, folds):
 # ---- predict: one-shot / k-shot segmentation of your own images ----
 
 PREDICT_DESCRIPTION = """Segment your own query images from one (or k) support images and their masks with a trained
-train_fss.py checkpoint: the support prototype is computed once, the queries go through in batches (GPU when
-there is one). Writes one 0/255 PNG per query, named like it, at its original size (--overlay: the prediction in
-red over the query). An unreadable query is one error line naming it and the other queries still complete; a bad
-support (missing file, mask size not its image's, empty mask) stops with one line naming the file."""
+train_fss.py checkpoint: one 0/255 PNG per query, named like it, at its size (--overlay: the prediction in red over
+the query). An unreadable query is one error line naming it, and the others are still written; a bad support
+(missing file, mask size not its image's, empty mask) stops with one line naming the file."""
 
 
 def add_predict_args(p):
@@ -398,8 +377,7 @@ def add_predict_args(p):
 
 
 class QueryImages(torch.utils.data.Dataset):
-    """The queries of `predict`: {"path", "image" [3,S,S], "size" (H, W)}, or {"path", "error"} for a file that
-    cannot be read, so one bad query stops nothing."""
+    """predict's queries: {"path", "image" [3,S,S], "size" (H, W)}, or {"path", "error"} (one bad query stops none)."""
 
     def __init__(self, paths, image_size):
         self.paths, self.image_size = paths, image_size
@@ -437,9 +415,7 @@ def query_paths(entries):
 def load_support(image_path, mask_path, image_size):
     """(image [3,S,S], mask [S,S] float 0/1) of one --support pair, as evaluate's episodes make them."""
     image, mask = load_image(image_path), load_binary_mask(mask_path)
-    if mask.shape != (image.height, image.width):
-        raise ValueError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image {image_path} is "
-                         f"{image.width}x{image.height}")
+    check_same_size(image, image_path, mask, mask_path)
     if not mask.any():
         raise ValueError(f"{mask_path}: support mask is empty (no foreground pixel): nothing to segment")
     return image_to_tensor(image, image_size), resize_mask(mask, (image_size, image_size)).float()
@@ -476,10 +452,9 @@ def run_predict(args):
     with tqdm(total=len(paths), desc="predict", unit="image") as bar:
         for batch in loader:
             good = [q for q in batch if "error" not in q]
-            for q in batch:
-                if "error" in q:
-                    errors.append(q["error"])
-                    tqdm.write(f"error: {q['error']}", file=sys.stderr)
+            for q in (q for q in batch if "error" in q):
+                errors.append(q["error"])
+                tqdm.write(f"error: {q['error']}", file=sys.stderr)
             if good:
                 queries = torch.stack([q["image"] for q in good]).to(device, non_blocking=True)
                 with torch.no_grad(), autocast():

@@ -55,9 +55,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="basnet_train.py's last.pt (or saliency_train.py's saliency.pt)")
     p.add_argument("--images", required=True, help="folder of the images to mask (e.g. VOC2012/JPEGImages)")
-    p.add_argument("--list", default=None, help="optional file of image stems")
     p.add_argument("--out", required=True, help="folder for the 0/255 masks")
-    p.add_argument("--save-prob", default=None, help="also write the raw probability maps (0..255) here")
+    p.add_argument("--list", help="optional file of image stems")
+    p.add_argument("--save-prob", help="also write the raw probability maps (0..255) here")
     p.add_argument("--threshold", type=unit_float, default=0.5, help="salient = probability >= this")
     p.add_argument("--min-fraction", type=unit_float, default=0.01,
                    help="drop regions under this fraction of the image; no mask when under it in total")

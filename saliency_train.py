@@ -33,15 +33,15 @@ from model import (BACKBONES, FiniteGuard, HelpFormatter, SaliencyNet, add_devic
 
 PRIORS = ("rbd", "mc", "dsr")
 PRIOR_THRESHOLDS = {"mc": 0.31, "hs": 0.36, "dsr": 0.23, "rbd": 0.25}  # DeepUSPS's round-1 binarisation per prior
+RESUME_FREE = ("resume", "device", "feature_cache_gb", "priors_only")  # flags --resume may change; the rest must match
 
 
 # ---- colour space and superpixels ----
 def rgb_to_lab(rgb):
     """sRGB in [0, 1], [B,3,H,W] -> CIE L*a*b* (D65 white), [B,3,H,W]."""
     lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    m = torch.tensor([[0.412453, 0.357580, 0.180423],
-                      [0.212671, 0.715160, 0.072169],
-                      [0.019334, 0.119193, 0.950227]], dtype=rgb.dtype, device=rgb.device)
+    m = torch.tensor([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]],
+                     dtype=rgb.dtype, device=rgb.device)  # linear sRGB -> XYZ
     white = torch.tensor([0.950456, 1.0, 1.088754], dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
     t = torch.einsum("ij,bjhw->bihw", m, lin) / white
     f = torch.where(t > 0.008856, t.clamp_min(1e-12) ** (1 / 3), 7.787 * t + 16 / 116)
@@ -50,17 +50,15 @@ def rgb_to_lab(rgb):
 
 def slic_labels(rgb, n_segments=200, compactness=10.0):
     """SLIC superpixels (Achanta et al., TPAMI 2012; scikit-image's, m = compactness, per image on the CPU): [0,1]
-    images [B,3,H,W] -> (labels [B,H,W] int64 on the input's device, k). Labels are consecutive 0..k_i-1 per image,
-    k the largest k_i (an image's labels k_i..k-1 are empty); SLIC's connectivity step makes every superpixel one
-    4-connected piece, so k_i can fall below n_segments."""
+    images [B,3,H,W] -> (labels [B,H,W] int64 on the input's device, k): consecutive 0..k_i-1 per image, k the
+    largest k_i. SLIC makes every superpixel one 4-connected piece, so k_i can fall below n_segments."""
     if n_segments < 1:
         raise ValueError(f"superpixels per image (--superpixels) must be at least 1, got {n_segments}")
-    labels = []
-    for image in rgb.detach().float().permute(0, 2, 3, 1).cpu().numpy():
-        raw = skimage.segmentation.slic(image, n_segments=n_segments, compactness=compactness, max_num_iter=10,
-                                        enforce_connectivity=True, convert2lab=True, start_label=0, channel_axis=-1)
-        labels.append((np.cumsum(np.bincount(raw.ravel()) > 0) - 1)[raw])  # consecutive 0..k_i-1
-    labels = torch.from_numpy(np.stack(labels)).to(rgb.device, torch.int64)
+    raw = [skimage.segmentation.slic(image, n_segments=n_segments, compactness=compactness, max_num_iter=10,
+                                     enforce_connectivity=True, convert2lab=True, start_label=0, channel_axis=-1)
+           for image in rgb.detach().float().permute(0, 2, 3, 1).cpu().numpy()]
+    labels = np.stack([(np.cumsum(np.bincount(r.ravel()) > 0) - 1)[r] for r in raw])  # consecutive 0..k_i-1
+    labels = torch.from_numpy(labels).to(rgb.device, torch.int64)
     return labels, int(labels.max()) + 1
 
 
@@ -71,8 +69,7 @@ def superpixel_graph(rgb, n_segments=200, compactness=10.0):
     b, _, h, w = rgb.shape
     labels, k = slic_labels(rgb, n_segments, compactness)
     flat = labels.flatten(1)
-    ys = torch.linspace(0, 1, h, device=rgb.device).view(h, 1).expand(h, w)
-    xs = torch.linspace(0, 1, w, device=rgb.device).view(1, w).expand(h, w)
+    ys, xs = torch.meshgrid(*(torch.linspace(0, 1, n, device=rgb.device) for n in (h, w)), indexing="ij")
     pix = torch.cat([rgb_to_lab(rgb), rgb, torch.stack([ys, xs]).expand(b, 2, h, w)], 1).flatten(2).transpose(1, 2)
     sums = pix.new_zeros(b, k, pix.shape[-1]).scatter_add_(1, flat[..., None].expand(-1, -1, pix.shape[-1]), pix)
     counts = pix.new_zeros(b, k).scatter_add_(1, flat, torch.ones_like(flat, dtype=pix.dtype))
@@ -173,14 +170,13 @@ def _dsr_errors(graph, lam=0.01, energy=0.95, ista_iters=200):
     u = evecs * keep[:, None, :]
     centred = x - mean
     dense = ((centred - centred @ u @ u.transpose(1, 2)) ** 2).sum(-1)
-    # sparse codes by ISTA against the border templates
     n_max = int(bnd.sum(1).max().clamp_min(1))
     order = bnd.float().argsort(dim=1, descending=True, stable=True)[:, :n_max]  # border superpixels first
     templates = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1])) * bnd.gather(1, order)[..., None]
     gram = templates @ templates.transpose(1, 2)  # [B,n,n]; padding templates are zero and get zero codes
     lipschitz = torch.linalg.matrix_norm(gram).clamp_min(1e-6).view(-1, 1, 1)  # Frobenius >= spectral norm
     target = x @ templates.transpose(1, 2)
-    alpha = torch.zeros_like(target)  # [B,K,n]
+    alpha = torch.zeros_like(target)  # [B,K,n] sparse codes, by ISTA against the border templates
     for _ in range(ista_iters):
         alpha = alpha - (alpha @ gram - target) / lipschitz
         alpha = alpha.sign() * (alpha.abs() - lam / lipschitz).clamp_min(0)
@@ -192,20 +188,15 @@ def dsr_prior(rgb, n_segments=200, scales=(0.5, 1.0, 2.0), lam=0.01, sigma=0.25)
     """DSR, dense and sparse reconstruction (Li et al., ICCV 2013): errors of reconstructing each superpixel from
     the border templates, averaged over superpixel scales, weighted by an object-biased Gaussian. Simplified: no
     k-means context propagation, and the dense / sparse maps are averaged instead of Bayes-integrated."""
-    dense, sparse = 0, 0
+    errors = (0, 0)  # dense, sparse: per pixel, averaged over the scales
     for s in scales:
         graph = superpixel_graph(rgb, max(8, round(n_segments * s)))
-        d, sp = _dsr_errors(graph, lam=lam)
-        dense = dense + to_pixels(d, graph["labels"]) / len(scales)
-        sparse = sparse + to_pixels(sp, graph["labels"]) / len(scales)
-    h, w = rgb.shape[-2:]
-    ys = torch.linspace(0, 1, h, device=rgb.device).view(1, h, 1)
-    xs = torch.linspace(0, 1, w, device=rgb.device).view(1, 1, w)
+        errors = [e + to_pixels(x, graph["labels"]) / len(scales) for e, x in zip(errors, _dsr_errors(graph, lam=lam))]
+    ys, xs = torch.meshgrid(*(torch.linspace(0, 1, n, device=rgb.device) for n in rgb.shape[-2:]), indexing="ij")
     out = 0
-    for err in (dense, sparse):
+    for err in errors:
         mass = err.flatten(1).sum(1).clamp_min(1e-12).view(-1, 1, 1)
-        y0 = (err * ys).flatten(1).sum(1).view(-1, 1, 1) / mass
-        x0 = (err * xs).flatten(1).sum(1).view(-1, 1, 1) / mass
+        y0, x0 = ((err * c).flatten(1).sum(1).view(-1, 1, 1) / mass for c in (ys, xs))  # the error's centroid
         gauss = torch.exp(-((ys - y0) ** 2 + (xs - x0) ** 2) / (2 * sigma ** 2))  # object-biased Gaussian
         out = out + normalise(err * gauss) / 2
     return normalise(out)
@@ -231,10 +222,9 @@ def _symmetric_filter(kernel_apply, q, ones_response):
 def dense_crf(prob, rgb, iters=5, gauss_sxy=3.0, gauss_compat=3.0, bil_sxy=80.0, bil_srgb=13.0, bil_compat=10.0,
               reference_size=432, max_sources=256):
     """Mean-field inference of the fully connected two-label CRF (Potts, symmetric normalisation), DeepUSPS's
-    parameters: prob [B,H,W] saliency in [0,1], rgb [B,3,H,W] in [0,1] -> refined saliency [B,H,W] (a new tensor).
-    Unary -log p. Spatial sigmas are in pixels of DeepUSPS's 432 px maps and scaled to this map's size. The
-    bilateral kernel (position + colour) is evaluated exactly between every pixel and a regular grid of at most
-    max_sources source pixels, each standing for its grid cell: O(HW x sources) instead of O((HW)^2)."""
+    parameters: prob [B,H,W] saliency, rgb [B,3,H,W], both in [0,1] -> refined saliency [B,H,W]. Unary -log p;
+    spatial sigmas in pixels of DeepUSPS's 432 px maps, scaled to this size. The bilateral kernel is exact between
+    every pixel and a grid of at most max_sources source pixels, each standing for its cell: O(HW x sources)."""
     _, h, w = prob.shape
     scale = max(h, w) / reference_size
     ys, xs = torch.meshgrid(*(torch.arange(n, device=prob.device, dtype=torch.float32) for n in (h, w)), indexing="ij")
@@ -248,12 +238,10 @@ def dense_crf(prob, rgb, iters=5, gauss_sxy=3.0, gauss_compat=3.0, bil_sxy=80.0,
     def gauss(q):  # [1,H,W] -> Gaussian filter response [1,H,W]
         q = F.conv2d(q[:, None], g.view(1, 1, 1, -1), padding=(0, radius))
         return F.conv2d(q, g.view(1, 1, -1, 1), padding=(radius, 0))[:, 0]
-
     out = []
     for p, image in zip(prob.float().clamp(1e-5, 1 - 1e-5), rgb.float()):
-        # exp(-|f_i - f_j|^2 / 2) between every pixel's features and the sources', in place (the CRF's largest array)
         f = torch.cat([pos, image.flatten(1).T * (255 / bil_srgb)], 1)
-        kernel = f @ f[src].T
+        kernel = f @ f[src].T  # -> exp(-|f_i - f_j|^2 / 2) of every pixel and source, in place (the largest array)
         kernel.sub_(0.5 * (f * f).sum(1, keepdim=True)).sub_(0.5 * (f[src] * f[src]).sum(1)[None])
         kernel = kernel.clamp_(-40, 0).exp_() * step ** 2  # below -40 the kernel is 0 to float precision
 
@@ -286,9 +274,8 @@ def f_measure_loss(prob, target, beta2=1.0, eps=1e-5):
 
 
 def update_moving_average(average, crf_map, momentum, epoch):
-    """DeepUSPS's moving average of the CRF-refined predictions after epoch `epoch` (1-based): mva <- momentum * mva
-    + (1 - momentum) * crf_map from mva = 0, divided by 1 - momentum^epoch (bias correction, as in Adam) so that a
-    round of few epochs is not pulled towards 0. average is ignored at epoch 1. Returns a new tensor."""
+    """DeepUSPS's moving average of the CRF maps after epoch `epoch` (1-based): mva <- momentum * mva + (1 - momentum)
+    * crf_map from mva = 0, divided by 1 - momentum^epoch (Adam's bias correction: few epochs are not pulled to 0)."""
     return (momentum * (1 - momentum ** (epoch - 1)) * average + (1 - momentum) * crf_map) / (1 - momentum ** epoch)
 
 
@@ -305,15 +292,15 @@ def _to_png_array(prob, orig_size):
     return (prob[0, 0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
-def write_priors(paths, out, names, size, n_segments, batch_size, device, rbd_bg_lambda=1.0):
+def write_priors(paths, out, args, device):
     """Compute the priors of every image not yet written -> OUT/priors/<name>/<stem>.png (rerun skips done ones)."""
-    todo = [p for p in paths if not all((out / "priors" / n / f"{p.stem}.png").is_file() for n in names)]
-    for i in tqdm(range(0, len(todo), batch_size), desc="priors", disable=not todo):
-        batch = [_load_rgb(p, size) for p in todo[i:i + batch_size]]
-        maps = compute_priors(torch.stack([b[0] for b in batch]).to(device), names, n_segments, rbd_bg_lambda)
+    todo = [p for p in paths if not all((out / "priors" / n / f"{p.stem}.png").is_file() for n in args.priors)]
+    for idx in tqdm(batches(len(todo), args.batch_size), desc="priors", disable=not todo):
+        rgb, sizes = zip(*(_load_rgb(todo[i], args.prior_size) for i in idx))
+        maps = compute_priors(torch.stack(rgb).to(device), args.priors, args.superpixels, args.rbd_bg_lambda)
         for name, m in maps.items():
-            for j, p in enumerate(todo[i:i + batch_size]):
-                save_png(_to_png_array(m[j], batch[j][1]), out / "priors" / name / f"{p.stem}.png")
+            for i, prior, size in zip(idx, m, sizes):
+                save_png(_to_png_array(prior, size), out / "priors" / name / f"{todo[i].stem}.png")
 
 
 def read_maps(folder, stems, size):
@@ -330,15 +317,15 @@ def write_maps(maps, folder, stems):
 
 
 class Features:
-    """The frozen backbone's three feature maps per image, by index. The first images' features are kept (fp16,
-    on the device) up to cache_bytes, the others recomputed for every batch: memory stays bounded."""
+    """The frozen backbone's three feature maps of images by index (features[idx]: float [len(idx),C,h,w] on the
+    device). The first images' are kept (fp16, on the device) up to cache_bytes, the others recomputed per batch."""
 
     def __init__(self, net, paths, size, batch_size, device, cache_bytes):
         self.net, self.paths, self.size, self.device = net, paths, size, device
         per_image = sum(f.numel() * 2 for f in self._compute([0]))  # bytes
         self.cached = min(len(paths), int(cache_bytes // per_image))
-        chunks = [self._compute(range(i, min(i + batch_size, self.cached)))
-                  for i in tqdm(range(0, self.cached, batch_size), desc="features", disable=not self.cached)]
+        bar = tqdm(batches(self.cached, batch_size), desc="features", disable=not self.cached)
+        chunks = [self._compute(idx) for idx in bar]
         self.cache = [torch.cat(level) for level in zip(*chunks)] if chunks else None
 
     @torch.no_grad()
@@ -347,7 +334,6 @@ class Features:
         return [f.half() for f in self.net.backbone(x)]
 
     def __getitem__(self, idx):
-        """idx: list of image indices -> list of three float [len(idx),C,h,w] tensors on the device."""
         cached = all(i < self.cached for i in idx)
         feats = [f[torch.as_tensor(idx, device=f.device)] for f in self.cache] if cached else self._compute(idx)
         return [f.float() for f in feats]
@@ -427,35 +413,29 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = p.add_argument
     add("--images", required=True, help="folder of unlabelled training images")
-    add("--list", default=None, help="optional file of image stems to use")
+    add("--list", help="optional file of image stems to use")
     add("--out", required=True, help="output folder")
     add("--priors", type=priors_flag, default=",".join(PRIORS), help=f"comma-separated subset of {','.join(PRIORS)}")
     add("--priors-only", action="store_true", help="only write OUT/priors/<prior>/<stem>.png")
     add("--prior-size", type=positive_int, default=256, help="priors are computed at this square size")
     add("--superpixels", type=positive_int, default=200, help="SLIC superpixels per image for the priors")
-    add("--rbd-bg-lambda", type=nonnegative_float, default=1.0,
-        help="weight of RBD's background term: 1 as in the RBD paper, 5 in the RBD authors' code")
+    add("--rbd-bg-lambda", type=nonnegative_float, default=1.0, help="RBD background weight: paper 1, authors' code 5")
     add("--prior-thresholds", type=prior_thresholds_flag, default="",
         help="first-round binarisation per prior, e.g. rbd=0.25,mc=0.31 (default: DeepUSPS's values)")
-    add("--backbone", default="resnet101", choices=BACKBONES,
-        help="frozen ImageNet backbone of the saliency networks (DeepUSPS: a Cityscapes DRN)")
+    add("--backbone", default="resnet101", choices=BACKBONES, help="frozen ImageNet backbone; DeepUSPS: Cityscapes DRN")
     add("--weights", default="imagenet", help="imagenet | none | PATH (backbone weights)")
     add("--image-size", type=positive_int, default=320, help="square training size of the saliency networks")
     add("--rounds", type=positive_int, default=3, help="DeepUSPS refinement rounds per prior (DeepUSPS: 3)")
     add("--epochs", type=positive_int, default=25, help="epochs per refinement round (DeepUSPS: 25)")
-    add("--fusion-epochs", type=positive_int, default=None,
-        help="epochs of the fusion network (DeepUSPS: 200; default: --epochs)")
+    add("--fusion-epochs", type=positive_int, help="epochs of the fusion network (DeepUSPS: 200; None: --epochs)")
     add("--momentum", type=momentum_float, default=0.7, help="moving average: momentum * mva + (1-momentum) * crf")
     add("--threshold", type=unit_float, default=0.5, help="binarisation of the moving averages (rounds 2+)")
-    add("--loss", default="fmeasure", choices=("fmeasure", "bce"),
-        help="DeepUSPS's continuous F-measure loss, or per-pixel BCE")
+    add("--loss", default="fmeasure", choices=("fmeasure", "bce"), help="continuous F-measure (DeepUSPS) or pixel BCE")
     add("--beta2", type=positive_float, default=1.0, help="F-measure loss weight of recall per prior (DeepUSPS 1)")
     add("--fusion-beta2", type=positive_float, default=4.0, help="the same for the fusion network (DeepUSPS 4)")
-    add("--crf", action=argparse.BooleanOptionalAction, default=True,
-        help="dense CRF on the predictions before the moving average and on the final maps (DeepUSPS)")
+    add("--crf", action=argparse.BooleanOptionalAction, default=True, help="dense CRF on every prediction (DeepUSPS)")
     add("--batch-size", type=positive_int, default=16, help="images per training step")
-    add("--feature-cache-gb", type=nonnegative_float, default=4.0,
-        help="keep at most this much of the frozen backbone's features (fp16); recompute the rest")
+    add("--feature-cache-gb", type=nonnegative_float, default=4.0, help="backbone feature cache in GB; rest recomputed")
     add("--lr", type=positive_float, default=1e-3, help="Adam learning rate of the decoder")
     add("--seed", type=int, default=0, help="random seed (same seed, same run)")
     add_device_flags(p, workers=False)
@@ -465,19 +445,15 @@ def parse_args(argv=None):
     return args
 
 
-RESUME_FREE = ("resume", "device", "feature_cache_gb", "priors_only")  # flags --resume may change; the rest must match
-
-
 class Progress:
-    """Where the run stands (OUT/last.pt: the last finished (task, epoch), the decoder and optimizer); a task is one
-    refinement round of one prior, or the fusion. On --resume, finished tasks are skipped (their outputs are files)
-    and the task in progress continues after its last finished epoch."""
+    """Where the run stands, in OUT/last.pt: the last finished (task, epoch), the decoder and optimizer (a task: one
+    round of one prior, or the fusion). --resume skips done tasks (their outputs are files), continues the current."""
 
-    def __init__(self, out, args, paths, config, resume):
-        self.path, self.log_path = out / "last.pt", out / "log.jsonl"
-        self.config, self.args, self.stems = config, args, [p.stem for p in paths]
+    def __init__(self, out, args, paths, config, init):
+        self.path, self.log_path, self.args, self.paths = out / "last.pt", out / "log.jsonl", args, paths
+        self.config, self.init, self.stems = config, init, [p.stem for p in paths]
         self.task, self.epoch, self.state, self.log_lines = 0, 0, None, 0
-        if resume and self.path.is_file():
+        if args.resume and self.path.is_file():
             state = resume_checkpoint(self.path, "saliency", args, RESUME_FREE)
             if state.get("stems") != self.stems or state["config"] != config:
                 raise ValueError(f"{self.path} belongs to another run (other images or network); use another --out "
@@ -486,54 +462,45 @@ class Progress:
             restore_rng(state["rng"])
         trim_log(self.log_path, self.log_lines)  # drop epochs logged after the checkpoint (a kill between the two)
 
-    def start(self, task, net, optimizer, scaler, init):
-        """First epoch to run of task number `task` (the decoder and optimizer set accordingly), or None if done."""
+    def train(self, task, net, feats, name, target_dirs, epochs, beta2, refine_to=None):
+        """Task number `task`: the seeded decoder trained on fixed targets for `epochs` epochs (or resumed); with
+        refine_to = (out, prior, round), the moving averages updated after every epoch (DeepUSPS)."""
         if task < self.task:
-            return None
-        if task == self.task and self.state is not None:
-            load_training_state(self.state, net, optimizer, scaler, strict=False)  # the checkpoint holds the decoder
-            return self.epoch
-        net.load_state_dict(init, strict=False)  # every task starts from the same seeded decoder
-        return 0
-
-    def epoch_done(self, task, epoch, net, optimizer, scaler, record):
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps({"step": self.log_lines + 1, **record}) + "\n")
-        self.task, self.epoch, self.log_lines = task, epoch, self.log_lines + 1
-        save_checkpoint(self.path, kind="saliency", config=self.config,
-                        **training_state(decoder_state(net), optimizer, scaler), task=task, epoch=epoch,
-                        log_lines=self.log_lines, args=vars(self.args), stems=self.stems)
+            return  # finished before --resume
+        args, paths, stems = self.args, self.paths, self.stems
+        optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=args.lr)
+        autocast, scaler = mixed_precision(next(net.parameters()).device)
+        first = self.epoch if task == self.task and self.state is not None else 0
+        if first:  # resumed mid-task: the checkpoint holds the decoder
+            load_training_state(self.state, net, optimizer, scaler, strict=False)
+        else:
+            net.load_state_dict(self.init, strict=False)  # every task starts from the same seeded decoder
+        generator = seeded_generator(args.seed, task)
+        for _ in range(first):  # the batch orders of the finished epochs, as in an uninterrupted run
+            torch.randperm(len(paths), generator=generator)
+        bar = tqdm(range(first, epochs), desc=name if refine_to is None else f"{name} round {refine_to[2] + 1}")
+        guard = FiniteGuard()
+        for epoch in bar:
+            loss = train_epoch(net, optimizer, (autocast, scaler), feats, target_dirs, stems, args, beta2, generator)
+            step = self.log_lines + 1  # an epoch is a step of log.jsonl
+            guard.record(step, loss)
+            guard.check(step, net)  # before its moving averages and its checkpoint
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if refine_to is not None:
+                refine(net, feats, paths, args, epoch + 1, mva_dir(*refine_to, epoch), mva_dir(*refine_to, epoch + 1))
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps({"step": step, "task": name, "round": (refine_to or (0, 0, 0))[2] + 1,
+                                    "epoch": epoch + 1, "loss": loss}) + "\n")
+            self.task, self.epoch, self.log_lines = task, epoch + 1, step
+            save_checkpoint(self.path, kind="saliency", config=self.config,
+                            **training_state(decoder_state(net), optimizer, scaler), task=task, epoch=epoch + 1,
+                            log_lines=step, args=vars(args), stems=stems)
 
 
 def mva_dir(out, name, rnd, epoch):
     """Moving averages of prior `name`'s round rnd (0-based) after `epoch` epochs: two folders used in turn, so that
     a kill while one is written leaves the other, which the checkpoint points to, intact."""
     return out / "refine" / name / f"round{rnd + 1}" / f"mva{epoch % 2}"
-
-
-def train_network(net, feats, paths, args, progress, task, init, name, target_dirs, epochs, beta2, refine_to=None):
-    """Train a fresh decoder on fixed targets for `epochs` epochs (resuming where progress says); with refine_to =
-    (out, prior, round), update the moving averages after every epoch (DeepUSPS)."""
-    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=args.lr)
-    autocast, scaler = mixed_precision(next(net.parameters()).device)
-    first = progress.start(task, net, optimizer, scaler, init)
-    if first is None:
-        return
-    generator = seeded_generator(args.seed, task)
-    for _ in range(first):  # the batch orders of the finished epochs, as in an uninterrupted run
-        torch.randperm(len(paths), generator=generator)
-    stems = [p.stem for p in paths]
-    bar = tqdm(range(first, epochs), desc=name if refine_to is None else f"{name} round {refine_to[2] + 1}")
-    guard = FiniteGuard()
-    for epoch in bar:
-        loss = train_epoch(net, optimizer, (autocast, scaler), feats, target_dirs, stems, args, beta2, generator)
-        guard.record(progress.log_lines + 1, loss)  # an epoch is a step of log.jsonl
-        guard.check(progress.log_lines + 1, net)    # before its moving averages and its checkpoint
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if refine_to is not None:
-            refine(net, feats, paths, args, epoch + 1, mva_dir(*refine_to, epoch), mva_dir(*refine_to, epoch + 1))
-        record = {"task": name, "round": (refine_to or (0, 0, 0))[2] + 1, "epoch": epoch + 1, "loss": loss}
-        progress.epoch_done(task, epoch + 1, net, optimizer, scaler, record)
 
 
 @exits_on_bad_input
@@ -543,34 +510,28 @@ def main(argv=None):
     device = pick_device(args.device)
     configure_backends(device)
     paths = list_images(args.images, args.list)
-    write_priors(paths, out, args.priors, args.prior_size, args.superpixels, args.batch_size, device,
-                 args.rbd_bg_lambda)
+    write_priors(paths, out, args, device)
     if args.priors_only:
         print(f"wrote {len(args.priors)} prior map(s) for {len(paths)} images to {out / 'priors'}")
         return
-
     torch.manual_seed(args.seed)
     net = SaliencyNet(args.backbone, args.weights).to(device)
-    init = decoder_state(net)
     config = {**net.config, "image_size": args.image_size}
-    progress = Progress(out, args, paths, config, args.resume)
+    progress = Progress(out, args, paths, config, decoder_state(net))
     feats = Features(net, paths, args.image_size, args.batch_size, device, args.feature_cache_gb * 2 ** 30)
-
     # Phase I (DeepUSPS), per prior: rounds on fixed targets, the binarised prior first, then the last round's averages
     task, refined = 0, []
     for name in args.priors:
         targets = (out / "priors" / name, args.prior_thresholds[name])
         for rnd in range(args.rounds):
-            train_network(net, feats, paths, args, progress, task, init, name, [targets], args.epochs, args.beta2,
-                          refine_to=(out, name, rnd))
+            progress.train(task, net, feats, name, [targets], args.epochs, args.beta2, refine_to=(out, name, rnd))
             targets = (mva_dir(out, name, rnd, args.epochs), args.threshold)
             task += 1
         if progress.task < task:  # the prior's refined network, for measuring it (a resumed run past it saved it)
             save_checkpoint(out / f"{name}.pt", kind="saliency", config=config, model=net.state_dict(), args=vars(args))
         refined.append(targets)
     # Phase II: the fusion network, trained on every prior's refined labels at once (loss averaged over them)
-    train_network(net, feats, paths, args, progress, task, init, "fusion", refined, args.fusion_epochs,
-                  args.fusion_beta2)
+    progress.train(task, net, feats, "fusion", refined, args.fusion_epochs, args.fusion_beta2)
     save_checkpoint(out / "saliency.pt", kind="saliency", config=config, model=net.state_dict(), args=vars(args))
     for idx in tqdm(batches(len(paths), args.batch_size), desc="write"):
         for i, pr in zip(idx, predict(net, feats, paths, idx, args)):

@@ -10,7 +10,6 @@ image is augmented twice, the loss is pixel-wise cross-entropy on the query with
 """
 import argparse
 import json
-import math
 import os
 import random
 import time
@@ -20,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets import (IGNORE, MaskSplitPairs, SupervisedPairs, fold_train_ids, make_loader,
+from datasets import (IGNORE, MaskSplitPairs, RunBatches, SupervisedPairs, fold_train_ids, make_loader,
                       training_views, voc_paths, voc_image_set)
 from masksplit import MaskSplit
 from model import (BACKBONES, FSSNet, FiniteGuard, HelpFormatter, add_device_flags, check_output, configure_backends,
                    exits_on_bad_input, load_training_state, mixed_precision, nonnegative_float, nonnegative_int,
                    pick_device, positive_float, positive_int, restore_rng, resume_checkpoint, save_checkpoint,
-                   seeded_generator, training_state, trim_log, unit_float, write_json)
+                   training_state, trim_log, unit_float, write_json)
 
 
 def build_parser():
@@ -114,49 +113,17 @@ def build_dataset(args):
         masksplit = MaskSplit(prob=0.0, min_pixels=min_pixels)
     else:
         masksplit = MaskSplit(direction=args.split, max_shift=args.max_shift, alternate=not args.no_alternate,
-                          prob=args.split_prob, line=args.split_line, min_pixels=min_pixels)
-    list_file = args.list
+                              prob=args.split_prob, line=args.split_line, min_pixels=min_pixels)
+    images, masks, list_file = args.images, args.masks, args.list
     if args.voc_root is not None:
-        voc = voc_paths(args.voc_root)
         image_set = list_file or "train_aug"  # section 4: VOC 2012 plus SBD's extra annotations (PASCAL-5i)
-        if args.fold is not None:  # fold-based self-supervised training (Table 2): no image with a test class
-            list_file = fold_train_ids(args.voc_root, args.fold, image_set=image_set)
-        else:
-            list_file = voc_image_set(args.voc_root, image_set)
-    if args.mask_source == "gt":
-        return MaskSplitPairs(voc["images"], voc["masks"], list_file=list_file, masksplit=masksplit,
-                              mask_source="groundtruth", **augment)
-    return MaskSplitPairs(args.images, args.masks, list_file=list_file, masksplit=masksplit, mask_source="pseudo",
-                          **augment)
-
-
-def epoch_batches(n, batch_size, seed, epoch):
-    """The batches of one epoch: a permutation that depends only on (seed, epoch), so --resume can skip the
-    batches already done without loading them."""
-    order = torch.randperm(n, generator=seeded_generator(seed, epoch)).tolist()
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-
-
-class RunBatches:
-    """Batch sampler of a whole run, steps start .. total-1 across epochs: [(epoch, i), ...] (the datasets' keys), so
-    one loader (persistent workers) serves every epoch."""
-
-    def __init__(self, n, batch_size, seed, start, total):
-        self.n, self.batch_size, self.seed, self.start, self.total = n, batch_size, seed, start, total
-        self.per_epoch = len(epoch_batches(n, batch_size, seed, 0))
-
-    def __len__(self):
-        return max(0, self.total - self.start)
-
-    def __iter__(self):
-        step = self.start
-        while step < self.total:
-            epoch = step // self.per_epoch
-            for batch in epoch_batches(self.n, self.batch_size, self.seed, epoch)[step - epoch * self.per_epoch:]:
-                yield [(epoch, i) for i in batch]
-                step += 1
-                if step == self.total:
-                    return
+        # fold-based self-supervised training (Table 2): no image with a test-fold class
+        list_file = (fold_train_ids(args.voc_root, args.fold, image_set=image_set) if args.fold is not None
+                     else voc_image_set(args.voc_root, image_set))
+    if args.mask_source == "gt":  # Table 2's "groundtruth": the union of the class masks
+        images, masks = (voc_paths(args.voc_root)[k] for k in ("images", "masks"))
+    return MaskSplitPairs(images, masks, list_file=list_file, masksplit=masksplit,
+                          mask_source="groundtruth" if args.mask_source == "gt" else "pseudo", **augment)
 
 
 def backbone_format(device):
@@ -221,8 +188,8 @@ def main(argv=None):
     trim_log(log_path, step)  # drop log lines of steps after the checkpoint (all of them when starting afresh)
     write_json(vars(args), os.path.join(args.out, "args.json"))
 
-    steps_per_epoch = len(epoch_batches(len(dataset), args.batch_size, args.seed, 0))
-    total = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
+    batches = RunBatches(len(dataset), args.batch_size, args.seed, step, args.max_steps, args.epochs)
+    steps_per_epoch, total = batches.per_epoch, batches.total
 
     def checkpoint(epoch):
         guard.check(step, net)
@@ -232,8 +199,7 @@ def main(argv=None):
 
     net.train()  # the backbone stays in eval mode (FrozenBackbone)
     bar = tqdm(total=total, initial=step, desc="train_fss", dynamic_ncols=True)
-    loader = make_loader(dataset, device, args.workers,
-                         batch_sampler=RunBatches(len(dataset), args.batch_size, args.seed, step, total))
+    loader = make_loader(dataset, device, args.workers, batch_sampler=batches)
     guard = FiniteGuard()
     with open(log_path, "a" if args.resume else "w") as log:  # a fresh run starts a fresh log
         since = tick = time.time()

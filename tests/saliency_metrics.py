@@ -110,8 +110,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--pred", required=True, help="folder of predicted saliency maps (8-bit PNG, 0..255)")
     p.add_argument("--gt", required=True, help="folder of ground-truth masks (1-bit, palette or 8-bit PNG)")
-    p.add_argument("--list", default=None, help="optional file of stems to evaluate")
-    p.add_argument("--out", default=None, help="metrics JSON (default PRED/saliency_metrics.json)")
+    p.add_argument("--list", help="optional file of stems to evaluate")
+    p.add_argument("--out", help="metrics JSON (default PRED/saliency_metrics.json)")
     return p.parse_args(argv)
 
 
