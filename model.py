@@ -384,30 +384,31 @@ class BASNet(Rebuildable, nn.Module):
         return [self.refine(sides[-1]), *reversed(sides[1:]), sides[0]]
 
 
-def _correlate_float32(x, window):
-    """x [B, 1, H, W] correlated with `window` (zero padding): float32 convolutions, TF32 off, autocast off."""
+def _without_tf32(convolution, *args, padding):
+    """One of SSIM's convolutions in float32: TF32 off, autocast off."""
     saved = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
-        with torch.autocast(x.device.type, enabled=False):
-            return F.conv2d(x, window, padding=window.shape[-1] // 2)
+        with torch.autocast(args[-1].device.type, enabled=False):
+            return convolution(*args, padding=padding)
     finally:
         torch.backends.cudnn.allow_tf32 = saved
 
 
 class _GaussianFilter(torch.autograd.Function):
-    """SSIM's local means, in float32 with TF32 off in the forward and the backward pass alike: the window is
-    symmetric, so the gradient is the same correlation of the incoming gradient."""
+    """SSIM's local means x [B, 1, H, W] * window (zero padding), in float32 with TF32 off in the forward and the
+    backward pass alike (the backward is autograd's own input gradient of the convolution)."""
 
     @staticmethod
     def forward(ctx, x, window):
         ctx.save_for_backward(window)
-        return _correlate_float32(x, window)
+        return _without_tf32(F.conv2d, x, window, padding=window.shape[-1] // 2)
 
     @staticmethod
     def backward(ctx, grad):
         window, = ctx.saved_tensors
-        return _correlate_float32(grad, window), None
+        return _without_tf32(torch.nn.grad.conv2d_input, grad.shape, window, grad,
+                             padding=window.shape[-1] // 2), None
 
 
 def ssim(pred, target, window=11, sigma=1.5, c1=0.01 ** 2, c2=0.03 ** 2):
@@ -432,9 +433,10 @@ def hybrid_loss(logits, target):
     for out in logits if isinstance(logits, (list, tuple)) else [logits]:
         prob = torch.sigmoid(out.float())
         bce = F.binary_cross_entropy_with_logits(out.float(), target)
+        ssim_loss = 1 - ssim(prob, target).mean()
         inter = (prob * target).flatten(1).sum(1)
         union = (prob + target - prob * target).flatten(1).sum(1)
-        total = total + bce + (1 - ssim(prob, target).mean()) + (1 - inter / union.clamp_min(1e-6)).mean()
+        total = total + bce + ssim_loss + (1 - inter / union.clamp_min(1e-6)).mean()
     return total
 
 
