@@ -42,15 +42,13 @@ class FewShotMetric:
     def update(self, class_id, pred, target):
         """pred: int [H,W] in {0,1}; target: int [H,W] in {0,1,255}. Returns (intersection, union) of the
         foreground as ints."""
-        if pred.shape != target.shape:
-            raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-        valid = target != IGNORE
-        for value in (0, 1):                                     # background, foreground
-            p, t = (pred == value) & valid, (target == value) & valid
-            inter, union = int((p & t).sum()), int((p | t).sum())
-            self.fb_inter[value] += inter
-            self.fb_union[value] += union
-        c = int(class_id)                                        # the foreground's intersection and union
+        return self.add(class_id, episode_counts(pred, target).tolist())
+
+    def add(self, class_id, counts):
+        """One episode's episode_counts, as ints."""
+        self.fb_inter += counts[0::2]                            # [background, foreground]
+        self.fb_union += counts[1::2]
+        c, inter, union = int(class_id), counts[2], counts[3]    # the foreground's intersection and union
         self.inter[c], self.union[c] = self.inter.get(c, 0) + inter, self.union.get(c, 0) + union
         if union > 0:  # an episode without foreground in query nor prediction has no IoU
             self.episode_iou.setdefault(c, []).append(inter / union)
@@ -67,6 +65,18 @@ class FewShotMetric:
             "miou_episode_mean": float(np.mean(episode_mean)) if episode_mean else float("nan"),
             "per_class": {str(c): v for c, v in per_class.items()},
         }
+
+
+def episode_counts(pred, target):
+    """The intersection and union of the background and of the foreground over the pixels not ignored (255):
+    int64 [4] on the masks' device, read by the host once a chunk of episodes (no wait for the GPU per episode)."""
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    valid, counts = target != IGNORE, []
+    for value in (0, 1):                                         # background, foreground
+        p, t = (pred == value) & valid, (target == value) & valid
+        counts += [(p & t).sum(), (p | t).sum()]
+    return torch.stack(counts)
 
 
 def parse_folds(text, dataset):
@@ -151,11 +161,11 @@ class FeatureCache:
 
 
 def predicted_mask(logits, size):
-    """Logits [2, S, S] -> the 0/1 mask [H, W] at `size` on the CPU: the logits upsampled bilinearly where the sizes
-    differ, then the argmax (--eval-resolution original, and predict's masks)."""
+    """Logits [2, S, S] -> the 0/1 mask [H, W] at `size`, on their device: the logits upsampled bilinearly where
+    the sizes differ, then the argmax (--eval-resolution original, and predict's masks)."""
     if tuple(logits.shape[-2:]) != tuple(size):
         logits = F.interpolate(logits[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
-    return logits.argmax(0).cpu()
+    return logits.argmax(0)
 
 
 def run_episodes(net, ds, args, device, run, log_file, figure_rows):
@@ -167,7 +177,7 @@ def run_episodes(net, ds, args, device, run, log_file, figure_rows):
     cache = FeatureCache(net, last_use)
     loader = make_loader(ds, device, args.workers, batch_size=None)
     autocast, _ = mixed_precision(device)
-    metric, original = FewShotMetric(), args.eval_resolution == "original"
+    metric, original, pending = FewShotMetric(), args.eval_resolution == "original", []
     for i, item in enumerate(tqdm(loader, desc=f"fold {ds.fold} run {run}", leave=False)):
         target = item["query_mask_orig"] if original else item["query_mask"]
         if args.baseline == "foreground":
@@ -181,14 +191,25 @@ def run_episodes(net, ds, args, device, run, log_file, figure_rows):
                 logits = cache.logits(item, device, i)
             pred_small = predicted_mask(logits[0], logits.shape[-2:])
             pred = predicted_mask(logits[0], target.shape) if original else pred_small
-        inter, union = metric.update(item["class_id"], pred, target)
-        if log_file is not None:
-            log_file.write(json.dumps({"run": run, "fold": ds.fold, "episode": i, "query": item["query_id"],
-                                       "supports": list(item["support_ids"]), "class": int(item["class_id"]),
-                                       "intersection": inter, "union": union}) + "\n")
-        if args.figure and run == 0 and sum(r[2] == ds.fold for r in figure_rows) < args.figure_episodes:
-            figure_rows.append((item, pred_small, ds.fold, ds.class_name(item["class_id"]), inter / max(union, 1)))
+        episode = {"run": run, "fold": ds.fold, "episode": i, "query": item["query_id"],
+                   "supports": list(item["support_ids"]), "class": int(item["class_id"])}
+        figure = (item, pred_small) if args.figure and run == 0 and i < args.figure_episodes else None
+        pending.append((episode, episode_counts(pred, target.to(pred.device, non_blocking=True)), figure))
+        if len(pending) == 100 or i == len(ds) - 1:  # the host reads 100 episodes at once
+            record(pending, metric, ds, log_file, figure_rows)
     return metric.summary(), cache.forwards
+
+
+def record(pending, metric, ds, log_file, figure_rows):
+    """The counts of a chunk of episodes, read in one copy to the host, into the metric, the log and the figure."""
+    for (episode, _, figure), counts in zip(pending, torch.stack([c for _, c, _ in pending]).tolist()):
+        inter, union = metric.add(episode["class"], counts)
+        if log_file is not None:
+            log_file.write(json.dumps({**episode, "intersection": inter, "union": union}) + "\n")
+        if figure is not None:
+            item, pred = figure
+            figure_rows.append((item, pred.cpu(), ds.fold, ds.class_name(episode["class"]), inter / max(union, 1)))
+    pending.clear()
 
 
 def figure_grid(rows, path):
@@ -460,7 +481,7 @@ def run_predict(args):
                 with torch.no_grad(), autocast():
                     logits = net.decode(net.project_features(net.extract(queries)), prototypes, queries.shape[-2:])
                 for q, query_logits in zip(good, logits):
-                    mask = predicted_mask(query_logits, q["size"])
+                    mask = predicted_mask(query_logits, q["size"]).cpu()
                     name = f"{pathlib.Path(q['path']).stem}.png"
                     save_png(mask.numpy().astype(bool), os.path.join(args.out, name))
                     if args.overlay:

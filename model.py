@@ -11,6 +11,7 @@ import os
 import pathlib
 import random
 import socket
+import sys
 import tempfile
 
 import numpy as np
@@ -584,8 +585,13 @@ def add_device_flags(p, workers=True, deterministic=False):
 
 
 def pick_device(name="auto"):
-    """'auto' -> cuda when there is one, else cpu; any other name goes to torch.device."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    """'auto' -> cuda when torch sees a GPU, else cpu; any other name goes to torch.device. Printed on stderr: a torch
+    built for a newer CUDA than the driver's sees no GPU, and auto would run on the CPU without a word."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    note = (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f" (torch {torch.__version__}"
+            " sees no CUDA GPU; older drivers: README, On a GPU)" if name == "auto" else "")
+    print(f"device: {device}{note}", file=sys.stderr)
+    return device
 
 
 def keep_freed_memory(worker_id=None):

@@ -334,9 +334,11 @@ class Features:
         return [f.half() for f in self.net.backbone(x)]
 
     def __getitem__(self, idx):
-        cached = all(i < self.cached for i in idx)
-        feats = [f[torch.as_tensor(idx, device=f.device)] for f in self.cache] if cached else self._compute(idx)
-        return [f.float() for f in feats]
+        if not all(i < self.cached for i in idx):
+            return [f.float() for f in self._compute(idx)]
+        index = torch.as_tensor(idx).pin_memory() if self.device.type == "cuda" else torch.as_tensor(idx)
+        index = index.to(self.device, non_blocking=True)  # pinned: the host does not wait for the GPU
+        return [f[index].float() for f in self.cache]
 
 
 def batches(n, batch_size, generator=None):
@@ -372,8 +374,8 @@ def train_epoch(net, optimizer, precision, feats, target_dirs, stems, args, beta
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        total += loss.item() * len(idx)
-    return total / len(stems)
+        total = total + loss.detach().double() * len(idx)  # read once an epoch: no wait for the GPU per batch
+    return total.item() / len(stems)
 
 
 def refine(net, feats, paths, args, epoch, previous_dir, out_dir):

@@ -161,7 +161,7 @@ def _train(root, out, iters, *extra):
     basnet_train.main(["--images", str(root / "images"), "--masks", str(root / "labels"), "--out", str(out),
                        "--max-steps", str(iters), "--image-size", "32", "--crop", "24", "--batch-size", "2",
                        "--weights", "none", "--encoder", "efficientnet_lite0", "--width", "0.25", "--save-every", "1",
-                       "--log-every", "1", *extra])
+                       "--log-every", "1", "--device", "cpu", *extra])
 
 
 def test_basnet_train_resume_nan_and_pseudomasks(tmp_path, monkeypatch):
@@ -183,7 +183,7 @@ def test_basnet_train_resume_nan_and_pseudomasks(tmp_path, monkeypatch):
     model.save_checkpoint(tmp_path / "weights.pt", kind="basnet", config=a["config"], model=a["model"])
     del a, b
     args = ["--checkpoint", str(tmp_path / "weights.pt"), "--images", str(tmp_path / "images"),
-            "--batch-size", "2", "--threshold", "0.3"]
+            "--batch-size", "2", "--threshold", "0.3", "--device", "cpu"]
     mp.main(args + ["--out", str(tmp_path / "full"), "--save-prob", str(tmp_path / "full_prob")])
     done = sorted(p.name for p in (tmp_path / "full_prob").iterdir())
     assert done == [f"im{i}.png" for i in range(4)]

@@ -77,7 +77,7 @@ def trained(tmp_path_factory):
     demo = make_demo_data(root / "data")
     train_fss.main(["--mask-source", "gt", "--voc-root", str(demo["voc"]), "--backbone", "efficientnet_lite0",
                     "--weights", "none", "--image-size", "64", "--batch-size", "4", "--workers", "0",
-                    "--max-steps", "3", "--out", str(root / "run")])
+                    "--max-steps", "3", "--device", "cpu", "--out", str(root / "run")])
     return demo, root / "run" / "last.pt"
 
 
@@ -85,7 +85,7 @@ def test_predict_reproduces_evaluate_and_reports_bad_queries(trained, tmp_path, 
     demo, ckpt = trained
     evaluate.main(["fss", "--checkpoint", str(ckpt), "--voc-root", str(demo["voc"]), "--fold", "1", "--runs", "1",
                    "--episodes", "3", "--image-size", "64", "--eval-resolution", "original", "--workers", "0",
-                   "--out", str(tmp_path / "r.json"), "--save-episodes", str(tmp_path / "e.jsonl")])
+                   "--device", "cpu", "--out", str(tmp_path / "r.json"), "--save-episodes", str(tmp_path / "e.jsonl")])
     ds = FewShotEpisodes("pascal", demo["voc"], 1, episodes=3, seed=0, image_size=64)
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     for n, line in enumerate((tmp_path / "e.jsonl").read_text().splitlines()):
@@ -96,7 +96,7 @@ def test_predict_reproduces_evaluate_and_reports_bad_queries(trained, tmp_path, 
         out = tmp_path / f"out{n}"
         with pytest.raises(SystemExit, match="2 queries failed"):   # the two bad ones; the others are written
             evaluate.main(["predict", "--checkpoint", str(ckpt), "--image-size", "64", "--workers", "0",
-                           "--batch-size", "2", "--support", str(ds.image_path(episode["supports"][0])),
+                           "--device", "cpu", "--batch-size", "2", "--support", str(ds.image_path(episode["supports"][0])),
                            str(tmp_path / f"support{n}.png"), "--query", str(ds.image_path(episode["query"])),
                            str(tmp_path / "broken.jpg"), str(ds.image_path(other)), str(tmp_path / "absent.jpg"),
                            "--out", str(out), "--overlay", str(tmp_path / f"overlay{n}")])

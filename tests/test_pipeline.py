@@ -21,6 +21,8 @@ def run_pipeline(env, mode="full"):
     out = subprocess.run(["bash", str(ROOT / "pipeline.sh"), mode], env=env, capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # every stage that ran said where it ran, before any work (a CUDA wheel on an old driver sees no GPU)
+    assert out.stderr.count("device: cpu") == out.stdout.count("+ python "), out.stderr[-3000:]
     return out.stdout
 
 

@@ -74,7 +74,7 @@ def test_make_pseudomasks_sigkill_leaves_no_truncated_png_and_rerun_completes(tm
     data = write_folder(tmp_path / "data", n=40, size=(96, 112))
     ckpt = saliency_checkpoint(tmp_path / "sal.pt")
     args = ["--checkpoint", str(ckpt), "--images", str(data / "images"), "--batch-size", "1", "--threshold", "0.5",
-            "--min-fraction", "0"]
+            "--min-fraction", "0", "--device", "cpu"]
     make_pseudomasks.main(args + ["--out", str(tmp_path / "full"), "--save-prob", str(tmp_path / "full_prob")])
     out, prob = tmp_path / "part", tmp_path / "part_prob"
     proc = subprocess.Popen([sys.executable, "make_pseudomasks.py", *args, "--out", str(out), "--save-prob", str(prob)],
@@ -288,7 +288,8 @@ def test_every_trainer_refuses_changed_settings_on_resume_and_survives_a_truncat
     data = write_folder(tmp_path / "data")
     out = tmp_path / "basnet"
     flags = ["--out", str(out), "--crop", "24", "--batch-size", "2", "--weights", "none", "--encoder",
-             "efficientnet_lite0", "--width", "0.125", "--workers", "0", "--log-every", "1", "--save-every", "1"]
+             "efficientnet_lite0", "--width", "0.125", "--workers", "0", "--log-every", "1", "--save-every", "1",
+             "--device", "cpu"]
     basnet_train.main(["--images", str(data / "images"), "--masks", str(data / "masks"), "--image-size", "32",
                        "--max-steps", "2", *flags])
     with open(out / "log.jsonl", "a") as f:

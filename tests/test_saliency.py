@@ -128,7 +128,7 @@ def test_dense_crf_sharpens_a_blurred_mask_along_a_colour_edge():
 def _run(args, tmp_path, out):
     st.main(["--images", str(tmp_path / "images"), "--out", str(out), "--backbone", "efficientnet_lite0",
              "--weights", "none", "--image-size", "32", "--prior-size", "48", "--superpixels", "40",
-             "--epochs", "2", "--rounds", "2", "--batch-size", "2", *args])
+             "--epochs", "2", "--rounds", "2", "--batch-size", "2", "--device", "cpu", *args])
 
 
 def test_saliency_train_outputs_and_exact_resume(tmp_path, monkeypatch):
@@ -233,6 +233,26 @@ def test_saliency_metrics_cli_gt_encodings(tmp_path, capsys):
     (tmp_path / "pred" / "a.png").rename(tmp_path / "pred" / "b.png")
     with pytest.raises(SystemExit, match="missing"):
         saliency_metrics.main(["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt_L")])
+
+
+def test_an_epoch_never_reads_a_loss_while_its_graph_lives(tmp_path, monkeypatch):
+    # .item() waits for the GPU: train_epoch sums its losses on the device and reads the mean once an epoch
+    write_images(tmp_path / "images")
+    reads, real_epoch, real_item = [], st.train_epoch, torch.Tensor.item
+
+    def counted(t):
+        reads[-1] += t.grad_fn is not None
+        return real_item(t)
+
+    def epoch(*a, **k):
+        reads.append(0)
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "item", counted)
+            return real_epoch(*a, **k)
+
+    monkeypatch.setattr(st, "train_epoch", epoch)
+    _run(["--priors", "rbd", "--rounds", "1", "--epochs", "1", "--batch-size", "1"], tmp_path, tmp_path / "run")
+    assert reads and not any(reads)
 
 
 def test_targets_fixed_within_a_round_and_next_round_is_binarised_moving_average(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """train_fss.py and `evaluate.py fss` on the demo data (CPU, 64 px, random backbone weights)."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -25,9 +26,10 @@ def demo(tmp_path_factory):
 
 
 def train(demo, out, *extra):
+    """train_fss.py on the CPU, where the same seed gives the same numbers (CUDA's do not: README, On a GPU)."""
     train_fss.main(["--mask-source", "gt", "--voc-root", str(demo["voc"]), "--backbone", "efficientnet_lite0",
                     "--weights", "none", "--image-size", "64", "--batch-size", "4", "--workers", "0",
-                    "--log-every", "1", "--out", str(out), *extra])
+                    "--log-every", "1", "--device", "cpu", "--out", str(out), *extra])
     with open(out / "log.jsonl") as f:
         return [json.loads(line) for line in f]
 
@@ -84,8 +86,23 @@ def test_resume_continues_exactly(demo, checkpoint):
 
 def evaluate_json(demo, ckpt, out, *extra):
     evaluate.main(["fss", "--checkpoint", str(ckpt), "--voc-root", str(demo["voc"]), "--fold", "0,1", "--runs", "2",
-                   "--episodes", "8", "--image-size", "64", "--workers", "0", "--out", str(out), *extra])
+                   "--episodes", "8", "--image-size", "64", "--workers", "0", "--device", "cpu", "--out", str(out),
+                   *extra])
     return json.loads(out.read_text())
+
+
+def test_evaluation_reads_the_device_once_a_chunk_of_episodes(demo, checkpoint, tmp_path, monkeypatch):
+    # each read of a device tensor on the host (.cpu(), .item(), int(), ...) waits for the GPU: evaluate.py reads
+    # the episodes' counts once per 100 episodes (here once per run: 2 folds x 2 runs of 8), not once an episode
+    reads = []
+    for name in ("cpu", "item", "tolist", "numpy", "__int__", "__float__"):
+        def spy(t, *a, _real=getattr(torch.Tensor, name), _name=name, **k):
+            if sys._getframe(1).f_code.co_filename == evaluate.__file__:
+                reads.append(_name)
+            return _real(t, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    evaluate_json(demo, checkpoint[0] / "straight" / "last.pt", tmp_path / "r.json")
+    assert reads == ["tolist"] * 4
 
 
 def test_evaluation_is_deterministic_and_the_cache_is_exact(demo, checkpoint, tmp_path):
