@@ -2,10 +2,9 @@
 
     python basnet_train.py --images DIR --masks DIR [--list FILE] --out DIR --max-steps N [--weights imagenet|none|PATH]
 
-Labels are the 0/255 maps of saliency_train.py (OUT/labels): no human annotation. Training as in the original:
-resize 256, random crop 224, horizontal flip, Adam lr 1e-3, batch 8, hybrid loss on all 8 outputs.
-Writes OUT/last.pt (atomic, every --save-every steps and at the end; --resume continues exactly) and
-OUT/log.jsonl. A non-finite loss or weight stops the run before any checkpoint is written (model.FiniteGuard).
+Labels: saliency_train.py's 0/255 maps (OUT/labels), no human annotation. As in BAS-Net: resize 256, random crop 224,
+horizontal flip, Adam lr 1e-3, batch 8, hybrid loss on all 8 outputs. Writes OUT/last.pt (atomic, every --save-every
+steps and at the end) and OUT/log.jsonl; a non-finite loss or weight stops the run unsaved (model.FiniteGuard).
 """
 import argparse
 import json
@@ -27,8 +26,7 @@ def parse_args(argv=None):
     p.add_argument("--list", help="optional file of image stems to use")
     p.add_argument("--out", required=True, help="output folder (last.pt, log.jsonl)")
     p.add_argument("--max-steps", type=positive_int, default=400000, help="training steps (BAS-Net: 400k)")
-    p.add_argument("--image-size", type=positive_int, default=256,
-                   help="resize before cropping, and test-time size (BAS-Net 256)")
+    p.add_argument("--image-size", type=positive_int, default=256, help="pre-crop resize and test-time size (BAS-Net)")
     p.add_argument("--crop", type=positive_int, default=224, help="random crop (BAS-Net 224)")
     p.add_argument("--no-flip", action="store_true", help="disable the random horizontal flip")
     p.add_argument("--batch-size", type=positive_int, default=8, help="BAS-Net: 8")
@@ -42,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=positive_int, default=10, help="steps between log.jsonl lines")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same run)")
     add_device_flags(p, deterministic=True)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.pt")
     args = p.parse_args(argv)
     if args.crop > args.image_size:
         p.error(f"--crop {args.crop} is larger than --image-size {args.image_size}")

@@ -1,6 +1,5 @@
-"""Data: image and mask files, the real dataset layouts, the augmentation, MaskSplit training pairs, few-shot test
-episodes, loaders; everything that reads images and masks lives here, and items are dicts with named keys. This
-module imports model.py (files, checkpoints and the rest of a run's plumbing), never the reverse.
+"""Data: everything that reads images and masks (files, the real dataset layouts, the augmentation, MaskSplit
+training pairs, few-shot test episodes, loaders); items are dicts with named keys. Imports model.py, never the reverse.
 
 Layouts read (the real ones):
 - PASCAL VOC 2012   VOCdevkit/VOC2012/{JPEGImages, SegmentationClassAug | SegmentationClass,
@@ -97,10 +96,9 @@ def _binary_levels(levels):
 
 def load_binary_mask(path):
     """The one binary-mask reader (salient-object ground truth, BAS-Net labels, pseudo-masks): np.bool_ [H, W].
-    Mode '1': as stored. Palette: any nonzero index (the VOC palette's dark colours included). 16/32-bit gray: any
-    nonzero value. 8-bit gray: >= 128, or nonzero for a 0/1 mask. RGB / RGBA / CMYK: a gray mask stored in colour
-    (R = G = B everywhere) as 8-bit gray, a colour-coded mask any pixel that is not black. Alpha is ignored;
-    masks carry no EXIF orientation."""
+    Mode '1': as stored. Palette: any nonzero index (the VOC palette's dark colours too). 16/32-bit gray: any nonzero
+    value. 8-bit gray: >= 128, or nonzero for a 0/1 mask. RGB / RGBA / CMYK: a gray mask stored in colour (R = G = B
+    everywhere) as 8-bit gray, a colour-coded mask any pixel that is not black. Alpha and EXIF orientation ignored."""
     img = _open(path, "mask")
     if img.mode in ("1", "P", "PA", "I;16", "I;16B", "I;16L", "I"):
         return np.asarray(img.convert("L") if img.mode == "1" else img.getchannel(0) if img.mode == "PA" else img) != 0
@@ -213,8 +211,7 @@ def cache_dir():
 
 
 def _cached_scan(kind, paths, scan, desc):
-    """{stem: scan(path)} for `paths`, cached as JSON under cache_dir(); the key covers the paths, sizes and
-    modification times, so a changed mask folder is rescanned."""
+    """{stem: scan(path)} for `paths`, cached as JSON under cache_dir() by paths, sizes and mtimes (changed: rescan)."""
     h = hashlib.sha1(kind.encode())
     for p in paths:
         st = os.stat(p)
@@ -235,8 +232,7 @@ def _cached_scan(kind, paths, scan, desc):
 
 def foreground_counts(mask_paths, folder, count=None, kind="binary"):
     """{stem: foreground pixels} of the masks (count(path); default: load_binary_mask's), scanned once and cached;
-    ValueError naming `folder` when every mask is empty (a mask set in an encoding read as background, or a
-    saliency network that found nothing)."""
+    ValueError naming `folder` when every mask is empty (an encoding read as background, or no saliency found)."""
     count = count or (lambda p: int(load_binary_mask(p).sum()))
     counts = _cached_scan(f"foreground-{kind}", mask_paths, count, "scanning masks")
     if counts and max(counts.values()) <= 0:
@@ -271,9 +267,8 @@ def voc_paths(root):
 def voc_image_set(root, image_set):
     """Stems of a VOC image set: a name ("train", "val", "train_aug", ...) under ImageSets/Segmentation, or a path.
     "train_aug" without its list file is derived: every image with a class mask that is not in val.txt. With
-    SegmentationClassAug that is the SBD-augmented training set of PASCAL-5i (paper section 4: VOC 2012 plus the
-    extra annotations of Hariharan et al.; 10582 images in the standard download); with only VOC's own
-    SegmentationClass it is VOC's train image set."""
+    SegmentationClassAug that is PASCAL-5i's SBD-augmented training set (paper section 4: VOC 2012 plus Hariharan et
+    al.'s extra annotations; 10582 images in the standard download); with only SegmentationClass, VOC's train set."""
     list_path = pathlib.Path(image_set)
     if list_path.is_file():
         return _read_list(list_path)
@@ -299,9 +294,8 @@ def _mask_paths(mask_dir, stems):
 
 def voc_class_counts(root, image_set="val"):
     """{stem: {class_id(str): pixels}} over a VOC image set, computed once and cached."""
-    masks = voc_paths(root)["masks"]
-    return _cached_scan("voc-counts", _mask_paths(masks, voc_image_set(root, image_set)), _class_counts(VOC_CLASSES),
-                        "scanning VOC masks")
+    return _cached_scan("voc-counts", _mask_paths(voc_paths(root)["masks"], voc_image_set(root, image_set)),
+                        _class_counts(VOC_CLASSES), "scanning VOC masks")
 
 
 def pascal_fold_classes(fold):
@@ -331,8 +325,7 @@ def fold_train_ids(root, fold, image_set="train"):
 
 
 def coco_paths(root, image_set=None):
-    """Locate a COCO-format image set: {"images", "annotations", "image_set"}. With image_set=None the unique
-    annotations/instances_<image set>.json is used."""
+    """A COCO-format image set: {"images", "annotations", "image_set"}; image_set=None: the one instances_*.json."""
     root = pathlib.Path(root)
     ann_dir = root / "annotations"
     if image_set is None:
@@ -351,11 +344,10 @@ def coco_paths(root, image_set=None):
 
 def render_coco_masks(root, image_set=None, style="full"):
     """Render per-image class masks of a COCO image set into PNGs (once; cached) and return the mask folder: categories
-    1..80 in sorted category-id order, objects drawn in annotation order (later on top, as the usual label-PNG
-    converters do); annotations without a segmentation (bbox-only) are skipped with a warning.
-    style "full": every polygon of an object (and RLE, compressed or not), crowd regions -> 255 where no object is
-    drawn. "repri": the masks the authors evaluated on, from RePRI's create_masks.py: only the first polygon of each
-    object, filled at integer-truncated vertices (cv2.fillPoly there, PIL here), crowd regions left background."""
+    1..80 in sorted category-id order, objects in annotation order (later on top, as label-PNG converters do); those
+    without a segmentation (bbox-only) are skipped with a warning. style "full": every polygon of an object (and RLE),
+    crowd regions -> 255 where no object is. "repri": the authors' evaluation masks (RePRI's create_masks.py): the
+    first polygon of each object only, at integer-truncated vertices (cv2.fillPoly there, PIL here), crowd not drawn."""
     if style not in COCO_MASK_STYLES:
         raise ValueError(f"COCO mask style must be one of {COCO_MASK_STYLES}, got {style!r}")
     try:
@@ -466,9 +458,8 @@ class Augmentation:
     colour jitter with p jitter_p (brightness, contrast, saturation uniform in [1 - jitter, 1 + jitter], hue in
     [-jitter, jitter]); Gaussian blur with p blur_p (kernel one of blur_kernels, sigma uniform in blur_sigma);
     grayscale with p gray_p. Where the batch lands, the whole batch at once: apply, each step on its views.
-    rotation_border "fill": pixels a rotation brings in from outside the image are black, and 255 in the masks
-    (callers map it: ignored in the query target, background in the support mask); "reflect": the authors'
-    albumentations Rotate (BORDER_REFLECT_101) on image and masks, no pixel filled."""
+    rotation_border "fill": pixels a rotation brings in are black, and 255 in the masks (callers map it: ignored in
+    the query target, background in the support mask); "reflect": the authors' BORDER_REFLECT_101 (albumentations)."""
 
     def __init__(self, image_size=400, augment=True, scale=(0.5, 1.2), flip_p=0.5, rotation=90.0, rotation_p=0.5,
                  jitter=0.2, jitter_p=0.5, blur_kernels=(3, 5, 7), blur_sigma=(0.1, 2.0), blur_p=0.5, gray_p=0.4,
@@ -513,9 +504,8 @@ class Augmentation:
 
     def apply(self, images, masks, params):
         """A batch of views on its device: uint8 images [B, 3, S, S], uint8 masks [B, S, S], params [B, 9] (draw,
-        on the CPU) -> (float images in [0, 1], uint8 masks), in torchvision's order: rotation, colour jitter
-        (here always brightness, contrast, saturation, hue), blur, grayscale. Each step runs on the views that
-        drew it, found on the CPU (no wait for the device), with each view's own parameters."""
+        on the CPU) -> (float images in [0, 1], uint8 masks), in torchvision's order: rotation, colour jitter, blur,
+        grayscale. Each step runs on the views that drew it (found on the CPU: no wait), with their own parameters."""
         x, masks = images.to(torch.float32).div_(255), masks.clone()
         on_device = params.to(x.device, non_blocking=True).view(*params.shape, 1, 1, 1)     # [B, 9, 1, 1, 1]
 
@@ -543,8 +533,7 @@ def rotate(x, masks, angle, reflect):
         raise ValueError(f"rotate takes square views, got {tuple(x.shape[-2:])}")
     a = torch.deg2rad(angle[:, 0])                                     # [B, 1, 1]
     cos, sin = a.cos(), a.sin()
-    # for every output pixel, where it comes from, in grid_sample's coordinates (-1, 1: the border pixels' centres),
-    # x and y written as two planes and read as grid_sample's [B, S, S, 2] through a permuted view
+    # each output pixel's source in grid_sample's coordinates (-1, 1: border pixels' centres), x and y as two planes
     u = torch.linspace(-1, 1, x.shape[-1], device=x.device)            # columns
     v = u[:, None]                                                      # rows
     grid = torch.empty(2, *x.shape[:1], *x.shape[-2:], device=x.device)
@@ -584,14 +573,12 @@ def colour_jitter(x, brightness, contrast, saturation, hue):
 
 
 def adjust_hue(x, hue):
-    """Hue turned by `hue` [B, 1, 1, 1] (a fraction of the circle), saturation and value kept. HSV's hexcone per
-    channel: with value V, chroma C and hue H in sixths, channel n = V - C * clamp(min(k, 4 - k), 0, 1) for
-    k = (n + H) mod 6, n = 5, 3, 1 for R, G, B."""
+    """Hue turned by `hue` [B, 1, 1, 1] (in turns), saturation and value kept. HSV hexcone: with value V, chroma C and
+    hue H in sixths, channel n = V - C * clamp(min(k, 4 - k), 0, 1), k = (n + H) mod 6, n = 5, 3, 1 for R, G, B."""
     r, g, b = x.unbind(1)
     value = x.amax(1, keepdim=True)
     chroma = value - x.amin(1, keepdim=True)
-    # hue in sixths from the largest channel (r before g before b; at a tie both give the same hue), chosen by 0 / 1
-    # weights: hue_r where r is the largest, hue_g where g is and r is not, hue_b where neither is
+    # hue in sixths from the largest channel (r, then g, then b; a tie gives the same hue), picked by 0 / 1 weights
     top, c = value[:, 0], chroma[:, 0]
     hue_r, hue_g, hue_b = g - b, torch.add(b - r, c, alpha=2), torch.add(r - g, c, alpha=4)
     not_r, not_g = (top != r).float(), (top != g).float()
@@ -603,9 +590,8 @@ def adjust_hue(x, hue):
 
 
 def gaussian_blur(x, kernel, sigma, max_kernel):
-    """torchvision's Gaussian blur (reflect padding) with each view's own odd kernel size and sigma [B, 1, 1, 1]:
-    every view through one max_kernel wide filter, its taps beyond its own kernel weighted 0 (kernel 1: the
-    identity). The 2-D Gaussian is the product of two 1-D ones, so a horizontal pass and a vertical pass."""
+    """torchvision's Gaussian blur (reflect padding), each view with its own odd kernel and sigma [B, 1, 1, 1]: one
+    max_kernel wide filter, taps beyond a view's kernel weighted 0 (kernel 1: identity); separable: two 1-D passes."""
     b, c, h, w = x.shape
     radius = max_kernel // 2
     t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)           # taps [k]
@@ -661,18 +647,15 @@ def _pair(augmentation, query_image, query_tgt, support_image, support_fg, rng):
 class MaskSplitPairs(torch.utils.data.Dataset):
     """One training episode per image (section 3.2): MaskSplit on its mask at original resolution, then two
     independent augmentations (support view, query view). images, masks: folders with the same stems (masks .png).
-    mask_source: "pseudo" (0/255 pseudo-masks, load_binary_mask) or "groundtruth" (class-index masks, e.g.
-        SegmentationClassAug: the union of all objects, Table 2's "groundtruth" source).
+    mask_source: "pseudo" (0/255 pseudo-masks) or "groundtruth" (Table 2's: the union of a class mask's objects).
     masksplit: a MaskSplit (default: the paper's Vsplit, slope 40, alternate, prob 1); prob=0.0 = no split.
     augment: Table 1's "aug" switch. dataset[(e, i)] (or dataset[i], epoch 0): item i of epoch e, a pure function
         of (seed, e, i), so one loader with persistent workers serves every epoch of a run.
-    min_pixels: images with fewer foreground pixels are left out. redraw_image_below: 0 (ours): `masksplit` alone
-        decides (MaskSplit redraws the split while a half is under its min_pixels, then leaves the mask unsplit).
-        N > 0, the authors' code (N = 512, with a one-draw MaskSplit of min_pixels 0): a support or query half
-        under N pixels draws another image instead.
+    min_pixels: images with fewer foreground pixels are left out. redraw_image_below: 0 (ours): `masksplit` decides
+        (it redraws the split while a half is under its min_pixels, then leaves the mask unsplit); N > 0 (the
+        authors' code: 512, with a one-draw MaskSplit of min_pixels 0): a half under N pixels draws another image.
     Items: query_img [3,S,S] uint8, query_target [S,S] uint8 (1 query fg, 255 support fg, 0 bg), support_img,
-    support_mask [S,S] uint8 0/1, cropped and flipped; query_params, support_params [9] (Augmentation.draw: the
-    rest of each view, applied batched by training_views); image_id str."""
+    support_mask [S,S] uint8 0/1 (cropped, flipped); query_params, support_params [9] (Augmentation.draw); image_id."""
 
     def __init__(self, images, masks, list_file=None, image_size=400, masksplit=None, augment=True, seed=0,
                  mask_source="pseudo", min_pixels=1, redraw_image_below=0, **augment_args):
@@ -726,10 +709,9 @@ class MaskSplitPairs(torch.utils.data.Dataset):
 
 
 class SupervisedPairs(torch.utils.data.Dataset):
-    """Supervised fold-based pairs (Table 2's "Supervised" row): query and support of the same training class
-    from two different images, with ground-truth class masks; test-fold classes are never a target (their pixels
-    are background). One item per (train image, train class) with >= min_pixels of the class; the support is a
-    random other image holding the class with >= min_pixels. Same augmentation as MaskSplitPairs.
+    """Supervised fold-based pairs (Table 2's "Supervised" row): query and support of one training class from two
+    images, ground-truth class masks; test-fold classes are never a target (their pixels are background). One item per
+    (train image, train class) with >= min_pixels of it; the support: another such image. Augmented as MaskSplitPairs.
     Items: as MaskSplitPairs (query_target 255 = VOC boundary / outside image) plus class_id, support_id."""
 
     def __init__(self, voc_root, fold, image_size=400, seed=0, image_set="train_aug", augment=True, min_pixels=2048,
@@ -767,16 +749,14 @@ class SupervisedPairs(torch.utils.data.Dataset):
 
 class FewShotEpisodes(torch.utils.data.Dataset):
     """k-shot test episodes of PASCAL-5i or COCO-20i (paper section 4). Query candidates: every (image, fold class)
-    with >= min_pixels pixels of the class at original resolution; the supports are k other distinct images holding
-    the class with >= min_pixels pixels. The candidate index is computed once by scanning the masks and cached, or
-    read from an HSNet-style pair list (pair_list: a fold<i>.txt file or its folder). Episode i is a pure function
-    of (dataset, fold, shots, seed, i). root: the VOC tree (image_set default "val") or the COCO root.
+    with >= min_pixels pixels of the class at original resolution; the supports: k other distinct such images. The
+    candidates are scanned once from the masks and cached, or read from an HSNet-style pair list (pair_list: a
+    fold<i>.txt file or its folder). Episode i is a pure function of (dataset, fold, shots, seed, i). root: the VOC
+    tree (image_set default "val") or the COCO root. coco_folds, coco_masks: as coco_fold_classes, render_coco_masks.
     sampling: "pair" (ours): the query is a (image, class) candidate drawn uniformly. "image" (the authors' code):
     an image drawn uniformly among those holding a fold class with >= min_pixels, then a class uniformly among
     all fold classes present in it, of any size (those with `shots` other holders to draw supports from).
-    coco_folds, coco_masks: coco_fold_classes' conventions, render_coco_masks' styles.
-    pseudo_masks: a pseudo-mask folder; items then also have "query_pseudo_mask" [H,W] int64 0/1 (Table 3's
-    Saliency*: the query's own pseudo-mask is the prediction).
+    pseudo_masks: a folder; items also get "query_pseudo_mask" [H,W] int64 0/1 (Table 3's Saliency*: the prediction).
     Items: query_img [3,S,S], query_mask [S,S] int64 (0/1/255), query_mask_orig [H,W] int64, support_imgs
     [k,3,S,S], support_masks [k,S,S] float, class_id int, query_id str, support_ids list[str], episode int."""
 
@@ -972,5 +952,4 @@ def make_loader(dataset, device, workers, **batching):
     """The DataLoader of every script (batch_sampler= or batch_size=): persistent workers that keep their freed memory
     (model.keep_freed_memory); batches in pinned memory for a GPU, whose copy (non_blocking) then overlaps compute."""
     return torch.utils.data.DataLoader(dataset, num_workers=workers, persistent_workers=workers > 0,
-                                       pin_memory=device.type == "cuda", worker_init_fn=keep_freed_memory,
-                                       **batching)
+                                       pin_memory=device.type == "cuda", worker_init_fn=keep_freed_memory, **batching)

@@ -3,11 +3,10 @@ saliency network) over PASCAL / COCO images.
 
     python make_pseudomasks.py --checkpoint last.pt --images DIR [--list FILE] --out DIR [--save-prob DIR] [--shard k/n]
 
-Post-processing as in MaskContrast: threshold 0.5, drop 4-connected regions smaller than 1% of the image, and write no
-mask (logged) when what remains is under 1% of the image. Masks: 0/255 PNGs named like the images, written atomically. A
-rerun with the same checkpoint and settings (OUT/settings.json) skips images already done (written, or logged as without
-mask), so an interrupted run resumes; a rerun with others is refused. --shard k/n processes every n-th image starting at
-k (0 <= k < n).
+Post-processing as in MaskContrast: threshold 0.5, drop 4-connected regions under 1% of the image, and write no mask
+(logged) when what remains is under 1% of it. Masks: 0/255 PNGs named like the images, written atomically. A rerun with
+the same checkpoint and settings (OUT/settings.json) skips images done (written, or logged as maskless), so an
+interrupted run resumes; a rerun with others is refused. --shard k/n: every n-th image from the k-th (0 <= k < n).
 """
 import argparse
 import hashlib
@@ -34,8 +33,7 @@ def remove_small_regions(mask, min_pixels):
 
 
 def postprocess(prob, threshold=0.5, min_fraction=0.01):
-    """Probability map [H,W] -> bool mask on its device, or None when under min_fraction of the image remains
-    (MaskContrast's post-processing, paper section 3.2)."""
+    """Probability map [H,W] -> bool mask on its device, or None when under min_fraction (MaskContrast, section 3.2)."""
     min_pixels = min_fraction * prob.numel()
     mask = remove_small_regions(prob >= threshold, min_pixels)
     return mask if mask.sum() >= min_pixels else None

@@ -49,8 +49,7 @@ def build_parser():
                      help="resnet101 (paper), resnet50, efficientnet_lite0 (CPU), *_deepstem (the authors' code)")
     net.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a state dict")
     net.add_argument("--backbone-bn", choices=["frozen", "batch"], default="frozen",
-                     help="frozen: BatchNorm in eval mode (the paper: all layers frozen); batch: the authors' code, "
-                          "batch statistics in training")
+                     help="frozen: eval-mode BatchNorm (paper: all layers frozen); batch: batch stats (authors' code)")
     opt = p.add_argument_group("optimisation (paper section 4)")
     opt.add_argument("--image-size", type=positive_int, default=400, help="query/support side (section 4: 400)")
     opt.add_argument("--batch-size", type=positive_int, default=16, help="episodes per step (section 4: 16)")
@@ -60,8 +59,7 @@ def build_parser():
     split = p.add_argument_group("MaskSplit (paper section 3.2, Table 1)")
     split.add_argument("--split", choices=["vertical", "horizontal", "mixed", "none"], default="vertical",
                        help="Vsplit, Hsplit, MixedSplit, or none (whole mask is support and query: Table 1 row 1)")
-    split.add_argument("--max-shift", type=nonnegative_int, default=40,
-                       help="slope: line shift range in pixels (0 = no slope)")
+    split.add_argument("--max-shift", type=nonnegative_int, default=40, help="slope: line shift range in px (0 = flat)")
     split.add_argument("--no-alternate", action="store_true", help="support is always the right/bottom half")
     split.add_argument("--split-prob", type=unit_float, default=1.0, help="probability of splitting (Table 1's prob)")
     split.add_argument("--split-line", choices=["paper", "official"], default="paper",
@@ -134,8 +132,7 @@ def backbone_format(device):
 
 def train_step(net, optimizer, batch, augmentation, device, autocast, scaler, fmt=torch.contiguous_format):
     """One optimiser step on a batch of MaskSplit pairs, augmented where it lands (datasets.training_views; images in
-    the backbone's layout fmt) -> the loss as a tensor on the device (reading it waits for the GPU: done only for
-    the log)."""
+    the backbone's layout fmt) -> the loss as a tensor on the device (reading it waits for the GPU: only to log)."""
     query, target, support, support_mask = training_views(batch, augmentation, device)
     query, support = query.contiguous(memory_format=fmt), support.contiguous(memory_format=fmt)
     with autocast():
@@ -187,15 +184,13 @@ def main(argv=None):
     net, optimizer, (autocast, scaler), step = build_training(args, device, fmt, state)
     trim_log(log_path, step)  # drop log lines of steps after the checkpoint (all of them when starting afresh)
     write_json(vars(args), os.path.join(args.out, "args.json"))
-
     batches = RunBatches(len(dataset), args.batch_size, args.seed, step, args.max_steps, args.epochs)
     steps_per_epoch, total = batches.per_epoch, batches.total
 
     def checkpoint(epoch):
         guard.check(step, net)
         save_checkpoint(checkpoint_path, kind="fss", config=net.config,
-                        **training_state(net.state_dict(), optimizer, scaler), epoch=epoch, step=step,
-                        args=vars(args))
+                        **training_state(net.state_dict(), optimizer, scaler), epoch=epoch, step=step, args=vars(args))
 
     net.train()  # the backbone stays in eval mode (FrozenBackbone)
     bar = tqdm(total=total, initial=step, desc="train_fss", dynamic_ncols=True)
