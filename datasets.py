@@ -581,7 +581,7 @@ def adjust_hue(x, hue):
     # hue in sixths from the largest channel (r, then g, then b; a tie gives the same hue), picked by 0 / 1 weights
     top, c = value[:, 0], chroma[:, 0]
     hue_r, hue_g, hue_b = g - b, torch.add(b - r, c, alpha=2), torch.add(r - g, c, alpha=4)
-    not_r, not_g = (top != r).float(), (top != g).float()
+    not_r, not_g = torch.sign(top - r), torch.sign(top - g)                     # 1 where not the largest, else 0
     h = hue_r + not_r * (hue_g - hue_r + not_g * (hue_b - hue_g))              # grey pixels: 0 (then 0 / eps)
     h = torch.add(h[:, None] / chroma.clamp_min(1e-12), hue, alpha=6)                  # [B, 1, H, W]
     k = h + _constant((5.0, 3.0, 1.0), x.device)
