@@ -131,6 +131,8 @@ def add_fss_args(p):
     p.add_argument("--figure", help="PNG: a grid of episodes like Figure 5, each row with its fold, class and IoU")
     p.add_argument("--figure-episodes", type=positive_int, default=2,
                    help="rows of --figure per evaluated fold (the first episodes of run 0)")
+    p.add_argument("--episode-batch", type=positive_int, default=25,
+                   help="episodes through the head at once, their counts read by the host at once (no number changes)")
     add_device_flags(p)
     p.add_argument("--out", default="results.json", help="results JSON (per fold, mean over folds, config)")
 
@@ -142,74 +144,91 @@ class FeatureCache:
     def __init__(self, net, last_use):
         self.net, self.last_use, self.store, self.forwards = net, last_use, {}, 0
 
-    def get(self, image_id, image):
+    def get(self, image_id, image, device):
         if image_id not in self.store:
-            self.store[image_id] = self.net.project_features(self.net.extract(image[None]))
+            self.store[image_id] = self.net.project_features(self.net.extract(image[None].to(device, non_blocking=True)))
             self.forwards += 1
         return self.store[image_id]
 
-    def logits(self, item, device, episode):
-        """Logits [1, 2, S, S] of episode number `episode` (its item); then the features it used last go."""
-        query, supports = (item[k].to(device, non_blocking=True) for k in ("query_img", "support_imgs"))
-        support = [torch.cat(level) for level in zip(*map(self.get, item["support_ids"], supports))]
-        prototypes = self.net.prototypes(support, item["support_masks"].to(device, non_blocking=True),
-                                         shots=len(supports))
-        logits = self.net.decode(self.get(item["query_id"], query), prototypes, query.shape[-2:])
-        for image_id in [i for i in self.store if self.last_use[i] <= episode]:
+    def logits(self, items, device):
+        """Logits [E, 2, S, S] of a batch of E episodes (their items): the backbone per distinct image, the head once
+        for all E; then the features no later episode uses go."""
+        query = [self.get(it["query_id"], it["query_img"], device) for it in items]
+        support = [self.get(i, img, device) for it in items for i, img in zip(it["support_ids"], it["support_imgs"])]
+        masks = torch.cat([it["support_masks"] for it in items]).to(device, non_blocking=True)      # [E * k, S, S]
+        prototypes = self.net.prototypes([torch.cat(level) for level in zip(*support)], masks,
+                                         shots=len(items[0]["support_ids"]))
+        logits = self.net.decode([torch.cat(level) for level in zip(*query)], prototypes, items[0]["query_img"].shape[-2:])
+        for image_id in [i for i in self.store if self.last_use[i] <= items[-1]["episode"]]:
             del self.store[image_id]
         return logits
 
 
 def predicted_mask(logits, size):
     """Logits [2, S, S] -> the 0/1 mask [H, W] at `size`, on their device: the logits upsampled bilinearly where
-    the sizes differ, then the argmax (--eval-resolution original, and predict's masks)."""
+    the sizes differ, then the argmax of the two classes: foreground where its logit is the larger (a tie is
+    background, as argmax's first index)."""
     if tuple(logits.shape[-2:]) != tuple(size):
         logits = F.interpolate(logits[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
-    return logits.argmax(0)
+    return (logits[1] > logits[0]).long()
 
 
 def run_episodes(net, ds, args, device, run, log_file, figure_rows):
-    """One run over ds's episodes -> (metric summary, backbone forwards)."""
+    """One run over ds's episodes, --episode-batch at a time -> (metric summary, backbone forwards)."""
     last_use = {}
     for i in range(len(ds)):
         query_id, support_ids, _ = ds.episode_ids(i)
         last_use.update((image_id, i) for image_id in [query_id, *support_ids])
     cache = FeatureCache(net, last_use)
     loader = make_loader(ds, device, args.workers, batch_size=None)
-    autocast, _ = mixed_precision(device)
-    metric, original, pending = FewShotMetric(), args.eval_resolution == "original", []
+    metric, batch = FewShotMetric(), []
     for i, item in enumerate(tqdm(loader, desc=f"fold {ds.fold} run {run}", leave=False)):
-        target = item["query_mask_orig"] if original else item["query_mask"]
-        if args.baseline == "foreground":
-            pred, pred_small = torch.ones_like(target), torch.ones_like(item["query_mask"])
-        elif args.baseline == "saliency":  # Saliency* baseline: the query's own pseudo-mask is the prediction,
-            # resized by the ground truth's own resize (resize_mask), so a pseudo-mask equal to the truth scores 1
-            pred = resize_mask(item["query_pseudo_mask"], target.shape)
-            pred_small = resize_mask(item["query_pseudo_mask"], item["query_mask"].shape)
-        else:
-            with torch.no_grad(), autocast():
-                logits = cache.logits(item, device, i)
-            pred_small = predicted_mask(logits[0], logits.shape[-2:])
-            pred = predicted_mask(logits[0], target.shape) if original else pred_small
-        episode = {"run": run, "fold": ds.fold, "episode": i, "query": item["query_id"],
-                   "supports": list(item["support_ids"]), "class": int(item["class_id"])}
-        figure = (item, pred_small) if args.figure and run == 0 and i < args.figure_episodes else None
-        pending.append((episode, episode_counts(pred, target.to(pred.device, non_blocking=True)), figure))
-        if len(pending) == 100 or i == len(ds) - 1:  # the host reads 100 episodes at once
-            record(pending, metric, ds, log_file, figure_rows)
+        batch.append(item)
+        if len(batch) == args.episode_batch or i == len(ds) - 1:
+            record(batch, predictions(cache, batch, args, device), metric, ds, args, run, log_file, figure_rows)
+            batch = []
     return metric.summary(), cache.forwards
 
 
-def record(pending, metric, ds, log_file, figure_rows):
-    """The counts of a chunk of episodes, read in one copy to the host, into the metric, the log and the figure."""
-    for (episode, _, figure), counts in zip(pending, torch.stack([c for _, c, _ in pending]).tolist()):
-        inter, union = metric.add(episode["class"], counts)
+def predictions(cache, batch, args, device):
+    """(prediction at the metric's resolution, prediction at --image-size) of each episode of a batch, on `device`:
+    the network's (its head once for the whole batch), or a baseline's."""
+    original = args.eval_resolution == "original"
+    if args.baseline is None:
+        autocast, _ = mixed_precision(device)
+        with torch.no_grad(), autocast():
+            logits = cache.logits(batch, device)
+    preds = []
+    for j, item in enumerate(batch):
+        target, small = item["query_mask_orig"] if original else item["query_mask"], item["query_mask"].shape
+        if args.baseline == "foreground":
+            preds.append((torch.ones_like(target), torch.ones(small, dtype=torch.int64)))
+        elif args.baseline == "saliency":  # Saliency* baseline: the query's own pseudo-mask is the prediction,
+            # resized by the ground truth's own resize (resize_mask), so a pseudo-mask equal to the truth scores 1
+            pseudo = item["query_pseudo_mask"]
+            preds.append((resize_mask(pseudo, target.shape), resize_mask(pseudo, small)))
+        else:
+            small_pred = predicted_mask(logits[j], small)
+            preds.append((predicted_mask(logits[j], target.shape) if original else small_pred, small_pred))
+    return preds
+
+
+def record(batch, preds, metric, ds, args, run, log_file, figure_rows):
+    """A batch's episodes into the metric, the log and the figure: their counts read in one copy to the host (no
+    wait for the GPU between episodes)."""
+    original = args.eval_resolution == "original"
+    targets = [item["query_mask_orig"] if original else item["query_mask"] for item in batch]
+    counts = torch.stack([episode_counts(pred, t.to(pred.device, non_blocking=True))
+                          for (pred, _), t in zip(preds, targets)]).tolist()
+    for item, (_, pred_small), c in zip(batch, preds, counts):
+        inter, union = metric.add(int(item["class_id"]), c)
         if log_file is not None:
+            episode = {"run": run, "fold": ds.fold, "episode": item["episode"], "query": item["query_id"],
+                       "supports": list(item["support_ids"]), "class": int(item["class_id"])}
             log_file.write(json.dumps({**episode, "intersection": inter, "union": union}) + "\n")
-        if figure is not None:
-            item, pred = figure
-            figure_rows.append((item, pred.cpu(), ds.fold, ds.class_name(episode["class"]), inter / max(union, 1)))
-    pending.clear()
+        if args.figure and run == 0 and item["episode"] < args.figure_episodes:
+            figure_rows.append((item, pred_small.cpu(), ds.fold, ds.class_name(int(item["class_id"])),
+                                inter / max(union, 1)))
 
 
 def figure_grid(rows, path):
