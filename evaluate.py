@@ -39,13 +39,8 @@ class FewShotMetric:
         self.inter, self.union, self.episode_iou = {}, {}, {}     # per class: sums, and the per-episode IoUs
         self.fb_inter, self.fb_union = np.zeros(2), np.zeros(2)   # [background, foreground]
 
-    def update(self, class_id, pred, target):
-        """pred: int [H,W] in {0,1}; target: int [H,W] in {0,1,255}. Returns (intersection, union) of the
-        foreground as ints."""
-        return self.add(class_id, episode_counts(pred, target).tolist())
-
     def add(self, class_id, counts):
-        """One episode's episode_counts, as ints."""
+        """One episode's episode_counts, as ints -> the foreground's (intersection, union)."""
         self.fb_inter += counts[0::2]                            # [background, foreground]
         self.fb_union += counts[1::2]
         c, inter, union = int(class_id), counts[2], counts[3]    # the foreground's intersection and union
@@ -175,13 +170,9 @@ def predicted_mask(logits, size):
 
 def run_episodes(net, ds, args, device, run, log_file, figure_rows):
     """One run over ds's episodes, --episode-batch at a time -> (metric summary, backbone forwards)."""
-    last_use = {}
-    for i in range(len(ds)):
-        query_id, support_ids, _ = ds.episode_ids(i)
-        last_use.update((image_id, i) for image_id in [query_id, *support_ids])
-    cache = FeatureCache(net, last_use)
+    last_use = {image_id: i for i in range(len(ds)) for image_id in [ds.episode_ids(i)[0], *ds.episode_ids(i)[1]]}
+    cache, metric, batch = FeatureCache(net, last_use), FewShotMetric(), []
     loader = make_loader(ds, device, args.workers, batch_size=None)
-    metric, batch = FewShotMetric(), []
     for i, item in enumerate(tqdm(loader, desc=f"fold {ds.fold} run {run}", leave=False)):
         batch.append(item)
         if len(batch) == args.episode_batch or i == len(ds) - 1:
