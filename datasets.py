@@ -43,7 +43,8 @@ VOC_CLASS_NAMES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car
 COCO_CLASSES = 80
 COCO_FOLD_CONVENTIONS = ("interleaved", "contiguous")
 COCO_MASK_STYLES = ("full", "repri")
-EPISODE_SAMPLINGS = ("pair", "image")
+EPISODE_SAMPLINGS = ("pair", "image", "every")
+FOLDER_DATASETS = ("folders", "fss1000")          # a folder per class, each image with its binary mask beside it
 
 
 # File I/O -------------------------------------------------------------------------------------------------------------
@@ -284,8 +285,12 @@ def voc_image_set(root, image_set):
 
 
 def _mask_paths(mask_dir, stems):
-    """The mask (.png, any case) of every stem; ValueError naming the folder and a few missing ones."""
-    by_stem = files_by_stem(mask_dir, MASK_SUFFIXES, "mask")
+    """The mask (.png, any case) of every stem (class folders: "<class>/<stem>"); ValueError naming the folder and a
+    few missing ones."""
+    by_stem = {}
+    for sub in sorted({pathlib.PurePath(s).parent for s in stems}):         # "." but for class folders
+        by_stem.update((str(sub / s), p) for s, p in files_by_stem(pathlib.Path(mask_dir, sub), MASK_SUFFIXES,
+                                                                      "mask").items())
     missing = [str(pathlib.Path(mask_dir) / f"{s}.png") for s in stems if s not in by_stem]
     if missing:
         raise ValueError(f"{len(missing)} mask(s) missing in {mask_dir}, e.g. {missing[:3]}")
@@ -438,6 +443,36 @@ def images_without_mask(masks_dir):
             if not record["written"]:
                 stems.add(record["image"])
     return stems
+
+
+def class_folders(root, class_list=None):
+    """{class name: [(image id "<class>/<stem>", image path, mask path)]} of a folder of class folders: each image
+    (.jpg, .jpeg, .bmp) with its binary mask <stem>.png beside it (FSS-1000's layout: <class>/<n>.jpg, <n>.png).
+    class_list: a file of class names (e.g. HSNet's FSS-1000 test split), those classes only, in name order."""
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root}: class-folder root not found")
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if class_list is not None:
+        listed = _unique(class_list, [line for _, line in _read_lines(class_list, "class list")])
+        missing = [c for c in listed if c not in names]
+        if missing:
+            raise ValueError(f"{class_list}: {len(missing)} listed class folder(s) missing under {root}, e.g. "
+                             f"{missing[:3]}")
+        names = sorted(listed)
+    folders = {}
+    for name in names:
+        masks = files_by_stem(root / name, MASK_SUFFIXES, "class")
+        images = {s: p for s, p in files_by_stem(root / name, IMAGE_SUFFIXES, "class").items()
+                  if p.suffix.lower() != ".png"}
+        unmasked = [str(p) for s, p in images.items() if s not in masks]
+        if unmasked:
+            raise ValueError(f"{unmasked[0]}: no mask {pathlib.Path(unmasked[0]).stem}.png beside this image "
+                             f"({len(unmasked)} in {root / name})")
+        folders[name] = [(f"{name}/{s}", images[s], masks[s]) for s in sorted(images)]
+    if not any(folders.values()):
+        raise ValueError(f"{root}: no class folder with images and masks (<class>/<name>.jpg + <name>.png)")
+    return folders
 
 
 # Augmentation (paper section 3.2: "grayscale, color jitter, horizontal flip, vertical flip, rotate and random resize",
@@ -748,39 +783,47 @@ class SupervisedPairs(torch.utils.data.Dataset):
 # Few-shot test episodes (paper section 4) -----------------------------------------------------------------------------
 
 class FewShotEpisodes(torch.utils.data.Dataset):
-    """k-shot test episodes of PASCAL-5i or COCO-20i (paper section 4). Query candidates: every (image, fold class)
-    with >= min_pixels pixels of the class at original resolution; the supports: k other distinct such images. The
-    candidates are scanned once from the masks and cached, or read from an HSNet-style pair list (pair_list: a
-    fold<i>.txt file or its folder). Episode i is a pure function of (dataset, fold, shots, seed, i). root: the VOC
-    tree (image_set default "val") or the COCO root. coco_folds, coco_masks: as coco_fold_classes, render_coco_masks.
-    sampling: "pair" (ours): the query is a (image, class) candidate drawn uniformly. "image" (the authors' code):
-    an image drawn uniformly among those holding a fold class with >= min_pixels, then a class uniformly among
-    all fold classes present in it, of any size (those with `shots` other holders to draw supports from).
-    pseudo_masks: a folder; items also get "query_pseudo_mask" [H,W] int64 0/1 (Table 3's Saliency*: the prediction).
+    """k-shot test episodes of PASCAL-5i or COCO-20i (paper section 4), or of class folders. Query candidates: every
+    (image, fold class) with >= min_pixels pixels of the class at original resolution; the supports: k other distinct
+    such images. The candidates are scanned once from the masks and cached, or read from an HSNet-style pair list
+    (pair_list: a fold<i>.txt file or its folder). Episode i is a pure function of (dataset, fold, shots, seed, i).
+    root: the VOC tree (image_set default "val"), the COCO root, or for "folders" / "fss1000" a folder of class
+    folders (class_folders; fold ignored, every class is in it; min_pixels 1). coco_folds, coco_masks: as
+    coco_fold_classes, render_coco_masks. sampling: "pair" (ours): the query is a (image, class) candidate drawn
+    uniformly. "image" (the authors' code): an image drawn uniformly among those holding a fold class with >=
+    min_pixels, then a class uniformly among all fold classes present in it, of any size (those with `shots` other
+    holders to draw supports from). "every": each candidate the query once, in order (FSS-1000 as HSNet evaluates
+    it; `episodes` is ignored). pseudo_masks: a folder (for class folders: a tree of the same class folders); items
+    also get "query_pseudo_mask" [H,W] int64 0/1 (Table 3's Saliency*: the prediction).
     Items: query_img [3,S,S], query_mask [S,S] int64 (0/1/255), query_mask_orig [H,W] int64, support_imgs
     [k,3,S,S], support_masks [k,S,S] float, class_id int, query_id str, support_ids list[str], episode int."""
 
     def __init__(self, dataset, root, fold, shots=1, episodes=1000, seed=0, image_size=400,
                  coco_folds="interleaved", min_pixels=2048, pair_list=None, image_set=None,
-                 pseudo_masks=None, sampling="pair", coco_masks="full"):
-        if dataset not in ("pascal", "coco"):
-            raise ValueError(f"dataset must be 'pascal' or 'coco', got {dataset!r}")
+                 pseudo_masks=None, sampling="pair", coco_masks="full", class_list=None):
+        if dataset not in ("pascal", "coco") + FOLDER_DATASETS:
+            raise ValueError(f"dataset must be pascal, coco, folders or fss1000, got {dataset!r}")
         if sampling not in EPISODE_SAMPLINGS:
             raise ValueError(f"sampling must be one of {EPISODE_SAMPLINGS}, got {sampling!r}")
-        if sampling == "image" and pair_list is not None:
-            raise ValueError(f"{pair_list}: a pair list fixes the (image, class) pairs; sampling 'image' draws "
-                             f"the class from the masks")
+        if pair_list is not None and dataset != "pascal":
+            raise ValueError("pair_list is for pascal (HSNet's lists); the other datasets' candidates are scanned")
+        if sampling == "image" and (pair_list is not None or dataset in FOLDER_DATASETS):
+            raise ValueError(f"sampling 'image' draws the class from class masks; the pair list or class folder "
+                             f"of {pair_list or dataset} fixes it")
         if shots < 1 or episodes < 1:
             raise ValueError("shots and episodes must be >= 1")
         self.dataset, self.fold, self.shots, self.seed, self.sampling = dataset, fold, shots, seed, sampling
         self.image_size, self.pseudo_masks = image_size, pseudo_masks
-        self.without_pseudo_mask = images_without_mask(pseudo_masks) if pseudo_masks is not None else set()
-        stems = self._open_layout(root, fold, image_set, pair_list, coco_folds, coco_masks)
         counts = None
-        if pair_list is not None:
+        if dataset in FOLDER_DATASETS:
+            candidates = self._open_class_folders(root, class_list)
+            min_pixels, self.fold = 1, 0
+        elif pair_list is not None:
+            self._open_layout(root, fold, image_set, coco_folds, coco_masks)
             candidates = self._listed_candidates(pair_list, fold)
         else:
-            missing = [s for s in stems if s not in self.suffix]
+            stems = self._open_layout(root, fold, image_set, coco_folds, coco_masks)
+            missing = [s for s in stems if s not in self.image_paths]
             if missing:
                 raise ValueError(f"{self.image_dir}: {len(missing)} image(s) of the list missing, e.g. {missing[:3]}")
             kind = {"pascal": "voc-counts", "coco": "coco-counts"}[dataset]      # shared with voc_class_counts
@@ -792,9 +835,9 @@ class FewShotEpisodes(torch.utils.data.Dataset):
             holders.setdefault(c, []).append(s)
         self.holders = {c: sorted(set(v)) for c, v in holders.items()}
         self.candidates = [(s, c) for s, c in candidates if len(self.holders[c]) > shots]
-        thin = sorted(c for c in self.classes if len(self.holders.get(c, [])) <= shots)
+        thin = sorted(self.class_name(c) for c in self.classes if len(self.holders.get(c, [])) <= shots)
         if thin:
-            warnings.warn(f"{dataset} fold {fold}: classes {thin} have <= {shots} images with >= {min_pixels} "
+            warnings.warn(f"{dataset} fold {self.fold}: classes {thin} have <= {shots} images with >= {min_pixels} "
                           f"pixels and give no episodes")
         if not self.candidates:
             raise ValueError(f"{dataset} fold {fold} under {root}: no class has {shots + 1} images with >= "
@@ -804,13 +847,29 @@ class FewShotEpisodes(torch.utils.data.Dataset):
                                 len([h for h in self.holders.get(c, []) if h != s]) >= shots]
                             for s in sorted({s for s, _ in self.candidates})}
             self.query_images = sorted(self.present)
-        self._episodes = [self._draw(i) for i in range(episodes)]
+        self._episodes = [self._draw(i) for i in range(len(self.candidates) if sampling == "every" else episodes)]
         if pseudo_masks is not None:            # the queries' pseudo-masks: all there, not all empty
+            self.without_pseudo_mask = images_without_mask(pseudo_masks)
             queries = sorted({q for q, _, _ in self._episodes} - self.without_pseudo_mask)
-            self.pseudo_paths = dict(zip(queries, _mask_paths(pseudo_masks, queries)))
+            self.pseudo_paths = dict(zip(queries, _mask_paths(pseudo_masks, queries)))   # named like the image ids
             foreground_counts(list(self.pseudo_paths.values()), pseudo_masks)
 
-    def _open_layout(self, root, fold, image_set, pair_list, coco_folds, coco_masks):
+    def _open_class_folders(self, root, class_list):
+        """Class folders (class_folders): classes 1..N in name order, images keyed "<class>/<stem>" -> candidates."""
+        folders = class_folders(root, class_list)
+        self.names, self.classes = tuple(folders), list(range(1, len(folders) + 1))
+        self.image_paths, self.mask_paths = {}, {}
+        for images in folders.values():
+            self.image_paths.update((i, image) for i, image, _ in images)
+            self.mask_paths.update((i, mask) for i, _, mask in images)
+        empty = [str(m) for m in tqdm(self.mask_paths.values(), desc="reading masks", leave=False,
+                                      disable=len(self.mask_paths) < 200) if not load_binary_mask(m).any()]
+        if empty:
+            warnings.warn(f"{root}: {len(empty)} masks are empty, their images left out, e.g. {empty[:3]}")
+        return [(i, c) for c, images in zip(self.classes, folders.values()) for i, _, mask in images
+                if str(mask) not in empty]
+
+    def _open_layout(self, root, fold, image_set, coco_folds, coco_masks):
         """Image and mask folders, classes of the fold and their names; returns the stems of the image set."""
         if self.dataset == "pascal":
             paths = voc_paths(root)
@@ -818,14 +877,12 @@ class FewShotEpisodes(torch.utils.data.Dataset):
             self.classes, self.names = pascal_fold_classes(fold), VOC_CLASS_NAMES
             stems = voc_image_set(root, image_set or "val")
         else:
-            if pair_list is not None:
-                raise ValueError("pair_list is for pascal (HSNet's lists); COCO candidates are scanned")
             paths = coco_paths(root, image_set)
             self.image_dir, self.num_classes = paths["images"], COCO_CLASSES
             self.mask_dir = render_coco_masks(root, image_set, coco_masks)
             self.classes = coco_fold_classes(fold, coco_folds)
             self.names = json.loads((self.mask_dir / "done.json").read_text())["names"]
-        self.suffix = {p.stem: p.suffix for p in list_images(self.image_dir)}
+        self.image_paths = {p.stem: p for p in list_images(self.image_dir)}
         self.mask_paths = files_by_stem(self.mask_dir, MASK_SUFFIXES, "mask")
         return sorted(self.mask_paths) if self.dataset == "coco" else stems   # COCO: every rendered mask
 
@@ -842,7 +899,7 @@ class FewShotEpisodes(torch.utils.data.Dataset):
                 raise ValueError(f"{list_path}:{n}: expected '<image id>__<class>', got {line!r}")
             pairs.append((stem, int(cls)))
         pairs = _unique(list_path, pairs)
-        kept = [(s, c) for s, c in pairs if s in self.suffix and s in self.mask_paths]
+        kept = [(s, c) for s, c in pairs if s in self.image_paths and s in self.mask_paths]
         if len(kept) < len(pairs):
             warnings.warn(f"{list_path}: {len(pairs) - len(kept)} of {len(pairs)} entries have no image "
                           f"or mask under {self.image_dir.parent} and are dropped")
@@ -853,8 +910,8 @@ class FewShotEpisodes(torch.utils.data.Dataset):
 
     def _draw(self, i):
         rng = np.random.default_rng([self.seed, i])
-        if self.sampling == "pair":
-            query_id, c = self.candidates[int(rng.integers(len(self.candidates)))]
+        if self.sampling != "image":
+            query_id, c = self.candidates[i if self.sampling == "every" else int(rng.integers(len(self.candidates)))]
         else:
             query_id = self.query_images[int(rng.integers(len(self.query_images)))]
             c = self.present[query_id][int(rng.integers(len(self.present[query_id])))]
@@ -874,12 +931,14 @@ class FewShotEpisodes(torch.utils.data.Dataset):
         query_id, support_ids, c = self._episodes[i]
         return query_id, list(support_ids), c
 
-    def image_path(self, image_id):
-        return self.image_dir / f"{image_id}{self.suffix[image_id]}"
-
     def load(self, image_id, class_id):
         """(PIL image, mask [H,W] uint8: 1 class, 255 ignore, 0 other) at original resolution."""
-        return _class_target(self.image_path(image_id), self.mask_paths[image_id], self.num_classes, class_id)
+        image_path, mask_path = self.image_paths[image_id], self.mask_paths[image_id]
+        if self.dataset in FOLDER_DATASETS:                  # a binary mask of its folder's class
+            image, mask = load_image(image_path), load_binary_mask(mask_path)
+            check_same_size(image, image_path, mask, mask_path)
+            return image, mask.astype(np.uint8)
+        return _class_target(image_path, mask_path, self.num_classes, class_id)
 
     def __getitem__(self, i):
         query_id, support_ids, c = self.episode_ids(i)
@@ -895,7 +954,7 @@ class FewShotEpisodes(torch.utils.data.Dataset):
             pm = np.zeros(mask.shape, bool)
             if query_id not in self.without_pseudo_mask:
                 pm = load_binary_mask(self.pseudo_paths[query_id])
-                check_same_size(image, self.image_path(query_id), pm, self.pseudo_paths[query_id])
+                check_same_size(image, self.image_paths[query_id], pm, self.pseudo_paths[query_id])
             item["query_pseudo_mask"] = torch.from_numpy(pm.astype(np.int64))
         return item
 
@@ -903,13 +962,16 @@ class FewShotEpisodes(torch.utils.data.Dataset):
 # Salient-object folders -----------------------------------------------------------------------------------------------
 
 class SalientObjects(torch.utils.data.Dataset):
-    """An image folder and optionally a mask folder with the same stems (MSRA-B, SOD, ..., images + pseudo-masks).
-    Items: image [3,S,S] (normalised), image_id, orig_size [2] (H, W); with masks also mask [S,S] float 0/1."""
+    """An image folder (or {image id: path}, e.g. of class folders) and optionally a mask folder with the same stems
+    (MSRA-B, SOD, ..., images + pseudo-masks). Items: image [3,S,S] (normalised), image_id, orig_size [2] (H, W);
+    with masks also mask [S,S] float 0/1."""
 
     def __init__(self, images_dir, masks_dir=None, list_file=None, image_size=400):
-        self.images, self.masks, self.image_size = list_images(images_dir, list_file), None, image_size
+        self.images = list(images_dir.values()) if isinstance(images_dir, dict) else list_images(images_dir, list_file)
+        self.ids = list(images_dir) if isinstance(images_dir, dict) else [p.stem for p in self.images]
+        self.masks, self.image_size = None, image_size
         if masks_dir is not None:
-            self.masks = _mask_paths(masks_dir, [p.stem for p in self.images])
+            self.masks = _mask_paths(masks_dir, self.ids)
             foreground_counts(self.masks, masks_dir)
 
     def __len__(self):
@@ -918,7 +980,7 @@ class SalientObjects(torch.utils.data.Dataset):
     def __getitem__(self, key):
         i = key[1] if isinstance(key, tuple) else key               # (epoch, index): the epoch changes nothing here
         image = load_image(self.images[i])
-        item = {"image": image_to_tensor(image, self.image_size), "image_id": self.images[i].stem,
+        item = {"image": image_to_tensor(image, self.image_size), "image_id": self.ids[i],
                 "orig_size": torch.tensor([image.height, image.width])}
         if self.masks is not None:
             mask = load_binary_mask(self.masks[i])

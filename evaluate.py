@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from datasets import (IGNORE, FewShotEpisodes, check_same_size, image_to_tensor, list_images, load_binary_mask,
-                      load_image, make_loader, resize_mask, save_png)
+from datasets import (EPISODE_SAMPLINGS, FOLDER_DATASETS, IGNORE, FewShotEpisodes, check_same_size, image_to_tensor,
+                      list_images, load_binary_mask, load_image, make_loader, resize_mask, save_png)
 from model import (IMAGENET_MEAN, IMAGENET_STD, HelpFormatter, add_device_flags, atomic_file, check_output,
                    configure_backends, exits_on_bad_input, load_network, mixed_precision, pick_device, positive_int,
                    write_json)
@@ -52,13 +52,14 @@ class FewShotMetric:
     def summary(self):
         classes = sorted(self.union)
         per_class = {c: self.inter[c] / self.union[c] if self.union[c] else float("nan") for c in classes}
-        episode_mean = [float(np.mean(self.episode_iou[c])) for c in classes if c in self.episode_iou]
+        episode_mean = {c: float(np.mean(self.episode_iou[c])) for c in classes if c in self.episode_iou}
         fb = self.fb_inter / np.maximum(self.fb_union, 1)
         return {
             "miou": float(np.nanmean(list(per_class.values()))) if classes else float("nan"),
             "fbiou": float(fb.mean()),
-            "miou_episode_mean": float(np.mean(episode_mean)) if episode_mean else float("nan"),
+            "miou_episode_mean": float(np.mean(list(episode_mean.values()))) if episode_mean else float("nan"),
             "per_class": {str(c): v for c, v in per_class.items()},
+            "per_class_episode_mean": {str(c): v for c, v in episode_mean.items()},
         }
 
 
@@ -75,6 +76,8 @@ def episode_counts(pred, target):
 
 
 def parse_folds(text, dataset):
+    if dataset in FOLDER_DATASETS:              # class folders: one "fold" holding every class
+        return [0]
     if text == "all":
         return [0, 1, 2, 3]
     try:
@@ -87,15 +90,20 @@ def parse_folds(text, dataset):
 
 
 FSS_DESCRIPTION = """One-shot (k-shot) segmentation on PASCAL-5i or COCO-20i test episodes (paper section 4): 5 runs x
-2500 episodes per fold. Prints both mIoU: mIoU-episode (the authors' code, which produced the paper's numbers:
+2500 episodes per fold; or on class folders (your own classes, FSS-1000). Prints both mIoU: mIoU-episode (the authors' code, which produced the paper's numbers:
 compare with it) and mIoU-summed (the HSNet / PFENet standard), with FB-IoU."""
 
 
 def add_fss_args(p):
     p.add_argument("--checkpoint", help="train_fss.py checkpoint (last.pt); not needed with --baseline saliency")
-    p.add_argument("--dataset", choices=["pascal", "coco"], default="pascal", help="PASCAL-5i or COCO-20i (section 4)")
+    p.add_argument("--dataset", choices=["pascal", "coco", *FOLDER_DATASETS], default="pascal",
+                   help="PASCAL-5i or COCO-20i (section 4); folders: ROOT/<class>/<name>.jpg with its binary mask "
+                        "<name>.png beside it; fss1000: FSS-1000 (that layout), every listed class's image a query once")
     p.add_argument("--voc-root", help="PASCAL VOC 2012 tree (--dataset pascal)")
     p.add_argument("--coco-root", help="COCO root: <image set>/, annotations/instances_<image set>.json")
+    p.add_argument("--root", help="folder of class folders (--dataset folders, fss1000)")
+    p.add_argument("--class-list", help="file of class folder names to evaluate (fss1000: HSNet's test split, "
+                                        "data/splits/fss/test.txt of its repository)")
     p.add_argument("--fold", default="all", help="0, 1, 2, 3, all, or a list like 1,2,3")
     p.add_argument("--shots", type=positive_int, default=1, help="support images per episode (paper: one-shot)")
     p.add_argument("--runs", type=positive_int, default=5, help="runs; run r uses seed + r (paper section 4: 5 runs)")
@@ -104,10 +112,12 @@ def add_fss_args(p):
     p.add_argument("--coco-folds", choices=["interleaved", "contiguous"], default="interleaved",
                    help="COCO-20i fold i: interleaved {4k+i+1} (HSNet, PFENet, RePRI), contiguous 20i+1..20i+20 (the "
                         "authors' code)")
-    p.add_argument("--episode-sampling", choices=["pair", "image"], default="pair",
-                   help="pair: the query is an (image, class) pair with >= 2048 px of the class, drawn uniformly; "
-                        "image: the authors' code: an image holding a fold class of >= 2048 px, then a class "
-                        "uniformly among all fold classes present in it, of any size")
+    p.add_argument("--episode-sampling", choices=EPISODE_SAMPLINGS,
+                   help="pair (default; fss1000: every): the query is an (image, class) pair with >= 2048 px of the "
+                        "class (class folders: any), drawn uniformly; image: the authors' code: an image holding a "
+                        "fold class of >= 2048 px, then a class uniformly among all fold classes present in it, of "
+                        "any size; every: each (image, class) pair the query once, --episodes ignored (HSNet's "
+                        "FSS-1000: 2,400 episodes)")
     p.add_argument("--coco-masks", choices=["full", "repri"], default="full",
                    help="COCO class masks: full = every polygon, crowd ignored (255); repri = what the authors "
                         "evaluated on (RePRI's script): the first polygon of each object only, crowd as background")
@@ -265,8 +275,9 @@ def mean_over_runs(runs):
     for key in ("miou", "fbiou", "miou_episode_mean"):
         values = [r[key] for r in runs]
         entry[key], entry[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
-    entry["per_class"] = {c: float(np.mean([r["per_class"][c] for r in runs if c in r["per_class"]]))
-                          for c in sorted({c for r in runs for c in r["per_class"]}, key=int)}
+    for key in ("per_class", "per_class_episode_mean"):
+        entry[key] = {c: float(np.mean([r[key][c] for r in runs if c in r[key]]))
+                      for c in sorted({c for r in runs for c in r[key]}, key=int)}
     return entry
 
 
@@ -277,18 +288,23 @@ def run_fold(net, fold, args, device, log_file, figure_rows):
         ds = FewShotEpisodes(dataset=args.dataset, root=dataset_root(args), fold=fold, shots=args.shots,
                              episodes=args.episodes, seed=args.seed + run, image_size=args.image_size,
                              coco_folds=args.coco_folds, pair_list=args.pair_list, pseudo_masks=args.masks,
-                             image_set=args.image_set, sampling=args.episode_sampling, coco_masks=args.coco_masks)
+                             image_set=args.image_set, sampling=args.episode_sampling, coco_masks=args.coco_masks,
+                             class_list=args.class_list)
         summary, n = run_episodes(net, ds, args, device, run, log_file, figure_rows)
         runs, forwards, episodes = runs + [summary], forwards + n, episodes + len(ds)
-    return {**mean_over_runs(runs), "runs": runs}, forwards, episodes
+    return {**mean_over_runs(runs), "runs": runs, "class_names": {c: ds.class_name(int(c)) for c in
+                                                                  runs[0]["per_class"]}}, forwards, episodes
 
 
 def dataset_root(args):
-    """--voc-root or --coco-root, the one --dataset needs."""
-    name = "voc" if args.dataset == "pascal" else "coco"
-    if getattr(args, f"{name}_root") is None:
-        raise SystemExit(f"error: --dataset {args.dataset} needs --{name}-root DIR")
-    return getattr(args, f"{name}_root")
+    """--voc-root, --coco-root or --root, the one --dataset needs."""
+    name = {"pascal": "voc_root", "coco": "coco_root"}.get(args.dataset, "root")
+    if getattr(args, name) is None:
+        raise SystemExit(f"error: --dataset {args.dataset} needs --{name.replace('_', '-')} DIR")
+    if args.dataset == "fss1000" and args.class_list is None:
+        raise SystemExit("error: --dataset fss1000 needs --class-list FILE (HSNet's test split of 240 classes, "
+                         "data/splits/fss/test.txt of github.com/juhongm999/hsnet)")
+    return getattr(args, name)
 
 
 def run_fss(args):
@@ -297,6 +313,7 @@ def run_fss(args):
     if args.baseline is None and not args.checkpoint:
         raise SystemExit("error: pass --checkpoint last.pt (or --baseline saliency --masks DIR)")
     folds, _ = parse_folds(args.fold, args.dataset), dataset_root(args)
+    args.episode_sampling = args.episode_sampling or ("every" if args.dataset == "fss1000" else "pair")
     for path in (args.out, args.save_episodes, args.figure):
         if path:
             check_output(path)
@@ -325,7 +342,7 @@ def fold_mean(results, folds):
 
 # flags that define the numbers: per-fold result files merge only when these agree
 PROTOCOL = ("dataset", "shots", "runs", "episodes", "seed", "coco_folds", "image_set", "pair_list", "image_size",
-            "eval_resolution", "baseline", "episode_sampling", "coco_masks")
+            "eval_resolution", "baseline", "episode_sampling", "coco_masks", "class_list")
 
 
 def merge_results(paths):
@@ -381,6 +398,11 @@ def print_table(results, folds):
         r = results[name]
         values = [r["miou_episode_mean"], r["miou_episode_mean_std"], r["miou"], r["miou_std"], r["fbiou"]]
         print(" ".join(f"{x:>13}" for x in [name] + [f"{100 * v:.1f}" for v in values]))
+    if results["config"].get("dataset") in FOLDER_DATASETS:     # class folders: every class's two mIoU
+        r = results["fold0"]
+        for c, name in r["class_names"].items():
+            values = [r["per_class_episode_mean"].get(c, np.nan), r["per_class"][c]]
+            print(f"{name[:13]:>13} {100 * values[0]:13.1f} {'':13} {100 * values[1]:13.1f}")
     print(f"backbone forwards {results['backbone_forwards']}, {results['episodes_per_s']:.2f} episodes/s")
 
 

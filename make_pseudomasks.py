@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm import tqdm
 
-from datasets import SalientObjects, images_without_mask, make_loader, save_png
+from datasets import SalientObjects, class_folders, images_without_mask, make_loader, save_png
 from model import (HelpFormatter, add_device_flags, check_output, configure_backends, exits_on_bad_input, load_network,
                    mixed_precision, pick_device, positive_int, unit_float, write_json)
 
@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="basnet_train.py's last.pt (or saliency_train.py's saliency.pt)")
     p.add_argument("--images", required=True, help="folder of the images to mask (e.g. VOC2012/JPEGImages)")
+    p.add_argument("--class-folders", action="store_true", help="--images holds class folders (evaluate.py fss "
+                   "--dataset folders): every class folder's images, masks OUT/<class>/<name>.png")
     p.add_argument("--out", required=True, help="folder for the 0/255 masks")
     p.add_argument("--list", help="optional file of image stems")
     p.add_argument("--save-prob", help="also write the raw probability maps (0..255) here")
@@ -96,12 +98,14 @@ def main(argv=None):
     net, checkpoint = load_network(args.checkpoint, ("basnet", "saliency"), device)
     size, kind = checkpoint["config"]["image_size"], checkpoint["kind"]
     claim_settings(out, args)
-    data = SalientObjects(args.images, list_file=args.list, image_size=size)
+    images = {i: p for folder in class_folders(args.images).values() for i, p, _ in folder} if args.class_folders \
+        else args.images
+    data = SalientObjects(images, list_file=args.list, image_size=size)
     k, n = args.shard
     log_path = out / f"log_shard{k}of{n}.jsonl"
     no_mask = images_without_mask(out)
-    todo = [i for i in range(k, len(data), n) if data.images[i].stem not in no_mask
-            and not (out / f"{data.images[i].stem}.png").is_file()]
+    todo = [i for i in range(k, len(data), n)
+            if data.ids[i] not in no_mask and not (out / f"{data.ids[i]}.png").is_file()]
     loader = make_loader(torch.utils.data.Subset(data, todo), device, args.workers, batch_size=args.batch_size)
     autocast, _ = mixed_precision(device)  # as in training
     written = 0

@@ -4,6 +4,7 @@
 #   bash pipeline.sh                      # demo: writes built-in DEMO data, small settings (2-core CPU: ~5 min)
 #   MSRA=... VOC=... COCO=... bash pipeline.sh full     # the paper's recipe on one CUDA GPU (see README)
 #   MSRA=... VOC=... bash pipeline.sh cpu                # the same stages sized for a 2-core CPU (README, CPU recipe)
+#   IMAGES=... [EVAL=...] bash pipeline.sh own          # your own unlabelled images (README, Your own domain)
 #
 # Variables (all optional in demo mode):
 #   RUN   run folder, every intermediate lands here (default runs/demo or runs/full)
@@ -13,6 +14,10 @@
 #         images (VOC 2012 + SBD, 10582), or on the ids of the file VOC_LIST
 #   COCO  COCO 2014 root (train2014/, val2014/, annotations/instances_{train,val}2014.json); empty = skip COCO;
 #         COCO_TRAIN / COCO_VAL name its two splits (default train2014 / val2014)
+#   IMAGES (own) folder of your unlabelled images: stages 1-2 train on them (on MSRA when it is given), stage 3
+#         makes their pseudo-masks, stage 4 trains on them; IMAGES_LIST: optional id list. EVAL (own, optional):
+#         labelled class folders (EVAL/<class>/<name>.jpg + <name>.png, the binary mask) for the one-shot
+#         evaluation. SIZING (own): full or cpu, the settings of that mode (default: full where torch sees a GPU)
 #   BACKBONE (default resnet101), WEIGHTS (imagenet | PATH), DEVICE (auto)
 #   SALIENCY_FLAGS BASNET_FLAGS PSEUDO_FLAGS FSS_FLAGS EVAL_FLAGS: extra flags of each stage, appended last so
 #         they override the mode's own, e.g. FSS_FLAGS="--batch-size 8" for a smaller GPU
@@ -23,7 +28,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 mode=${1:-demo}
-case $mode in demo|full|cpu) ;; *) echo "usage: bash pipeline.sh [demo|full|cpu]" >&2; exit 2 ;; esac
+case $mode in demo|full|cpu|own) ;; *) echo "usage: bash pipeline.sh [demo|full|cpu|own]" >&2; exit 2 ;; esac
 RUN=${RUN:-runs/$mode}
 DEVICE=${DEVICE:-auto}
 mkdir -p "$RUN/done"
@@ -53,14 +58,25 @@ if [[ $mode == demo ]]; then
   fss_flags=(--image-size 160 --batch-size 8 --epochs 8 --workers 1)
   eval_flags=(--image-size 160 --runs 1 --episodes 300 --workers 1)
 else
-  : "${MSRA:?set MSRA to the MSRA-B image folder}" "${VOC:?set VOC to VOCdevkit/VOC2012}"
-  SAL_IMAGES=$MSRA
+  if [[ $mode == own ]]; then
+    : "${IMAGES:?set IMAGES to your folder of images}"
+    SAL_IMAGES=${MSRA:-$IMAGES}
+    if [[ -z ${SIZING:-} && $DEVICE != cpu ]]; then
+      SIZING=$(python -c "import torch; print('full' if torch.cuda.is_available() else 'cpu')")
+    fi
+    SIZING=${SIZING:-cpu}
+    [[ $SIZING == full || $SIZING == cpu ]] || { echo "SIZING must be full or cpu, got $SIZING" >&2; exit 2; }
+  else
+    : "${MSRA:?set MSRA to the MSRA-B image folder}" "${VOC:?set VOC to VOCdevkit/VOC2012}"
+    SAL_IMAGES=$MSRA
+    SIZING=$mode
+  fi
   saliency_flags=()
   basnet_flags=()
   pseudo_flags=()
   fss_flags=()
   eval_flags=()
-  if [[ $mode == cpu ]]; then
+  if [[ $SIZING == cpu ]]; then
     # a 2-core CPU: Lite0 with its real ImageNet weights (also as BAS-Net's encoder), small images, few steps
     BACKBONE=${BACKBONE:-efficientnet_lite0}
     # (README "CPU recipe": the priors binarised at 0.5 for RBD / MC, BCE, no CRF, and a narrow BAS-Net decoder)
@@ -73,7 +89,10 @@ else
   BACKBONE=${BACKBONE:-resnet101}
   WEIGHTS=${WEIGHTS:-imagenet}
 fi
-if [[ -n ${MSRA_LIST:-} ]]; then saliency_flags+=(--list "$MSRA_LIST"); basnet_flags+=(--list "$MSRA_LIST"); fi
+own_list=()
+if [[ -n ${IMAGES_LIST:-} ]]; then own_list=(--list "$IMAGES_LIST"); fi
+if [[ -n ${MSRA_LIST:-} ]]; then saliency_flags+=(--list "$MSRA_LIST"); basnet_flags+=(--list "$MSRA_LIST")
+elif [[ $mode == own && -z ${MSRA:-} ]]; then saliency_flags+=("${own_list[@]}"); basnet_flags+=("${own_list[@]}"); fi
 voc_list=()
 if [[ -n ${VOC_LIST:-} ]]; then voc_list=(--list "$VOC_LIST"); fi
 read -ra more <<< "${SALIENCY_FLAGS:-}"; saliency_flags+=("${more[@]}")
@@ -88,7 +107,30 @@ stage saliency python saliency_train.py --images "$SAL_IMAGES" --out "$RUN/deepu
 stage basnet python basnet_train.py --images "$SAL_IMAGES" --masks "$RUN/deepusps/labels" --out "$RUN/basnet" \
   --device "$DEVICE" "${basnet_flags[@]}" --resume
 
+if [[ $mode == own ]]; then
+  # 3. pseudo-masks of your images, 4. MaskSplit training on them, 5. one-shot evaluation on EVAL's class folders
+  stage pseudomasks_own python make_pseudomasks.py --checkpoint "$RUN/basnet/last.pt" --images "$IMAGES" \
+    "${own_list[@]}" --out "$RUN/pseudomasks/own" --device "$DEVICE" "${pseudo_flags[@]}"
+  stage fss_own python train_fss.py --images "$IMAGES" --masks "$RUN/pseudomasks/own" "${own_list[@]}" \
+    --backbone "$BACKBONE" --weights "$WEIGHTS" --device "$DEVICE" --out "$RUN/fss_own" "${fss_flags[@]}" --resume
+  if [[ -n ${EVAL:-} ]]; then
+    stage pseudomasks_eval python make_pseudomasks.py --checkpoint "$RUN/basnet/last.pt" --images "$EVAL" \
+      --class-folders --out "$RUN/pseudomasks/eval" --device "$DEVICE" "${pseudo_flags[@]}"   # Saliency*'s
+    stage eval_own python evaluate.py fss --checkpoint "$RUN/fss_own/last.pt" --dataset folders --root "$EVAL" \
+      --device "$DEVICE" --out "$RUN/results_own.json" "${eval_flags[@]}"
+    stage eval_own_saliency python evaluate.py fss --baseline saliency --masks "$RUN/pseudomasks/eval" \
+      --dataset folders --root "$EVAL" --out "$RUN/results_own_saliency.json" "${eval_flags[@]}"
+    stage eval_own_foreground python evaluate.py fss --baseline foreground --dataset folders --root "$EVAL" \
+      --out "$RUN/results_own_foreground.json" "${eval_flags[@]}"
+  fi
+  size=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['image_size'])" "$RUN/fss_own/args.json")
+  echo "Trained: $RUN/fss_own/last.pt. Segment any images from one support image and its mask:"
+  echo "  python evaluate.py predict --checkpoint $RUN/fss_own/last.pt --image-size $size \\"
+  echo "    --support SUPPORT.jpg SUPPORT_MASK.png --query QUERY_FOLDER --out $RUN/predictions"
+fi
+
 # 3. pseudo-masks over every PASCAL image (train images for stage 4; val images for the Saliency* baseline)
+if [[ $mode != own ]]; then
 stage pseudomasks_voc python make_pseudomasks.py --checkpoint "$RUN/basnet/last.pt" --images "$VOC/JPEGImages" \
   --out "$RUN/pseudomasks/voc" --device "$DEVICE" "${pseudo_flags[@]}"
 
@@ -102,6 +144,7 @@ stage eval_voc_saliency python evaluate.py fss --baseline saliency --masks "$RUN
   --voc-root "$VOC" --fold all --out "$RUN/results_voc_saliency.json" "${eval_flags[@]}"
 stage eval_voc_foreground python evaluate.py fss --baseline foreground --dataset pascal --voc-root "$VOC" \
   --fold all --out "$RUN/results_voc_foreground.json" "${eval_flags[@]}"
+fi
 
 if [[ $mode != demo && -n ${COCO:-} ]]; then
   COCO_TRAIN=${COCO_TRAIN:-train2014}
@@ -126,16 +169,26 @@ import json, os, sys
 run, mode = sys.argv[1:]
 tables = [("PASCAL-5i", [("MaskSplit (ours)", "results_voc.json"), ("Saliency* baseline", "results_voc_saliency.json"),
                          ("all-foreground", "results_voc_foreground.json")]),
-          ("COCO-20i", [("MaskSplit (ours)", "results_coco.json"), ("Saliency* baseline", "results_coco_saliency.json")])]
+          ("COCO-20i", [("MaskSplit (ours)", "results_coco.json"), ("Saliency* baseline", "results_coco_saliency.json")]),
+          ("Class folders (EVAL)", [("MaskSplit (ours)", "results_own.json"),
+                                    ("Saliency* baseline", "results_own_saliency.json"),
+                                    ("all-foreground", "results_own_foreground.json")])]
 for dataset, rows in tables:
     if not os.path.isfile(f"{run}/{rows[0][1]}"):
         continue
-    print(f"\n{dataset} one-shot mIoU (%), mean over folds ({run}); mIoU-episode is the metric of the paper's numbers "
-          f"(the authors' code), mIoU-summed the HSNet / PFENet standard:")
+    print(f"\n{dataset} one-shot mIoU (%), mean over {'classes' if 'EVAL' in dataset else 'folds'} ({run}); "
+          f"mIoU-episode is the metric of the paper's numbers (the authors' code), mIoU-summed the HSNet / PFENet "
+          f"standard:")
     print(f"  {'':20s} {'mIoU-episode':>12s} {'mIoU-summed':>12s}")
-    for name, file in rows:
-        mean = json.load(open(f"{run}/{file}"))["mean"]
-        print(f"  {name:20s} {100 * mean['miou_episode_mean']:12.1f} {100 * mean['miou']:12.1f}")
+    results = [json.load(open(f"{run}/{file}")) for _, file in rows if os.path.isfile(f"{run}/{file}")]
+    for (name, _), r in zip(rows, results):
+        print(f"  {name:20s} {100 * r['mean']['miou_episode_mean']:12.1f} {100 * r['mean']['miou']:12.1f}")
+    if "EVAL" in dataset:  # per class: each row's two mIoU
+        print(f"  per class (mIoU-episode / mIoU-summed): {' | '.join(name for name, _ in rows[:len(results)])}")
+        for c, name in results[0]["fold0"]["class_names"].items():
+            cells = [f"{100 * r['fold0']['per_class_episode_mean'].get(c, float('nan')):.1f} / "
+                     f"{100 * r['fold0']['per_class'][c]:.1f}" for r in results]
+            print(f"  {name:20s} {' | '.join(cells)}")
 if mode == "demo":
     print("The demo checks that every stage runs on synthetic shapes; the method's result on real images is the CPU "
           "recipe in README.md, Measured.")

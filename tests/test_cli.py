@@ -96,9 +96,9 @@ def test_predict_reproduces_evaluate_and_reports_bad_queries(trained, tmp_path, 
         out = tmp_path / f"out{n}"
         with pytest.raises(SystemExit, match="2 queries failed"):   # the two bad ones; the others are written
             evaluate.main(["predict", "--checkpoint", str(ckpt), "--image-size", "64", "--workers", "0",
-                           "--device", "cpu", "--batch-size", "2", "--support", str(ds.image_path(episode["supports"][0])),
-                           str(tmp_path / f"support{n}.png"), "--query", str(ds.image_path(episode["query"])),
-                           str(tmp_path / "broken.jpg"), str(ds.image_path(other)), str(tmp_path / "absent.jpg"),
+                           "--device", "cpu", "--batch-size", "2", "--support", str(ds.image_paths[episode["supports"][0]]),
+                           str(tmp_path / f"support{n}.png"), "--query", str(ds.image_paths[episode["query"]]),
+                           str(tmp_path / "broken.jpg"), str(ds.image_paths[other]), str(tmp_path / "absent.jpg"),
                            "--out", str(out), "--overlay", str(tmp_path / f"overlay{n}")])
         err = capsys.readouterr().err
         assert "broken.jpg" in err and "absent.jpg" in err
@@ -109,7 +109,7 @@ def test_predict_reproduces_evaluate_and_reports_bad_queries(trained, tmp_path, 
             (episode["intersection"], episode["union"])                # evaluate's prediction, pixel for pixel
         assert sorted(p.name for p in out.iterdir()) == sorted([f"{episode['query']}.png", f"{other}.png"])
         assert np.unique(np.asarray(Image.open(out / f"{other}.png"))).tolist() in ([0], [255], [0, 255])
-        assert Image.open(tmp_path / f"overlay{n}" / f"{other}.png").size == Image.open(ds.image_path(other)).size
+        assert Image.open(tmp_path / f"overlay{n}" / f"{other}.png").size == Image.open(ds.image_paths[other]).size
 
 
 def test_predict_bad_supports_are_one_line_naming_the_file(trained, tmp_path):
