@@ -7,16 +7,15 @@ horizontal flip, Adam lr 1e-3, batch 8, hybrid loss on all 8 outputs. Writes OUT
 steps and at the end) and OUT/log.jsonl; a non-finite loss or weight stops the run unsaved (model.FiniteGuard).
 """
 import argparse
-import json
 
 import torch
 from tqdm import tqdm
 
 from datasets import RunBatches, SalientObjects, make_loader
-from model import (BASNET_ENCODERS, BASNet, FiniteGuard, HelpFormatter, add_device_flags, check_output,
-                   configure_backends, exits_on_bad_input, hybrid_loss, load_training_state, mixed_precision,
-                   pick_device, positive_float, positive_int, restore_rng, resume_checkpoint, save_checkpoint,
-                   seeded_generator, training_state, trim_log)
+from model import (BASNET_ENCODERS, BASNet, FiniteGuard, HelpFormatter, add_device_flags, append_line, check_apart,
+                   exits_on_bad_input, hybrid_loss, load_training_state, mixed_precision, positive_float,
+                   positive_int, restore_rng, resume_checkpoint, save_checkpoint, seeded_generator, start_run,
+                   training_state, trim_log)
 
 
 def parse_args(argv=None):
@@ -66,28 +65,26 @@ RESUME_FREE = ("resume", "max_steps", "workers", "device", "deterministic", "log
 @exits_on_bad_input
 def main(argv=None):
     args = parse_args(argv)
-    out = check_output(args.out, folder=True)
-    device = pick_device(args.device)
-    configure_backends(device, args.deterministic)
+    check_apart({"--out": args.out}, {"--images": args.images, "--masks": args.masks, "--list": args.list})
+    out, device = start_run(args)
     data = SalientObjects(args.images, args.masks, args.list, image_size=args.image_size)
-    torch.manual_seed(args.seed)
     net = BASNet(args.weights, args.encoder, args.width).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
     autocast, scaler = mixed_precision(device)
-    step = 0
+    zero = torch.zeros((), dtype=torch.float64, device=device)  # float64: the sum a Python float would give
+    step, running, logged = 0, zero, 0        # the loss summed since the last log line, at step `logged`
     if args.resume and (out / "last.pt").is_file():
         state = resume_checkpoint(out / "last.pt", "basnet", args, RESUME_FREE)
         load_training_state(state, net, optimizer, scaler)
         restore_rng(state["rng"])
-        step = state["step"]
+        step, running, logged = state["step"], zero + state["running"], state["logged"]
     log_path = out / "log.jsonl"
     trim_log(log_path, step)  # drop log lines written after the checkpoint we continue from
     net.train()
     bar = tqdm(range(step, args.max_steps), initial=step, total=args.max_steps, desc="basnet")
     batches = RunBatches(len(data), args.batch_size, args.seed, step, args.max_steps, drop_last=True)
     loader = make_loader(data, device, args.workers, batch_sampler=batches)
-    zero = torch.zeros((), dtype=torch.float64, device=device)  # float64: the sum a Python float would give
-    running, logged, guard = zero, step, FiniteGuard()
+    guard = FiniteGuard()
     for it, batch in zip(bar, loader):
         images, masks = (batch[k].to(device, non_blocking=True) for k in ("image", "mask"))
         images, masks = crop_and_flip(images, masks, args.crop, not args.no_flip, seeded_generator(args.seed, it))
@@ -104,15 +101,14 @@ def main(argv=None):
         if step % args.log_every == 0 or step == args.max_steps:
             guard.check(step, net)
             mean = running.item() / (step - logged)  # waits for the GPU: only here, not every step
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step, "loss": mean, "lr": args.lr}) + "\n")
+            append_line(log_path, {"step": step, "loss": mean, "lr": args.lr})
             bar.set_postfix(loss=f"{mean:.4f}")
             running, logged = zero, step
         if step % args.save_every == 0 or step == args.max_steps:
             guard.check(step, net)
             save_checkpoint(out / "last.pt", kind="basnet", config={**net.config, "image_size": args.image_size},
                             **training_state(net.state_dict(), optimizer, scaler), step=step,
-                            epoch=step // batches.per_epoch, args=vars(args))
+                            epoch=step // batches.per_epoch, args=vars(args), running=running.item(), logged=logged)
     print(f"BAS-Net: {step} steps, checkpoint {out / 'last.pt'}")
 
 

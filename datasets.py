@@ -31,7 +31,8 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from masksplit import MaskSplit, query_target
-from model import IMAGENET_MEAN, IMAGENET_STD, atomic_file, keep_freed_memory, seeded_generator, write_json
+from model import (IMAGENET_MEAN, IMAGENET_STD, atomic_file, keep_freed_memory, release_held, seeded_generator,
+                   write_json)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 MASK_SUFFIXES = (".png",)
@@ -211,13 +212,18 @@ def cache_dir():
     return pathlib.Path(os.environ.get("MASKSPLIT_CACHE", pathlib.Path.home() / ".cache" / "masksplit"))
 
 
-def _cached_scan(kind, paths, scan, desc):
-    """{stem: scan(path)} for `paths`, cached as JSON under cache_dir() by paths, sizes and mtimes (changed: rescan)."""
-    h = hashlib.sha1(kind.encode())
+def files_digest(paths, salt=""):
+    """The identity of files: a digest of their paths, sizes and modification times (a changed file changes it)."""
+    h = hashlib.sha1(salt.encode())
     for p in paths:
         st = os.stat(p)
         h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    cache = cache_dir() / f"{kind}-{h.hexdigest()[:20]}.json"
+    return h.hexdigest()
+
+
+def _cached_scan(kind, paths, scan, desc):
+    """{stem: scan(path)} for `paths`, cached as JSON under cache_dir() by files_digest (a changed file: rescan)."""
+    cache = cache_dir() / f"{kind}-{files_digest(paths, kind)[:20]}.json"
     if cache.is_file():
         try:
             return json.loads(cache.read_text())
@@ -1010,8 +1016,17 @@ class RunBatches:
             yield [(epoch, i) for i in order[position * self.batch_size:(position + 1) * self.batch_size]]
 
 
+def init_worker(worker_id):
+    """A DataLoader worker as it starts: keeps its freed memory (model.keep_freed_memory), lets go of its copies of
+    the run's locks (model.release_held)."""
+    keep_freed_memory()
+    release_held()
+
+
 def make_loader(dataset, device, workers, **batching):
-    """The DataLoader of every script (batch_sampler= or batch_size=): persistent workers that keep their freed memory
-    (model.keep_freed_memory); batches in pinned memory for a GPU, whose copy (non_blocking) then overlaps compute."""
+    """The DataLoader of every script (batch_sampler= or batch_size=): persistent workers (init_worker); batches in
+    pinned memory for a GPU, whose copy (non_blocking) then overlaps compute. Its own generator: making it draws
+    nothing from torch's (a resumed run's RNG states stay an uninterrupted one's)."""
     return torch.utils.data.DataLoader(dataset, num_workers=workers, persistent_workers=workers > 0,
-                                       pin_memory=device.type == "cuda", worker_init_fn=keep_freed_memory, **batching)
+                                       pin_memory=device.type == "cuda", worker_init_fn=init_worker,
+                                       generator=torch.Generator(), **batching)

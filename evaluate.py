@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from datasets import (EPISODE_SAMPLINGS, FOLDER_DATASETS, IGNORE, FewShotEpisodes, check_same_size, image_to_tensor,
                       list_images, load_binary_mask, load_image, make_loader, resize_mask, save_png)
-from model import (IMAGENET_MEAN, IMAGENET_STD, HelpFormatter, add_device_flags, atomic_file, check_output,
-                   configure_backends, exits_on_bad_input, load_network, mixed_precision, pick_device, positive_int,
-                   write_json)
+from model import (IMAGENET_MEAN, IMAGENET_STD, HelpFormatter, add_device_flags, atomic_file, check_apart,
+                   check_output, configure_backends, exits_on_bad_input, hold, load_network, mixed_precision,
+                   pick_device, positive_int, write_json)
 
 
 # ---- fss: one-shot / k-shot evaluation (paper section 4) ----
@@ -317,6 +317,9 @@ def run_fss(args):
     for path in (args.out, args.save_episodes, args.figure):
         if path:
             check_output(path)
+    check_apart({"--out": args.out, "--save-episodes": args.save_episodes, "--figure": args.figure},
+                {"--checkpoint": args.checkpoint, "the dataset": dataset_root(args), "--masks": args.masks,
+                 "--pair-list": args.pair_list, "--class-list": args.class_list})
     device = pick_device(args.device)
     configure_backends(device)
     net = None if args.baseline else load_network(args.checkpoint, ("fss",), device)[0]
@@ -379,6 +382,7 @@ def merge_results(paths):
 
 
 def run_merge(args):
+    check_apart({"--out": args.out}, {"results": args.results})
     check_output(args.out)
     merged, folds = merge_results(args.results)
     write_json(merged, args.out)
@@ -484,9 +488,12 @@ def overlay_png(path, mask, out):
 
 def run_predict(args):
     supports = [load_support(image, mask, args.image_size) for image, mask in args.support]
+    check_apart({"--out": args.out, "--overlay": args.overlay},
+                {"--checkpoint": args.checkpoint, "--support": [p for pair in args.support for p in pair],
+                 "--query": args.query})
     for folder in (args.out, args.overlay):  # after the supports (a bad one leaves nothing), before the queries
         if folder:
-            check_output(folder, folder=True)
+            hold(check_output(folder, folder=True))
     device = pick_device(args.device)
     configure_backends(device)
     paths, errors = query_paths(args.query)

@@ -11,6 +11,7 @@ interrupted run resumes; a rerun with others is refused. --shard k/n: every n-th
 import argparse
 import hashlib
 import json
+import pathlib
 
 import numpy as np
 import torch
@@ -19,8 +20,9 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from datasets import SalientObjects, class_folders, images_without_mask, make_loader, save_png
-from model import (HelpFormatter, add_device_flags, check_output, configure_backends, exits_on_bad_input, load_network,
-                   mixed_precision, pick_device, positive_int, unit_float, write_json)
+from model import (HelpFormatter, add_device_flags, append_line, check_apart, check_output, configure_backends,
+                   exits_on_bad_input, hold, load_network, mixed_precision, pick_device, positive_int, unit_float,
+                   write_json)
 
 
 def remove_small_regions(mask, min_pixels):
@@ -67,15 +69,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def claim_settings(out, args):
-    """What is done in OUT is done for one checkpoint (its contents) and one post-processing: OUT/settings.json
-    records them on the first run; a rerun with other ones is a ValueError naming the differences."""
-    digest = hashlib.sha1()
-    with open(args.checkpoint, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    settings = {"checkpoint_sha1": digest.hexdigest(), "threshold": args.threshold, "min_fraction": args.min_fraction}
+def claim_settings(out, settings):
+    """What is done in a folder is done with one set of settings (the checkpoint's contents, the images, the
+    post-processing): its settings.json records them on the first run; a rerun with others, or into a folder of PNGs
+    this script did not write, is a ValueError naming the differences."""
     path = out / "settings.json"
+    if not path.is_file() and any(out.glob("*.png")):
+        raise ValueError(f"{out} holds PNGs that make_pseudomasks.py did not write (no settings.json); pass another "
+                         f"folder")
     if path.is_file():
         try:
             done = json.loads(path.read_text())
@@ -91,21 +92,33 @@ def claim_settings(out, args):
 @exits_on_bad_input
 def main(argv=None):
     args = parse_args(argv)
+    check_apart({"--out": args.out, "--save-prob": args.save_prob},
+                {"--checkpoint": args.checkpoint, "--images": args.images, "--list": args.list})
     out = check_output(args.out, folder=True)
     prob_dir = check_output(args.save_prob, folder=True) if args.save_prob else None
     device = pick_device(args.device)
     configure_backends(device)
     net, checkpoint = load_network(args.checkpoint, ("basnet", "saliency"), device)
     size, kind = checkpoint["config"]["image_size"], checkpoint["kind"]
-    claim_settings(out, args)
+    digest = hashlib.sha1()
+    with open(args.checkpoint, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    made = {"checkpoint_sha1": digest.hexdigest(), "images": str(pathlib.Path(args.images).resolve())}
+    claim_settings(out, {**made, "threshold": args.threshold, "min_fraction": args.min_fraction})
+    if prob_dir:
+        claim_settings(prob_dir, made)
     images = {i: p for folder in class_folders(args.images).values() for i, p, _ in folder} if args.class_folders \
         else args.images
     data = SalientObjects(images, list_file=args.list, image_size=size)
     k, n = args.shard
     log_path = out / f"log_shard{k}of{n}.jsonl"
-    no_mask = images_without_mask(out)
-    todo = [i for i in range(k, len(data), n)
-            if data.ids[i] not in no_mask and not (out / f"{data.ids[i]}.png").is_file()]
+    log_path.touch()
+    hold(log_path)                                    # one process per shard
+    no_mask, mine = images_without_mask(out), [data.ids[i] for i in range(k, len(data), n)]
+    done = {i for i in mine if i in no_mask or (out / f"{i}.png").is_file()}       # a mask, or logged as without
+    todo = [j for j, i in zip(range(k, len(data), n), mine)
+            if i not in done or (prob_dir and not (prob_dir / f"{i}.png").is_file())]
     loader = make_loader(torch.utils.data.Subset(data, todo), device, args.workers, batch_size=args.batch_size)
     autocast, _ = mixed_precision(device)  # as in training
     written = 0
@@ -121,9 +134,9 @@ def main(argv=None):
             if mask is not None:
                 save_png(mask.cpu().numpy().astype(np.uint8) * 255, out / f"{stem}.png")
                 written += 1
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"image": stem, "written": mask is not None,
-                                    "fraction": float((prob >= args.threshold).float().mean())}) + "\n")
+            if stem not in done:                      # (redone for its probability map only: logged already)
+                append_line(log_path, {"image": stem, "written": mask is not None,
+                                       "fraction": float((prob >= args.threshold).float().mean())})
     print(f"shard {k}/{n}: {written} masks written, {len(todo) - written} images without a mask (under "
           f"{args.min_fraction:.0%} salient), {len(range(k, len(data), n)) - len(todo)} already done; log {log_path}")
 

@@ -10,6 +10,7 @@ import math
 import os
 import pathlib
 import random
+import signal
 import socket
 import sys
 import tempfile
@@ -197,9 +198,10 @@ def weights_state(weights, name):
                                  "(pass --weights PATH or --weights none)")
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"weights file {weights} cannot be read ({type(e).__name__}); pass a state dict, not a "
-                             f"checkpoint of this project") from None
+        except Exception:
+            raise ValueError(f"weights file {weights} is not a plain state dict of weights (a checkpoint of this "
+                             f"project, last.pt, is not one): pass ImageNet weights as a torchvision / efficientnet "
+                             f"state dict, or --weights imagenet | none; to continue a run, --resume") from None
         for key in ("state_dict", "model"):                   # a state dict saved inside a dict
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
@@ -594,9 +596,9 @@ def pick_device(name="auto"):
     return device
 
 
-def keep_freed_memory(worker_id=None):
+def keep_freed_memory():
     """glibc's malloc keeps the blocks this process frees (up to 32 MB each, 256 MB in all) for its next tensors (no
-    page fault per 4 KB page); no result changes. Returns whether glibc took it. Also a DataLoader's worker_init_fn."""
+    page fault per 4 KB page); no result changes. Returns whether glibc took it."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     return mallopt is not None and mallopt(-3, 32 << 20) == 1 and mallopt(-1, 256 << 20) == 1   # <malloc.h>
 
@@ -649,10 +651,23 @@ def atomic_file(path, mode="wb"):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)                          # mkstemp makes 0600
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:                     # a full disk (torch.save: RuntimeError), no permission
+        os.path.exists(tmp) and os.unlink(tmp)
+        raise ValueError(f"{path}: cannot write it ({getattr(err, 'strerror', None) or str(err).splitlines()[0]})") \
+            from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def append_line(path, record):
+    """One JSON line appended to a log (log.jsonl, a shard's log); a full disk is a ValueError naming the file."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:
+        raise ValueError(f"{path}: cannot write the log ({err.strerror or err})") from None
 
 
 def write_file(path, data):
@@ -664,9 +679,51 @@ def write_json(obj, path):
     write_file(path, json.dumps(obj, indent=1).encode())
 
 
+def check_apart(outputs, inputs):
+    """Before any work, where a run may write: no output is another output or one of its inputs, and no output folder
+    holds an input (its files could overwrite it, or be read as it next time). outputs, inputs: {flag: path, a list of
+    paths, or None}. ValueError naming both."""
+    def paths(flags):
+        return [(flag, pathlib.Path(p).resolve()) for flag, value in flags.items()
+                for p in (value if isinstance(value, (list, tuple)) else [value]) if p]
+    outs = paths(outputs)
+    for i, (flag, out) in enumerate(outs):
+        for other, path in outs[:i] + paths(inputs):
+            if out == path or (other in inputs and out in path.parents):
+                raise ValueError(f"{flag} {out} {'is' if out == path else 'holds'} {other} {path}: it would overwrite "
+                                 f"or mix with it; pass another {flag}")
+
+
+_held = []
+
+
+def hold(path):
+    """This run holds `path` (its output folder, a shard's log) until main() ends: an OS lock that the kernel drops
+    however the process stops (SIGKILL too), so a second run into it is refused, ValueError naming it."""
+    try:
+        import fcntl
+    except ImportError:                                        # not POSIX: no lock
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ValueError(f"{path}: another run is writing there; wait for it to end, or pass another output") from None
+    _held.append(fd)
+
+
+def release_held():
+    """Let go of what this process holds (hold): at the end of main(), and in each DataLoader worker as it starts (its
+    copies of the locks go, so that a kill of the run frees them at once)."""
+    while _held:
+        os.close(_held.pop())
+
+
 def check_output(path, folder=False):
     """The one check of an output location, before any work: the folder (folder=True) or the file's parent is created
-    and must take a new file (a file: not a folder); temporary files of killed writers go. ValueError naming it."""
+    and must take a new file (a file: not a folder); temporary files of killed writers go, in subfolders too.
+    ValueError naming it."""
     path = pathlib.Path(path)
     target = path if folder else path.parent
     if not folder and path.is_dir():
@@ -677,7 +734,7 @@ def check_output(path, folder=False):
     except OSError as err:
         raise ValueError(f"{path}: cannot write there ({err.strerror or err})") from None
     host = _writer().rpartition("-")[0]
-    for tmp in target.glob(f".*.{host}-*.tmp"):
+    for tmp in (target.rglob if folder else target.glob)(f".*.{host}-*.tmp"):
         pid = tmp.name.rsplit(f".{host}-", 1)[1].split(".")[0]
         if pid.isdigit():
             try:
@@ -725,6 +782,19 @@ def restore_rng(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def start_run(args):
+    """The start of every trainer's run: its output folder checked and held, Python's, NumPy's and torch's generators
+    seeded by --seed, the device picked and configured -> (output folder, device)."""
+    out = check_output(args.out, folder=True)
+    hold(out)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    configure_backends(device, getattr(args, "deterministic", False))
+    return out, device
+
+
 def seeded_generator(seed, index):
     """A run's random stream `index` (a batch order, a step's crops): a CPU generator seeded by (seed, index) alone,
     so a resumed run draws exactly what an uninterrupted one drew."""
@@ -745,6 +815,8 @@ def load_checkpoint(path, kinds=None):
     """The one checkpoint loader, onto the CPU (callers move what belongs on their device; RNG states stay CPU
     tensors): ValueError naming the file unless it is a checkpoint of one of `kinds` (default: every kind)."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path} is a folder; pass the checkpoint file in it (last.pt, saliency.pt)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -818,16 +890,34 @@ class FiniteGuard:
                             f"(a smaller --lr?)")
 
 
+def _stop(signum, frame):
+    raise SystemExit(f"error: stopped by {signal.Signals(signum).name}; a rerun (trainers: --resume) continues")
+
+
 def exits_on_bad_input(main):
-    """The error wrapper of every script's main(argv=None): a ValueError or FileNotFoundError ends the run with one
-    line "error: ..." and exit status 1, from the shell or called (tests); from a DataLoader worker, its last line."""
+    """The error wrapper of every script's main(argv=None): a ValueError or OSError (a missing file, a full disk)
+    ends the run with one line "error: ..." and exit status 1, from the shell or called (tests); from a DataLoader
+    worker, its last line. That line, or a stop's (NonFinite, SIGTERM: as Ctrl-C, no temporary file left), comes
+    after the progress bars' last redraw; what the run held (hold) is released."""
     @functools.wraps(main)
     def main_with_one_line_errors(argv=None):
+        previous = signal.signal(signal.SIGTERM, _stop)
         try:
             return main(argv)
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, OSError) as e:
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             if "Original Traceback (most recent call last):" in lines:
                 lines = lines[-1:]
-            raise SystemExit("error: " + "; ".join(lines)) from None
+            message = "error: " + "; ".join(lines)
+        except SystemExit as e:
+            if not isinstance(e.code, str):
+                raise
+            message = e.code
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            release_held()
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", [])):     # their last redraw before the line
+            bar.close()
+        raise SystemExit(message) from None
     return main_with_one_line_errors

@@ -21,9 +21,10 @@
 #   BACKBONE (default resnet101), WEIGHTS (imagenet | PATH), DEVICE (auto)
 #   SALIENCY_FLAGS BASNET_FLAGS PSEUDO_FLAGS FSS_FLAGS EVAL_FLAGS: extra flags of each stage, appended last so
 #         they override the mode's own, e.g. FSS_FLAGS="--batch-size 8" for a smaller GPU
-# A stage whose output is complete is skipped (RUN/done/<stage>); the training stages always run with --resume
-# (from their last.pt if there is one) and make_pseudomasks.py skips the masks it already wrote, so rerunning
-# after a crash continues where it stopped.
+# RUN/done/<stage> records a finished stage's command and the records of the stages it read: a rerun skips it
+# when they are the same, and redoes it (its output removed first) when its flags or an earlier stage changed. The
+# training stages always run with --resume (from their last.pt if there is one) and make_pseudomasks.py skips the
+# masks it already wrote, so rerunning after a crash continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -33,17 +34,25 @@ RUN=${RUN:-runs/$mode}
 DEVICE=${DEVICE:-auto}
 mkdir -p "$RUN/done"
 
-# stage NAME COMMAND...: run COMMAND unless RUN/done/NAME exists, echoing it first
+# stage NAME OUTPUT "DEPS" COMMAND...: run COMMAND, echoing it first, unless RUN/done/NAME records this very
+# command after the same records of the stages DEPS (it reads their outputs); another record: remove OUTPUT, redo
 stage() {
-  local name=$1; shift
-  if [[ -f $RUN/done/$name ]]; then echo "[skip] $name: complete in $RUN"; return; fi
+  local name=$1 output=$2 deps=$3 dep record; shift 3
+  record=$(echo "$*"; for dep in $deps; do echo "after $dep: $(cksum < "$RUN/done/$dep")"; done)
+  if [[ -f $RUN/done/$name ]]; then
+    if [[ $(< "$RUN/done/$name") == "$record" ]]; then echo "[skip] $name: complete in $RUN"; return; fi
+    echo "[redo] $name: its flags or an earlier stage changed since $RUN/done/$name; removing $output"
+    rm -rf "$output" "$RUN/done/$name"
+  fi
   echo "+ $*"
   "$@"
-  touch "$RUN/done/$name"
+  echo "$record" > "$RUN/done/$name"
 }
 
+data_stage=""        # the demo's data are a stage of the run too
 if [[ $mode == demo ]]; then
-  stage demo_data python tests/demo_data.py "$RUN/data"
+  data_stage=demo_data
+  stage demo_data "$RUN/data" "" python tests/demo_data.py "$RUN/data"
   data=$RUN/data
   SAL_IMAGES=$data/salient/images
   VOC=$data/VOCdevkit/VOC2012
@@ -102,26 +111,30 @@ read -ra more <<< "${FSS_FLAGS:-}"; fss_flags+=("${more[@]}")
 read -ra more <<< "${EVAL_FLAGS:-}"; eval_flags+=("${more[@]}")
 
 # 1. unsupervised saliency (DeepUSPS style), 2. BAS-Net on its labels
-stage saliency python saliency_train.py --images "$SAL_IMAGES" --out "$RUN/deepusps" --backbone "$BACKBONE" \
-  --weights "$WEIGHTS" --device "$DEVICE" "${saliency_flags[@]}" --resume
-stage basnet python basnet_train.py --images "$SAL_IMAGES" --masks "$RUN/deepusps/labels" --out "$RUN/basnet" \
-  --device "$DEVICE" "${basnet_flags[@]}" --resume
+stage saliency "$RUN/deepusps" "$data_stage" python saliency_train.py --images "$SAL_IMAGES" --out "$RUN/deepusps" \
+  --backbone "$BACKBONE" --weights "$WEIGHTS" --device "$DEVICE" "${saliency_flags[@]}" --resume
+stage basnet "$RUN/basnet" saliency python basnet_train.py --images "$SAL_IMAGES" --masks "$RUN/deepusps/labels" \
+  --out "$RUN/basnet" --device "$DEVICE" "${basnet_flags[@]}" --resume
 
 if [[ $mode == own ]]; then
   # 3. pseudo-masks of your images, 4. MaskSplit training on them, 5. one-shot evaluation on EVAL's class folders
-  stage pseudomasks_own python make_pseudomasks.py --checkpoint "$RUN/basnet/last.pt" --images "$IMAGES" \
-    "${own_list[@]}" --out "$RUN/pseudomasks/own" --device "$DEVICE" "${pseudo_flags[@]}"
-  stage fss_own python train_fss.py --images "$IMAGES" --masks "$RUN/pseudomasks/own" "${own_list[@]}" \
-    --backbone "$BACKBONE" --weights "$WEIGHTS" --device "$DEVICE" --out "$RUN/fss_own" "${fss_flags[@]}" --resume
+  stage pseudomasks_own "$RUN/pseudomasks/own" basnet python make_pseudomasks.py --checkpoint "$RUN/basnet/last.pt" \
+    --images "$IMAGES" "${own_list[@]}" --out "$RUN/pseudomasks/own" --device "$DEVICE" "${pseudo_flags[@]}"
+  stage fss_own "$RUN/fss_own" pseudomasks_own python train_fss.py --images "$IMAGES" --masks "$RUN/pseudomasks/own" \
+    "${own_list[@]}" --backbone "$BACKBONE" --weights "$WEIGHTS" --device "$DEVICE" --out "$RUN/fss_own" \
+    "${fss_flags[@]}" --resume
   if [[ -n ${EVAL:-} ]]; then
-    stage pseudomasks_eval python make_pseudomasks.py --checkpoint "$RUN/basnet/last.pt" --images "$EVAL" \
-      --class-folders --out "$RUN/pseudomasks/eval" --device "$DEVICE" "${pseudo_flags[@]}"   # Saliency*'s
-    stage eval_own python evaluate.py fss --checkpoint "$RUN/fss_own/last.pt" --dataset folders --root "$EVAL" \
-      --device "$DEVICE" --out "$RUN/results_own.json" "${eval_flags[@]}"
-    stage eval_own_saliency python evaluate.py fss --baseline saliency --masks "$RUN/pseudomasks/eval" \
-      --dataset folders --root "$EVAL" --out "$RUN/results_own_saliency.json" "${eval_flags[@]}"
-    stage eval_own_foreground python evaluate.py fss --baseline foreground --dataset folders --root "$EVAL" \
-      --out "$RUN/results_own_foreground.json" "${eval_flags[@]}"
+    # the Saliency* baseline's predictions: the pseudo-masks of every class folder's images
+    stage pseudomasks_eval "$RUN/pseudomasks/eval" basnet python make_pseudomasks.py \
+      --checkpoint "$RUN/basnet/last.pt" --images "$EVAL" --class-folders --out "$RUN/pseudomasks/eval" \
+      --device "$DEVICE" "${pseudo_flags[@]}"
+    stage eval_own "$RUN/results_own.json" fss_own python evaluate.py fss --checkpoint "$RUN/fss_own/last.pt" \
+      --dataset folders --root "$EVAL" --device "$DEVICE" --out "$RUN/results_own.json" "${eval_flags[@]}"
+    stage eval_own_saliency "$RUN/results_own_saliency.json" pseudomasks_eval python evaluate.py fss \
+      --baseline saliency --masks "$RUN/pseudomasks/eval" --dataset folders --root "$EVAL" \
+      --out "$RUN/results_own_saliency.json" "${eval_flags[@]}"
+    stage eval_own_foreground "$RUN/results_own_foreground.json" "" python evaluate.py fss --baseline foreground \
+      --dataset folders --root "$EVAL" --out "$RUN/results_own_foreground.json" "${eval_flags[@]}"
   fi
   size=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['image_size'])" "$RUN/fss_own/args.json")
   echo "Trained: $RUN/fss_own/last.pt. Segment any images from one support image and its mask:"
@@ -131,37 +144,42 @@ fi
 
 # 3. pseudo-masks over every PASCAL image (train images for stage 4; val images for the Saliency* baseline)
 if [[ $mode != own ]]; then
-stage pseudomasks_voc python make_pseudomasks.py --checkpoint "$RUN/basnet/last.pt" --images "$VOC/JPEGImages" \
-  --out "$RUN/pseudomasks/voc" --device "$DEVICE" "${pseudo_flags[@]}"
+  stage pseudomasks_voc "$RUN/pseudomasks/voc" basnet python make_pseudomasks.py --checkpoint "$RUN/basnet/last.pt" \
+    --images "$VOC/JPEGImages" --out "$RUN/pseudomasks/voc" --device "$DEVICE" "${pseudo_flags[@]}"
 
-# 4. MaskSplit training on the PASCAL training images (all folds: Table 1 / Table 3 "Ours"), 5. one-shot evaluation
-stage fss_voc python train_fss.py --images "$VOC/JPEGImages" --masks "$RUN/pseudomasks/voc" --voc-root "$VOC" \
-  "${voc_list[@]}" --backbone "$BACKBONE" --weights "$WEIGHTS" --device "$DEVICE" --out "$RUN/fss_voc" \
-  "${fss_flags[@]}" --resume
-stage eval_voc python evaluate.py fss --checkpoint "$RUN/fss_voc/last.pt" --dataset pascal --voc-root "$VOC" \
-  --fold all --device "$DEVICE" --out "$RUN/results_voc.json" "${eval_flags[@]}"
-stage eval_voc_saliency python evaluate.py fss --baseline saliency --masks "$RUN/pseudomasks/voc" --dataset pascal \
-  --voc-root "$VOC" --fold all --out "$RUN/results_voc_saliency.json" "${eval_flags[@]}"
-stage eval_voc_foreground python evaluate.py fss --baseline foreground --dataset pascal --voc-root "$VOC" \
-  --fold all --out "$RUN/results_voc_foreground.json" "${eval_flags[@]}"
+  # 4. MaskSplit training on the PASCAL training images (all folds: Table 1 / Table 3 "Ours"), 5. one-shot evaluation
+  stage fss_voc "$RUN/fss_voc" pseudomasks_voc python train_fss.py --images "$VOC/JPEGImages" \
+    --masks "$RUN/pseudomasks/voc" --voc-root "$VOC" "${voc_list[@]}" --backbone "$BACKBONE" --weights "$WEIGHTS" \
+    --device "$DEVICE" --out "$RUN/fss_voc" "${fss_flags[@]}" --resume
+  stage eval_voc "$RUN/results_voc.json" fss_voc python evaluate.py fss --checkpoint "$RUN/fss_voc/last.pt" \
+    --dataset pascal --voc-root "$VOC" --fold all --device "$DEVICE" --out "$RUN/results_voc.json" "${eval_flags[@]}"
+  stage eval_voc_saliency "$RUN/results_voc_saliency.json" pseudomasks_voc python evaluate.py fss --baseline saliency \
+    --masks "$RUN/pseudomasks/voc" --dataset pascal --voc-root "$VOC" --fold all \
+    --out "$RUN/results_voc_saliency.json" "${eval_flags[@]}"
+  stage eval_voc_foreground "$RUN/results_voc_foreground.json" "$data_stage" python evaluate.py fss \
+    --baseline foreground --dataset pascal --voc-root "$VOC" --fold all --out "$RUN/results_voc_foreground.json" \
+    "${eval_flags[@]}"
 fi
 
 if [[ $mode != demo && -n ${COCO:-} ]]; then
   COCO_TRAIN=${COCO_TRAIN:-train2014}
   COCO_VAL=${COCO_VAL:-val2014}
-  stage pseudomasks_coco python make_pseudomasks.py --checkpoint "$RUN/basnet/last.pt" \
-    --images "$COCO/$COCO_TRAIN" --out "$RUN/pseudomasks/coco_train" --device "$DEVICE" "${pseudo_flags[@]}"
-  stage pseudomasks_coco_val python make_pseudomasks.py --checkpoint "$RUN/basnet/last.pt" \
-    --images "$COCO/$COCO_VAL" --out "$RUN/pseudomasks/coco_val" --device "$DEVICE" "${pseudo_flags[@]}"
+  stage pseudomasks_coco "$RUN/pseudomasks/coco_train" basnet python make_pseudomasks.py \
+    --checkpoint "$RUN/basnet/last.pt" --images "$COCO/$COCO_TRAIN" --out "$RUN/pseudomasks/coco_train" \
+    --device "$DEVICE" "${pseudo_flags[@]}"
+  stage pseudomasks_coco_val "$RUN/pseudomasks/coco_val" basnet python make_pseudomasks.py \
+    --checkpoint "$RUN/basnet/last.pt" --images "$COCO/$COCO_VAL" --out "$RUN/pseudomasks/coco_val" \
+    --device "$DEVICE" "${pseudo_flags[@]}"
   # Table 4: 20 epochs on COCO (section 4); FSS_FLAGS come after, so they override this too
-  stage fss_coco python train_fss.py --images "$COCO/$COCO_TRAIN" --masks "$RUN/pseudomasks/coco_train" \
-    --epochs 20 --backbone "$BACKBONE" --weights "$WEIGHTS" --device "$DEVICE" --out "$RUN/fss_coco" \
-    "${fss_flags[@]}" --resume
-  stage eval_coco python evaluate.py fss --checkpoint "$RUN/fss_coco/last.pt" --dataset coco --coco-root "$COCO" \
-    --image-set "$COCO_VAL" --fold all --device "$DEVICE" --out "$RUN/results_coco.json" "${eval_flags[@]}"
-  stage eval_coco_saliency python evaluate.py fss --baseline saliency --masks "$RUN/pseudomasks/coco_val" \
-    --dataset coco --coco-root "$COCO" --image-set "$COCO_VAL" --fold all --out "$RUN/results_coco_saliency.json" \
-    "${eval_flags[@]}"
+  stage fss_coco "$RUN/fss_coco" pseudomasks_coco python train_fss.py --images "$COCO/$COCO_TRAIN" \
+    --masks "$RUN/pseudomasks/coco_train" --epochs 20 --backbone "$BACKBONE" --weights "$WEIGHTS" --device "$DEVICE" \
+    --out "$RUN/fss_coco" "${fss_flags[@]}" --resume
+  stage eval_coco "$RUN/results_coco.json" fss_coco python evaluate.py fss --checkpoint "$RUN/fss_coco/last.pt" \
+    --dataset coco --coco-root "$COCO" --image-set "$COCO_VAL" --fold all --device "$DEVICE" \
+    --out "$RUN/results_coco.json" "${eval_flags[@]}"
+  stage eval_coco_saliency "$RUN/results_coco_saliency.json" pseudomasks_coco_val python evaluate.py fss \
+    --baseline saliency --masks "$RUN/pseudomasks/coco_val" --dataset coco --coco-root "$COCO" \
+    --image-set "$COCO_VAL" --fold all --out "$RUN/results_coco_saliency.json" "${eval_flags[@]}"
 fi
 
 python - "$RUN" "$mode" <<'PY'
@@ -169,7 +187,8 @@ import json, os, sys
 run, mode = sys.argv[1:]
 tables = [("PASCAL-5i", [("MaskSplit (ours)", "results_voc.json"), ("Saliency* baseline", "results_voc_saliency.json"),
                          ("all-foreground", "results_voc_foreground.json")]),
-          ("COCO-20i", [("MaskSplit (ours)", "results_coco.json"), ("Saliency* baseline", "results_coco_saliency.json")]),
+          ("COCO-20i", [("MaskSplit (ours)", "results_coco.json"),
+                        ("Saliency* baseline", "results_coco_saliency.json")]),
           ("Class folders (EVAL)", [("MaskSplit (ours)", "results_own.json"),
                                     ("Saliency* baseline", "results_own_saliency.json"),
                                     ("all-foreground", "results_own_foreground.json")])]

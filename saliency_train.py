@@ -17,6 +17,7 @@ the CRF's bilateral kernel is evaluated against a grid of source pixels; no HS p
 import argparse
 import json
 import math
+import shutil
 
 import numpy as np
 import skimage.segmentation
@@ -25,11 +26,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from datasets import image_to_tensor, list_images, load_image, save_png
-from model import (BACKBONES, FiniteGuard, HelpFormatter, SaliencyNet, add_device_flags, check_output,
-                   configure_backends, exits_on_bad_input, load_training_state, mixed_precision, momentum_float,
-                   nonnegative_float, pick_device, positive_float, positive_int, restore_rng, resume_checkpoint,
-                   save_checkpoint, seeded_generator, training_state, trim_log, unit_float)
+from datasets import files_digest, image_to_tensor, list_images, load_image, save_png
+from model import (BACKBONES, FiniteGuard, HelpFormatter, SaliencyNet, add_device_flags, append_line, check_apart,
+                   exits_on_bad_input, load_training_state, mixed_precision, momentum_float, nonnegative_float,
+                   positive_float, positive_int, restore_rng, resume_checkpoint, save_checkpoint, seeded_generator,
+                   start_run, training_state, trim_log, unit_float, write_json)
 
 PRIORS = ("rbd", "mc", "dsr")
 PRIOR_THRESHOLDS = {"mc": 0.31, "hs": 0.36, "dsr": 0.23, "rbd": 0.25}  # DeepUSPS's round-1 binarisation per prior
@@ -293,7 +294,16 @@ def _to_png_array(prob, orig_size):
 
 
 def write_priors(paths, out, args, device):
-    """Compute the priors of every image not yet written -> OUT/priors/<name>/<stem>.png (rerun skips done ones)."""
+    """Compute the priors of every image not yet written -> OUT/priors/<name>/<stem>.png. OUT/priors/settings.json
+    records what made them (the prior flags, the images' paths, sizes and times): a rerun with the same skips the done
+    ones, with others redoes them all."""
+    made = {"prior_size": args.prior_size, "superpixels": args.superpixels, "rbd_bg_lambda": args.rbd_bg_lambda,
+            "images": files_digest(paths)}
+    record = out / "priors" / "settings.json"
+    if record.is_file() and json.loads(record.read_text()) != made:
+        print(f"{out / 'priors'}: made with other settings or images, made again")
+        shutil.rmtree(out / "priors")
+    write_json(made, record)
     todo = [p for p in paths if not all((out / "priors" / n / f"{p.stem}.png").is_file() for n in args.priors)]
     for idx in tqdm(batches(len(todo), args.batch_size), desc="priors", disable=not todo):
         rgb, sizes = zip(*(_load_rgb(todo[i], args.prior_size) for i in idx))
@@ -490,9 +500,8 @@ class Progress:
             bar.set_postfix(loss=f"{loss:.4f}")
             if refine_to is not None:
                 refine(net, feats, paths, args, epoch + 1, mva_dir(*refine_to, epoch), mva_dir(*refine_to, epoch + 1))
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps({"step": step, "task": name, "round": (refine_to or (0, 0, 0))[2] + 1,
-                                    "epoch": epoch + 1, "loss": loss}) + "\n")
+            append_line(self.log_path, {"step": step, "task": name, "round": (refine_to or (0, 0, 0))[2] + 1,
+                                        "epoch": epoch + 1, "loss": loss})
             self.task, self.epoch, self.log_lines = task, epoch + 1, step
             save_checkpoint(self.path, kind="saliency", config=self.config,
                             **training_state(decoder_state(net), optimizer, scaler), task=task, epoch=epoch + 1,
@@ -508,15 +517,14 @@ def mva_dir(out, name, rnd, epoch):
 @exits_on_bad_input
 def main(argv=None):
     args = parse_args(argv)
-    out = check_output(args.out, folder=True)
-    device = pick_device(args.device)
-    configure_backends(device)
+    check_apart({"--out": args.out}, {"--images": args.images, "--list": args.list})
+    out, device = start_run(args)
     paths = list_images(args.images, args.list)
     write_priors(paths, out, args, device)
     if args.priors_only:
         print(f"wrote {len(args.priors)} prior map(s) for {len(paths)} images to {out / 'priors'}")
         return
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)             # the decoder's initialisation, after the priors whatever they drew
     net = SaliencyNet(args.backbone, args.weights).to(device)
     config = {**net.config, "image_size": args.image_size}
     progress = Progress(out, args, paths, config, decoder_state(net))

@@ -9,12 +9,8 @@ Every episode is built from a single image: MaskSplit cuts its mask into a suppo
 image is augmented twice, the loss is pixel-wise cross-entropy on the query with the support half ignored.
 """
 import argparse
-import json
-import os
-import random
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -22,9 +18,9 @@ from tqdm import tqdm
 from datasets import (IGNORE, MaskSplitPairs, RunBatches, SupervisedPairs, fold_train_ids, make_loader,
                       training_views, voc_paths, voc_image_set)
 from masksplit import MaskSplit
-from model import (BACKBONES, FSSNet, FiniteGuard, HelpFormatter, add_device_flags, check_output, configure_backends,
+from model import (BACKBONES, FSSNet, FiniteGuard, HelpFormatter, add_device_flags, append_line, check_apart,
                    exits_on_bad_input, load_training_state, mixed_precision, nonnegative_float, nonnegative_int,
-                   pick_device, positive_float, positive_int, restore_rng, resume_checkpoint, save_checkpoint,
+                   positive_float, positive_int, restore_rng, resume_checkpoint, save_checkpoint, start_run,
                    training_state, trim_log, unit_float, write_json)
 
 
@@ -167,15 +163,12 @@ RESUME_FREE = ("resume", "max_steps", "epochs", "workers", "device", "determinis
 @exits_on_bad_input
 def main(argv=None):
     args = parse_args(argv)
-    check_output(args.out, folder=True)
-    checkpoint_path, log_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "log.jsonl")
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = pick_device(args.device)
-    configure_backends(device, args.deterministic)
+    check_apart({"--out": args.out}, {"--images": args.images, "--masks": args.masks, "--list": args.list,
+                                      "--voc-root": args.voc_root})
+    out, device = start_run(args)
+    checkpoint_path, log_path = out / "last.pt", out / "log.jsonl"
     state = None
-    if args.resume and os.path.isfile(checkpoint_path):
+    if args.resume and checkpoint_path.is_file():
         state = resume_checkpoint(checkpoint_path, "fss", args, RESUME_FREE)
     elif args.resume:  # killed before its first checkpoint: nothing to continue, start afresh
         print(f"--resume: no {checkpoint_path} yet, starting from step 0")
@@ -183,7 +176,7 @@ def main(argv=None):
     fmt = backbone_format(device)
     net, optimizer, (autocast, scaler), step = build_training(args, device, fmt, state)
     trim_log(log_path, step)  # drop log lines of steps after the checkpoint (all of them when starting afresh)
-    write_json(vars(args), os.path.join(args.out, "args.json"))
+    write_json(vars(args), out / "args.json")
     batches = RunBatches(len(dataset), args.batch_size, args.seed, step, args.max_steps, args.epochs)
     steps_per_epoch, total = batches.per_epoch, batches.total
 
@@ -196,29 +189,27 @@ def main(argv=None):
     bar = tqdm(total=total, initial=step, desc="train_fss", dynamic_ncols=True)
     loader = make_loader(dataset, device, args.workers, batch_sampler=batches)
     guard = FiniteGuard()
-    with open(log_path, "a" if args.resume else "w") as log:  # a fresh run starts a fresh log
-        since = tick = time.time()
-        waited, pairs, logged = 0.0, 0, step
-        for batch in loader:
-            waited += time.time() - tick  # time the step waited for the loader
-            loss = train_step(net, optimizer, batch, dataset.augmentation, device, autocast, scaler, fmt)
-            step += 1
-            guard.record(step, loss)
-            pairs += len(batch["query_img"])
-            bar.update(1)
-            if step % args.log_every == 0 or step == total:
-                guard.check(step, net)
-                loss = loss.item()  # waits for the GPU
-                rate = pairs / (time.time() - since)
-                log.write(json.dumps({"step": step, "epoch": (step - 1) // steps_per_epoch, "loss": loss,
-                                      "pairs_per_s": rate, "data_s": waited / (step - logged)}) + "\n")
-                log.flush()
-                bar.set_postfix(epoch=(step - 1) // steps_per_epoch, loss=f"{loss:.4f}", pairs_per_s=f"{rate:.2f}")
-                since, waited, pairs, logged = time.time(), 0.0, 0, step
-            # an epoch's end, or a stop at --max-steps: either way last.pt resumes exactly from here
-            if step % steps_per_epoch == 0 or step == total:
-                checkpoint(step // steps_per_epoch)
-            tick = time.time()
+    since = tick = time.time()
+    waited, pairs, logged = 0.0, 0, step
+    for batch in loader:
+        waited += time.time() - tick  # time the step waited for the loader
+        loss = train_step(net, optimizer, batch, dataset.augmentation, device, autocast, scaler, fmt)
+        step += 1
+        guard.record(step, loss)
+        pairs += len(batch["query_img"])
+        bar.update(1)
+        if step % args.log_every == 0 or step == total:
+            guard.check(step, net)
+            loss = loss.item()  # waits for the GPU
+            rate = pairs / (time.time() - since)
+            append_line(log_path, {"step": step, "epoch": (step - 1) // steps_per_epoch, "loss": loss,
+                                   "pairs_per_s": rate, "data_s": waited / (step - logged)})
+            bar.set_postfix(epoch=(step - 1) // steps_per_epoch, loss=f"{loss:.4f}", pairs_per_s=f"{rate:.2f}")
+            since, waited, pairs, logged = time.time(), 0.0, 0, step
+        # an epoch's end, or a stop at --max-steps: either way last.pt resumes exactly from here
+        if step % steps_per_epoch == 0 or step == total:
+            checkpoint(step // steps_per_epoch)
+        tick = time.time()
     bar.close()
     print(f"done: {step} steps, checkpoint {checkpoint_path}")
 

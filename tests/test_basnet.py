@@ -185,7 +185,7 @@ def test_basnet_train_resume_nan_and_pseudomasks(tmp_path, monkeypatch):
     args = ["--checkpoint", str(tmp_path / "weights.pt"), "--images", str(tmp_path / "images"),
             "--batch-size", "2", "--threshold", "0.3", "--device", "cpu"]
     mp.main(args + ["--out", str(tmp_path / "full"), "--save-prob", str(tmp_path / "full_prob")])
-    done = sorted(p.name for p in (tmp_path / "full_prob").iterdir())
+    done = sorted(p.name for p in (tmp_path / "full_prob").glob("*.png"))
     assert done == [f"im{i}.png" for i in range(4)]
     real_save, calls = mp.save_png, {"n": 0}
 

@@ -328,7 +328,7 @@ def test_loader_workers_give_the_same_pairs_and_keep_freed_memory(tmp_path):
     a, b = (next(iter(loader)) for loader in loaders)
     assert torch.equal(a["query_img"], b["query_img"]) and torch.equal(a["query_target"], b["query_target"])
     # the item-making processes keep freed memory: glibc takes the settings (a value it refuses returns False)
-    assert loaders[1].worker_init_fn is model.keep_freed_memory
+    assert loaders[1].worker_init_fn is D.init_worker
     if platform.libc_ver()[0] == "glibc":
         assert model.keep_freed_memory()
 

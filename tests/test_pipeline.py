@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from class_folders import voc_class_folders
 from demo_data import make_demo_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,3 +85,35 @@ def test_cpu_mode_runs_the_pascal_stages_with_its_own_settings(tmp_path):
     assert "--backbone efficientnet_lite0" in out and "--encoder efficientnet_lite0" in out
     assert "--batch-size 8 --loss bce --prior-thresholds rbd=0.5,mc=0.5 --no-crf --prior-size 48" in out
     assert "PASCAL-5i one-shot mIoU" in out and "COCO-20i" not in out
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="pipeline.sh needs bash")
+def test_own_mode_trains_on_an_image_folder_and_evaluates_class_folders(tmp_path):
+    data = make_demo_data(tmp_path / "data", train_images=2, val_images=16, salient_images=8, coco_images=0)
+    classes = voc_class_folders(data["voc"], tmp_path / "eval")                   # labelled class folders
+    run = tmp_path / "run"
+    env = pipeline_env(run, data, IMAGES=str(data["salient_images"]), EVAL=str(tmp_path / "eval"), MSRA="", VOC="",
+                       SALIENCY_FLAGS="--prior-size 48 --superpixels 40 --image-size 32 --rounds 1 --epochs 1 "
+                                      "--loss fmeasure",
+                       BASNET_FLAGS="--max-steps 2 --image-size 32 --crop 24 --batch-size 2 --weights none",
+                       FSS_FLAGS="--image-size 64 --batch-size 4 --max-steps 2 --workers 0",
+                       EVAL_FLAGS="--image-size 64 --runs 1 --episodes 4 --workers 0")
+    out = run_pipeline(env, "own")
+    assert sorted(p.name for p in (run / "done").iterdir()) == sorted(
+        ["saliency", "basnet", "pseudomasks_own", "fss_own", "pseudomasks_eval", "eval_own", "eval_own_saliency",
+         "eval_own_foreground"])
+    # no GPU here: the cpu mode's settings; stages 1-4 on the image folder, no VOC tree read
+    assert "--image-size 128 --rounds 2 --epochs 5" in out and f"--images {data['salient_images']}" in out
+    assert "python evaluate.py predict --checkpoint" in out and "--image-size 64" in out
+    eval_pseudo = sorted(p.relative_to(run / "pseudomasks" / "eval").parent.name
+                         for p in (run / "pseudomasks" / "eval").rglob("*.png"))
+    assert set(eval_pseudo) == set(classes)                                       # every class folder's images
+    summary = out[out.index("Class folders (EVAL) one-shot mIoU"):]
+    assert "MaskSplit (ours)" in summary and "per class" in summary
+    result = json.loads((run / "results_own.json").read_text())
+    assert set(result["fold0"]["class_names"].values()) <= set(classes)
+    # a rerun with other evaluation flags redoes the evaluations (their results removed first), and only them
+    again = run_pipeline({**env, "EVAL_FLAGS": "--image-size 64 --runs 1 --episodes 3 --workers 0"}, "own")
+    redone = [line.split(":")[0] for line in again.splitlines() if line.startswith("[redo]")]
+    assert redone == ["[redo] eval_own", "[redo] eval_own_saliency", "[redo] eval_own_foreground"]
+    assert again.count("[skip]") == 5 and json.loads((run / "results_own.json").read_text())["config"]["episodes"] == 3

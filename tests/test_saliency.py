@@ -134,7 +134,7 @@ def _run(args, tmp_path, out):
 def test_saliency_train_outputs_and_exact_resume(tmp_path, monkeypatch):
     write_images(tmp_path / "images")
     _run(["--priors-only"], tmp_path, tmp_path / "p")
-    assert sorted(p.name for p in (tmp_path / "p" / "priors").iterdir()) == sorted(st.PRIORS)
+    assert sorted(p.name for p in (tmp_path / "p" / "priors").iterdir()) == sorted([*st.PRIORS, "settings.json"])
     assert not (tmp_path / "p" / "labels").exists()
     _run([], tmp_path, tmp_path / "a")
     for sub in ("labels", "prob"):
