@@ -17,6 +17,9 @@ from model import (BASNET_ENCODERS, BASNet, FiniteGuard, HelpFormatter, add_devi
                    positive_int, restore_rng, resume_checkpoint, save_checkpoint, seeded_generator, start_run,
                    training_state, trim_log)
 
+# flags that may change on --resume; every other flag must match the checkpoint's run
+RESUME_FREE = ("resume", "max_steps", "workers", "device", "deterministic", "log_every", "save_every")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -56,10 +59,6 @@ def crop_and_flip(images, masks, crop, flip, generator):
             img, msk = img.flip(-1), msk.flip(-1)
         pairs.append((img, msk))
     return torch.stack([img for img, _ in pairs]), torch.stack([msk for _, msk in pairs])[:, None]
-
-
-# flags that may change on --resume; every other flag must match the checkpoint's run
-RESUME_FREE = ("resume", "max_steps", "workers", "device", "deterministic", "log_every", "save_every")
 
 
 @exits_on_bad_input

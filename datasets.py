@@ -1,15 +1,7 @@
 """Data: everything that reads images and masks (files, the real dataset layouts, the augmentation, MaskSplit
 training pairs, few-shot test episodes, loaders); items are dicts with named keys. Imports model.py, never the reverse.
-
-Layouts read (the real ones):
-- PASCAL VOC 2012   VOCdevkit/VOC2012/{JPEGImages, SegmentationClassAug | SegmentationClass,
-                    ImageSets/Segmentation/<image set>.txt}; masks: palette or gray PNG, 0 bg, 1..20, 255 ignore.
-- COCO              <root>/<image set>/*.jpg + <root>/annotations/instances_<image set>.json, rendered once by
-                    pycocotools into cached class masks (categories -> 1..80 in sorted id order, crowd -> 255).
-- Salient objects   an image folder and a mask folder with the same stems (MSRA-B, ECSSD, DUTS, SOD).
-- Pseudo-masks      a folder of 0/255 PNGs named like the images (MaskContrast's released `saliency_unsupervised_model`
-                    folder too); make_pseudomasks.py's log_shard*.jsonl there names the images it left without one.
-"""
+The layouts (README, Data): PASCAL VOC 2012, COCO (rendered once by pycocotools into cached class masks), salient-object
+folders, pseudo-mask folders (0/255 PNGs named like the images), class folders (FSS-1000's layout)."""
 import codecs
 import collections
 import contextlib
@@ -367,9 +359,8 @@ def render_coco_masks(root, image_set=None, style="full"):
         raise ImportError("COCO needs pycocotools: pip install pycocotools") from None
     paths = coco_paths(root, image_set)
     ann = paths["annotations"]
-    st = ann.stat()
-    key = hashlib.sha1(f"{ann.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
-    out = cache_dir() / f"coco-masks-{paths['image_set']}-{key}{'' if style == 'full' else '-' + style}"
+    out = cache_dir() / f"coco-masks-{paths['image_set']}-{files_digest([ann])[:20]}"
+    out = out if style == "full" else out.with_name(f"{out.name}-{style}")
     if (out / "done.json").is_file():
         return out
     with contextlib.redirect_stdout(io.StringIO()):            # pycocotools prints progress
@@ -439,16 +430,12 @@ def _annotation_mask(coco, a, shape, ann):
 def images_without_mask(masks_dir):
     """Stems that make_pseudomasks.py's log_shard*.jsonl in `masks_dir` record as without a pseudo-mask (under its
     --min-fraction salient; MaskContrast leaves such images out); a line cut short by a kill is not a record."""
-    stems = set()
+    records = []
     for log in sorted(pathlib.Path(masks_dir).glob("log_shard*.jsonl")):
         for line in log.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not record["written"]:
-                stems.add(record["image"])
-    return stems
+            with contextlib.suppress(json.JSONDecodeError):
+                records.append(json.loads(line))
+    return {r["image"] for r in records if not r["written"]}
 
 
 def class_folders(root, class_list=None):
@@ -461,20 +448,16 @@ def class_folders(root, class_list=None):
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if class_list is not None:
         listed = _unique(class_list, [line for _, line in _read_lines(class_list, "class list")])
-        missing = [c for c in listed if c not in names]
-        if missing:
-            raise ValueError(f"{class_list}: {len(missing)} listed class folder(s) missing under {root}, e.g. "
-                             f"{missing[:3]}")
+        if missing := [c for c in listed if c not in names]:
+            raise ValueError(f"{class_list}: {len(missing)} listed class folders not under {root}, e.g. {missing[:3]}")
         names = sorted(listed)
     folders = {}
     for name in names:
         masks = files_by_stem(root / name, MASK_SUFFIXES, "class")
         images = {s: p for s, p in files_by_stem(root / name, IMAGE_SUFFIXES, "class").items()
                   if p.suffix.lower() != ".png"}
-        unmasked = [str(p) for s, p in images.items() if s not in masks]
-        if unmasked:
-            raise ValueError(f"{unmasked[0]}: no mask {pathlib.Path(unmasked[0]).stem}.png beside this image "
-                             f"({len(unmasked)} in {root / name})")
+        if unmasked := [s for s in images if s not in masks]:
+            raise ValueError(f"{images[unmasked[0]]}: no mask {unmasked[0]}.png beside this image")
         folders[name] = [(f"{name}/{s}", images[s], masks[s]) for s in sorted(images)]
     if not any(folders.values()):
         raise ValueError(f"{root}: no class folder with images and masks (<class>/<name>.jpg + <name>.png)")
@@ -538,10 +521,8 @@ class Augmentation:
             hue = rng.uniform(-self.jitter, self.jitter)
         if self.augment and rng.random() < self.blur_p:
             kernel, sigma = self.blur_kernels[rng.integers(len(self.blur_kernels))], rng.uniform(*self.blur_sigma)
-        if self.augment and rng.random() < self.gray_p:
-            gray = 1.0
-        return torch.tensor([angle, jitter, brightness, contrast, saturation, hue, kernel, sigma, gray],
-                            dtype=torch.float32)
+        gray = float(self.augment and rng.random() < self.gray_p)
+        return torch.tensor([angle, jitter, brightness, contrast, saturation, hue, kernel, sigma, gray]).float()
 
     def apply(self, images, masks, params):
         """A batch of views on its device: uint8 images [B, 3, S, S], uint8 masks [B, S, S], params [B, 9] (draw,
@@ -574,13 +555,10 @@ def rotate(x, masks, angle, reflect):
         raise ValueError(f"rotate takes square views, got {tuple(x.shape[-2:])}")
     a = torch.deg2rad(angle[:, 0])                                     # [B, 1, 1]
     cos, sin = a.cos(), a.sin()
-    # each output pixel's source in grid_sample's coordinates (-1, 1: border pixels' centres), x and y as two planes
+    # each output pixel's source (x, y) in grid_sample's coordinates (-1, 1: the border pixels' centres)
     u = torch.linspace(-1, 1, x.shape[-1], device=x.device)            # columns
     v = u[:, None]                                                      # rows
-    grid = torch.empty(2, *x.shape[:1], *x.shape[-2:], device=x.device)
-    torch.sub(cos * u, sin * v, out=grid[0])
-    torch.add(sin * u, cos * v, out=grid[1])
-    grid = grid.permute(1, 2, 3, 0)
+    grid = torch.stack([cos * u - sin * v, sin * u + cos * v], -1)     # [B, S, S, 2]
     border = "reflection" if reflect else "zeros"                       # reflection about the border pixels' centres
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode=border, align_corners=True)
     # the mask minus 255, sampled with zeros outside, plus 255: exactly 255 where the image does not cover
@@ -689,14 +667,13 @@ class MaskSplitPairs(torch.utils.data.Dataset):
     """One training episode per image (section 3.2): MaskSplit on its mask at original resolution, then two
     independent augmentations (support view, query view). images, masks: folders with the same stems (masks .png).
     mask_source: "pseudo" (0/255 pseudo-masks) or "groundtruth" (Table 2's: the union of a class mask's objects).
-    masksplit: a MaskSplit (default: the paper's Vsplit, slope 40, alternate, prob 1); prob=0.0 = no split.
-    augment: Table 1's "aug" switch. dataset[(e, i)] (or dataset[i], epoch 0): item i of epoch e, a pure function
-        of (seed, e, i), so one loader with persistent workers serves every epoch of a run.
-    min_pixels: images with fewer foreground pixels are left out. redraw_image_below: 0 (ours): `masksplit` decides
-        (it redraws the split while a half is under its min_pixels, then leaves the mask unsplit); N > 0 (the
-        authors' code: 512, with a one-draw MaskSplit of min_pixels 0): a half under N pixels draws another image.
-    Items: query_img [3,S,S] uint8, query_target [S,S] uint8 (1 query fg, 255 support fg, 0 bg), support_img,
-    support_mask [S,S] uint8 0/1 (cropped, flipped); query_params, support_params [9] (Augmentation.draw); image_id."""
+    masksplit: a MaskSplit (default: the paper's Vsplit, slope 40, alternate, prob 1); prob=0.0 = no split. augment:
+    Table 1's "aug". dataset[(e, i)] (or [i], epoch 0): item i of epoch e, a pure function of (seed, e, i), so one
+    loader with persistent workers serves a whole run. min_pixels: images with fewer foreground pixels are left out.
+    redraw_image_below: 0 (ours): `masksplit` decides (it redraws the split while a half is under its min_pixels,
+    then leaves the mask unsplit); N > 0 (the authors' code: 512, with a one-draw MaskSplit of min_pixels 0): a half
+    under N pixels draws another image. Items: query_img [3,S,S] uint8, query_target [S,S] uint8 (1 query fg, 255
+    support fg, 0 bg), support_img, support_mask [S,S] uint8 0/1; query_params, support_params [9]; image_id."""
 
     def __init__(self, images, masks, list_file=None, image_size=400, masksplit=None, augment=True, seed=0,
                  mask_source="pseudo", min_pixels=1, redraw_image_below=0, **augment_args):
@@ -789,28 +766,23 @@ class SupervisedPairs(torch.utils.data.Dataset):
 # Few-shot test episodes (paper section 4) -----------------------------------------------------------------------------
 
 class FewShotEpisodes(torch.utils.data.Dataset):
-    """k-shot test episodes of PASCAL-5i or COCO-20i (paper section 4), or of class folders. Query candidates: every
-    (image, fold class) with >= min_pixels pixels of the class at original resolution; the supports: k other distinct
-    such images. The candidates are scanned once from the masks and cached, or read from an HSNet-style pair list
-    (pair_list: a fold<i>.txt file or its folder). Episode i is a pure function of (dataset, fold, shots, seed, i).
-    root: the VOC tree (image_set default "val"), the COCO root, or for "folders" / "fss1000" a folder of class
-    folders (class_folders; fold ignored, every class is in it; min_pixels 1). coco_folds, coco_masks: as
-    coco_fold_classes, render_coco_masks. sampling: "pair" (ours): the query is a (image, class) candidate drawn
-    uniformly. "image" (the authors' code): an image drawn uniformly among those holding a fold class with >=
-    min_pixels, then a class uniformly among all fold classes present in it, of any size (those with `shots` other
-    holders to draw supports from). "every": each candidate the query once, in order (FSS-1000 as HSNet evaluates
-    it; `episodes` is ignored). pseudo_masks: a folder (for class folders: a tree of the same class folders); items
-    also get "query_pseudo_mask" [H,W] int64 0/1 (Table 3's Saliency*: the prediction).
-    Items: query_img [3,S,S], query_mask [S,S] int64 (0/1/255), query_mask_orig [H,W] int64, support_imgs
-    [k,3,S,S], support_masks [k,S,S] float, class_id int, query_id str, support_ids list[str], episode int."""
+    """k-shot test episodes (paper section 4). Query candidates: every (image, fold class) with >= min_pixels of the
+    class; the supports: k other such images. Episode i is a pure function of (dataset, fold, shots, seed, i).
+    dataset, root: "pascal" (the VOC tree; image_set default "val"; pair_list: HSNet's fold<i>.txt or its folder
+    restricts the candidates), "coco" (the COCO root; coco_folds, coco_masks: coco_fold_classes, render_coco_masks), or
+    "folders" / "fss1000" (class_folders; one fold of every class, min_pixels 1). sampling: "pair" (ours): a candidate
+    drawn uniformly; "image" (the authors' code): an image holding a fold class with >= min_pixels, then any fold class
+    present in it with `shots` other holders; "every": each candidate once, in order (FSS-1000 as HSNet evaluates it).
+    pseudo_masks: a folder (class folders: a tree of them); items then get "query_pseudo_mask" [H,W] int64 0/1 (Table
+    3's Saliency*). Items: query_img [3,S,S], query_mask [S,S] int64 (0/1/255), query_mask_orig [H,W] int64,
+    support_imgs [k,3,S,S], support_masks [k,S,S] float, class_id int, query_id str, support_ids list[str], episode."""
 
     def __init__(self, dataset, root, fold, shots=1, episodes=1000, seed=0, image_size=400,
                  coco_folds="interleaved", min_pixels=2048, pair_list=None, image_set=None,
                  pseudo_masks=None, sampling="pair", coco_masks="full", class_list=None):
-        if dataset not in ("pascal", "coco") + FOLDER_DATASETS:
-            raise ValueError(f"dataset must be pascal, coco, folders or fss1000, got {dataset!r}")
-        if sampling not in EPISODE_SAMPLINGS:
-            raise ValueError(f"sampling must be one of {EPISODE_SAMPLINGS}, got {sampling!r}")
+        if dataset not in ("pascal", "coco") + FOLDER_DATASETS or sampling not in EPISODE_SAMPLINGS:
+            raise ValueError(f"dataset: pascal, coco, folders or fss1000; sampling: {EPISODE_SAMPLINGS}; got "
+                             f"{dataset!r}, {sampling!r}")
         if pair_list is not None and dataset != "pascal":
             raise ValueError("pair_list is for pascal (HSNet's lists); the other datasets' candidates are scanned")
         if sampling == "image" and (pair_list is not None or dataset in FOLDER_DATASETS):
@@ -836,10 +808,7 @@ class FewShotEpisodes(torch.utils.data.Dataset):
             counts = _cached_scan(kind, _mask_paths(self.mask_dir, stems), _class_counts(self.num_classes),
                                   "scanning masks")
             candidates = [(s, c) for c in self.classes for s in stems if counts[s].get(str(c), 0) >= min_pixels]
-        holders = {}
-        for s, c in candidates:
-            holders.setdefault(c, []).append(s)
-        self.holders = {c: sorted(set(v)) for c, v in holders.items()}
+        self.holders = {c: sorted({s for s, c2 in candidates if c2 == c}) for c in {c for _, c in candidates}}
         self.candidates = [(s, c) for s, c in candidates if len(self.holders[c]) > shots]
         thin = sorted(self.class_name(c) for c in self.classes if len(self.holders.get(c, [])) <= shots)
         if thin:
@@ -861,19 +830,16 @@ class FewShotEpisodes(torch.utils.data.Dataset):
             foreground_counts(list(self.pseudo_paths.values()), pseudo_masks)
 
     def _open_class_folders(self, root, class_list):
-        """Class folders (class_folders): classes 1..N in name order, images keyed "<class>/<stem>" -> candidates."""
+        """Class folders (class_folders): classes 1..N in name order, image ids "<class>/<stem>" -> candidates."""
         folders = class_folders(root, class_list)
         self.names, self.classes = tuple(folders), list(range(1, len(folders) + 1))
-        self.image_paths, self.mask_paths = {}, {}
-        for images in folders.values():
-            self.image_paths.update((i, image) for i, image, _ in images)
-            self.mask_paths.update((i, mask) for i, _, mask in images)
-        empty = [str(m) for m in tqdm(self.mask_paths.values(), desc="reading masks", leave=False,
-                                      disable=len(self.mask_paths) < 200) if not load_binary_mask(m).any()]
+        entries = [(i, c, im, m) for c, images in zip(self.classes, folders.values()) for i, im, m in images]
+        self.image_paths, self.mask_paths = {e[0]: e[2] for e in entries}, {e[0]: e[3] for e in entries}
+        empty = [str(e[3]) for e in tqdm(entries, "reading masks", leave=False, disable=len(entries) < 200)
+                 if not load_binary_mask(e[3]).any()]
         if empty:
             warnings.warn(f"{root}: {len(empty)} masks are empty, their images left out, e.g. {empty[:3]}")
-        return [(i, c) for c, images in zip(self.classes, folders.values()) for i, _, mask in images
-                if str(mask) not in empty]
+        return [(i, c) for i, c, _, m in entries if str(m) not in empty]
 
     def _open_layout(self, root, fold, image_set, coco_folds, coco_masks):
         """Image and mask folders, classes of the fold and their names; returns the stems of the image set."""

@@ -90,8 +90,8 @@ def parse_folds(text, dataset):
 
 
 FSS_DESCRIPTION = """One-shot (k-shot) segmentation on PASCAL-5i or COCO-20i test episodes (paper section 4): 5 runs x
-2500 episodes per fold; or on class folders (your own classes, FSS-1000). Prints both mIoU: mIoU-episode (the authors' code, which produced the paper's numbers:
-compare with it) and mIoU-summed (the HSNet / PFENet standard), with FB-IoU."""
+2500 episodes per fold; or on class folders (your own classes, FSS-1000). Prints both mIoU: mIoU-episode (the authors'
+code, which produced the paper's numbers: compare with it) and mIoU-summed (the HSNet / PFENet standard), FB-IoU."""
 
 
 def add_fss_args(p):
@@ -151,8 +151,8 @@ class FeatureCache:
 
     def get(self, image_id, image, device):
         if image_id not in self.store:
-            self.store[image_id] = self.net.project_features(self.net.extract(image[None].to(device, non_blocking=True)))
-            self.forwards += 1
+            image = image[None].to(device, non_blocking=True)
+            self.store[image_id], self.forwards = self.net.project_features(self.net.extract(image)), self.forwards + 1
         return self.store[image_id]
 
     def logits(self, items, device):
@@ -161,9 +161,8 @@ class FeatureCache:
         query = [self.get(it["query_id"], it["query_img"], device) for it in items]
         support = [self.get(i, img, device) for it in items for i, img in zip(it["support_ids"], it["support_imgs"])]
         masks = torch.cat([it["support_masks"] for it in items]).to(device, non_blocking=True)      # [E * k, S, S]
-        prototypes = self.net.prototypes([torch.cat(level) for level in zip(*support)], masks,
-                                         shots=len(items[0]["support_ids"]))
-        logits = self.net.decode([torch.cat(level) for level in zip(*query)], prototypes, items[0]["query_img"].shape[-2:])
+        prototypes = self.net.prototypes([torch.cat(f) for f in zip(*support)], masks, len(items[0]["support_ids"]))
+        logits = self.net.decode([torch.cat(f) for f in zip(*query)], prototypes, items[0]["query_img"].shape[-2:])
         for image_id in [i for i in self.store if self.last_use[i] <= items[-1]["episode"]]:
             del self.store[image_id]
         return logits
@@ -194,33 +193,33 @@ def run_episodes(net, ds, args, device, run, log_file, figure_rows):
 def predictions(cache, batch, args, device):
     """(prediction at the metric's resolution, prediction at --image-size) of each episode of a batch, on `device`:
     the network's (its head once for the whole batch), or a baseline's."""
-    original = args.eval_resolution == "original"
     if args.baseline is None:
         autocast, _ = mixed_precision(device)
         with torch.no_grad(), autocast():
             logits = cache.logits(batch, device)
     preds = []
     for j, item in enumerate(batch):
-        target, small = item["query_mask_orig"] if original else item["query_mask"], item["query_mask"].shape
+        sizes = [target(item, args).shape, item["query_mask"].shape]
         if args.baseline == "foreground":
-            preds.append((torch.ones_like(target), torch.ones(small, dtype=torch.int64)))
+            preds.append([torch.ones(size, dtype=torch.int64) for size in sizes])
         elif args.baseline == "saliency":  # Saliency* baseline: the query's own pseudo-mask is the prediction,
             # resized by the ground truth's own resize (resize_mask), so a pseudo-mask equal to the truth scores 1
-            pseudo = item["query_pseudo_mask"]
-            preds.append((resize_mask(pseudo, target.shape), resize_mask(pseudo, small)))
+            preds.append([resize_mask(item["query_pseudo_mask"], size) for size in sizes])
         else:
-            small_pred = predicted_mask(logits[j], small)
-            preds.append((predicted_mask(logits[j], target.shape) if original else small_pred, small_pred))
+            preds.append([predicted_mask(logits[j], size) for size in sizes])
     return preds
+
+
+def target(item, args):
+    """The ground truth the metric counts on: at --image-size, or at the image's own size (--eval-resolution)."""
+    return item["query_mask_orig"] if args.eval_resolution == "original" else item["query_mask"]
 
 
 def record(batch, preds, metric, ds, args, run, log_file, figure_rows):
     """A batch's episodes into the metric, the log and the figure: their counts read in one copy to the host (no
     wait for the GPU between episodes)."""
-    original = args.eval_resolution == "original"
-    targets = [item["query_mask_orig"] if original else item["query_mask"] for item in batch]
-    counts = torch.stack([episode_counts(pred, t.to(pred.device, non_blocking=True))
-                          for (pred, _), t in zip(preds, targets)]).tolist()
+    counts = torch.stack([episode_counts(pred, target(item, args).to(pred.device, non_blocking=True))
+                          for (pred, _), item in zip(preds, batch)]).tolist()
     for item, (_, pred_small), c in zip(batch, preds, counts):
         inter, union = metric.add(int(item["class_id"]), c)
         if log_file is not None:

@@ -3,10 +3,9 @@ saliency network) over PASCAL / COCO images.
 
     python make_pseudomasks.py --checkpoint last.pt --images DIR [--list FILE] --out DIR [--save-prob DIR] [--shard k/n]
 
-Post-processing as in MaskContrast: threshold 0.5, drop 4-connected regions under 1% of the image, and write no mask
-(logged) when what remains is under 1% of it. Masks: 0/255 PNGs named like the images, written atomically. A rerun with
-the same checkpoint and settings (OUT/settings.json) skips images done (written, or logged as maskless), so an
-interrupted run resumes; a rerun with others is refused. --shard k/n: every n-th image from the k-th (0 <= k < n).
+Post-processing as in MaskContrast: threshold 0.5, drop 4-connected regions under 1% of the image, no mask (logged)
+when under 1% remains. Masks: 0/255 PNGs named like the images, atomic. A rerun with the same checkpoint and settings
+(OUT/settings.json) skips images done (written or logged as maskless): an interrupted run resumes; others are refused.
 """
 import argparse
 import hashlib
@@ -63,16 +62,15 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=unit_float, default=0.5, help="salient = probability >= this")
     p.add_argument("--min-fraction", type=unit_float, default=0.01,
                    help="drop regions under this fraction of the image; no mask when under it in total")
-    p.add_argument("--shard", type=parse_shard, default=(0, 1), help="k/n: this process's share of the images")
+    p.add_argument("--shard", type=parse_shard, default=(0, 1), help="k/n: every n-th image from the k-th (0 <= k < n)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
     add_device_flags(p)
     return p.parse_args(argv)
 
 
 def claim_settings(out, settings):
-    """What is done in a folder is done with one set of settings (the checkpoint's contents, the images, the
-    post-processing): its settings.json records them on the first run; a rerun with others, or into a folder of PNGs
-    this script did not write, is a ValueError naming the differences."""
+    """One set of settings per folder (the checkpoint's contents, the images, the post-processing), recorded in its
+    settings.json by the first run; a rerun with others, or into PNGs this script did not write, is a ValueError."""
     path = out / "settings.json"
     if not path.is_file() and any(out.glob("*.png")):
         raise ValueError(f"{out} holds PNGs that make_pseudomasks.py did not write (no settings.json); pass another "
@@ -112,13 +110,12 @@ def main(argv=None):
         else args.images
     data = SalientObjects(images, list_file=args.list, image_size=size)
     k, n = args.shard
-    log_path = out / f"log_shard{k}of{n}.jsonl"
+    shard, log_path = range(k, len(data), n), out / f"log_shard{k}of{n}.jsonl"
     log_path.touch()
     hold(log_path)                                    # one process per shard
-    no_mask, mine = images_without_mask(out), [data.ids[i] for i in range(k, len(data), n)]
+    no_mask, mine = images_without_mask(out), [data.ids[i] for i in shard]
     done = {i for i in mine if i in no_mask or (out / f"{i}.png").is_file()}       # a mask, or logged as without
-    todo = [j for j, i in zip(range(k, len(data), n), mine)
-            if i not in done or (prob_dir and not (prob_dir / f"{i}.png").is_file())]
+    todo = [j for j, i in zip(shard, mine) if i not in done or (prob_dir and not (prob_dir / f"{i}.png").is_file())]
     loader = make_loader(torch.utils.data.Subset(data, todo), device, args.workers, batch_size=args.batch_size)
     autocast, _ = mixed_precision(device)  # as in training
     written = 0
@@ -138,7 +135,7 @@ def main(argv=None):
                 append_line(log_path, {"image": stem, "written": mask is not None,
                                        "fraction": float((prob >= args.threshold).float().mean())})
     print(f"shard {k}/{n}: {written} masks written, {len(todo) - written} images without a mask (under "
-          f"{args.min_fraction:.0%} salient), {len(range(k, len(data), n)) - len(todo)} already done; log {log_path}")
+          f"{args.min_fraction:.0%} salient), {len(shard) - len(todo)} already done; log {log_path}")
 
 
 if __name__ == "__main__":

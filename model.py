@@ -651,13 +651,12 @@ def atomic_file(path, mode="wb"):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)                          # mkstemp makes 0600
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:                     # a full disk (torch.save: RuntimeError), no permission
-        os.path.exists(tmp) and os.unlink(tmp)
-        raise ValueError(f"{path}: cannot write it ({getattr(err, 'strerror', None) or str(err).splitlines()[0]})") \
-            from None
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, (OSError, RuntimeError)):           # a full disk (torch.save: RuntimeError), no permission
+            reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+            raise ValueError(f"{path}: cannot write it ({reason})") from None
         raise
 
 
@@ -736,13 +735,12 @@ def check_output(path, folder=False):
     host = _writer().rpartition("-")[0]
     for tmp in (target.rglob if folder else target.glob)(f".*.{host}-*.tmp"):
         pid = tmp.name.rsplit(f".{host}-", 1)[1].split(".")[0]
-        if pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:                         # its writer is gone
-                tmp.unlink(missing_ok=True)
-            except PermissionError:                            # another user's process, running
-                pass
+        try:
+            os.kill(int(pid), 0)                               # its writer runs (PermissionError: another user's)
+        except ProcessLookupError:                             # its writer is gone
+            tmp.unlink(missing_ok=True)
+        except (ValueError, PermissionError):
+            pass
     return path
 
 

@@ -40,10 +40,9 @@ RESUME_FREE = ("resume", "device", "feature_cache_gb", "priors_only")  # flags -
 # ---- colour space and superpixels ----
 def rgb_to_lab(rgb):
     """sRGB in [0, 1], [B,3,H,W] -> CIE L*a*b* (D65 white), [B,3,H,W]."""
-    lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    m = torch.tensor([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]],
-                     dtype=rgb.dtype, device=rgb.device)  # linear sRGB -> XYZ
-    white = torch.tensor([0.950456, 1.0, 1.088754], dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+    lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)  # linear sRGB; m maps it to XYZ
+    m = rgb.new_tensor([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]])
+    white = rgb.new_tensor([0.950456, 1.0, 1.088754]).view(1, 3, 1, 1)
     t = torch.einsum("ij,bjhw->bihw", m, lin) / white
     f = torch.where(t > 0.008856, t.clamp_min(1e-12) ** (1 / 3), 7.787 * t + 16 / 116)
     return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], 1)
@@ -114,9 +113,8 @@ def _valid_min_max(values, valid):
 
 # ---- priors ----
 def rbd_prior(graph, sigma_clr=10.0, sigma_bndcon=1.0, sigma_spa=0.25, mu=0.1, bg_lambda=1.0):
-    """RBD, robust background detection (Zhu et al., CVPR 2014): boundary connectivity from geodesic distances
-    on the superpixel graph, background-weighted contrast, then the least-squares saliency optimisation.
-    bg_lambda scales the background term: 1 in the paper's objective, 5 in the authors' code."""
+    """RBD, robust background detection (Zhu et al., CVPR 2014): boundary connectivity from geodesic distances,
+    background-weighted contrast, least-squares optimisation; bg_lambda, background weight: paper 1, authors' code 5."""
     valid, adj, bnd, lab = graph["valid"], graph["adj"], graph["boundary"], graph["lab"]
     pair = valid[:, :, None] & valid[:, None, :]
     d_app = torch.cdist(lab, lab)
@@ -248,7 +246,6 @@ def dense_crf(prob, rgb, iters=5, gauss_sxy=3.0, gauss_compat=3.0, bil_sxy=80.0,
 
         def bil(q):  # [1,H,W] -> bilateral filter response [1,H,W]
             return (kernel @ q.flatten()[src]).view(1, h, w)
-
         ones = torch.ones(1, h, w, device=p.device)
         ones_bil, ones_gauss = bil(ones), gauss(ones)
         m_bil1, m_gauss1 = _symmetric_filter(bil, ones, ones_bil), _symmetric_filter(gauss, ones, ones_gauss)
@@ -267,9 +264,7 @@ def dense_crf(prob, rgb, iters=5, gauss_sxy=3.0, gauss_compat=3.0, bil_sxy=80.0,
 def f_measure_loss(prob, target, beta2=1.0, eps=1e-5):
     """DeepUSPS's continuous F-measure loss: 1 - F_beta from soft TP / FP / FN per image, mean over the batch.
     prob, target [B,H,W] in [0,1]; beta2 weighs recall (DeepUSPS: 1 per prior, 4 for the fusion)."""
-    tp = (prob * target).flatten(1).sum(1)
-    fp = (prob * (1 - target)).flatten(1).sum(1)
-    fn = ((1 - prob) * target).flatten(1).sum(1)
+    tp, fp, fn = (x.flatten(1).sum(1) for x in (prob * target, prob * (1 - target), (1 - prob) * target))
     precision, recall = tp / (tp + fp + eps), tp / (tp + fn + eps)
     return (1 - (1 + beta2) * precision * recall / (beta2 * precision + recall + eps)).mean()
 
@@ -294,9 +289,8 @@ def _to_png_array(prob, orig_size):
 
 
 def write_priors(paths, out, args, device):
-    """Compute the priors of every image not yet written -> OUT/priors/<name>/<stem>.png. OUT/priors/settings.json
-    records what made them (the prior flags, the images' paths, sizes and times): a rerun with the same skips the done
-    ones, with others redoes them all."""
+    """The priors of every image not yet written -> OUT/priors/<name>/<stem>.png; OUT/priors/settings.json records
+    what made them (prior flags; images' paths, sizes, times): reruns with the same skip done ones, others redo all."""
     made = {"prior_size": args.prior_size, "superpixels": args.superpixels, "rbd_bg_lambda": args.rbd_bg_lambda,
             "images": files_digest(paths)}
     record = out / "priors" / "settings.json"

@@ -23,8 +23,11 @@ from model import (BACKBONES, FSSNet, FiniteGuard, HelpFormatter, add_device_fla
                    positive_float, positive_int, restore_rng, resume_checkpoint, save_checkpoint, start_run,
                    training_state, trim_log, unit_float, write_json)
 
+# flags that may change on --resume; every other flag must match the checkpoint's run
+RESUME_FREE = ("resume", "max_steps", "epochs", "workers", "device", "deterministic", "log_every")
 
-def build_parser():
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--images", help="image folder (self-supervised training on pseudo-masks)")
@@ -37,9 +40,8 @@ def build_parser():
                                          "with pseudo-masks it sets the default --list")
     data.add_argument("--supervised", action="store_true",
                       help="standard fold-based supervised pairs (Table 2's 'Supervised' row); needs --fold")
-    data.add_argument("--fold", type=int, choices=[0, 1, 2, 3],
-                      help="test fold left out: by --supervised, or (self-supervised, with --voc-root) train only "
-                           "on images with no pixel of its classes (Table 2's 'train: fold' rows)")
+    data.add_argument("--fold", type=int, choices=[0, 1, 2, 3], help="test fold left out: by --supervised, or "
+                      "(self-supervised, --voc-root) train only on images without its classes (Table 2 'train: fold')")
     net = p.add_argument_group("network (paper section 3.3)")
     net.add_argument("--backbone", choices=BACKBONES, default="resnet101",
                      help="resnet101 (paper), resnet50, efficientnet_lite0 (CPU), *_deepstem (the authors' code)")
@@ -74,11 +76,6 @@ def build_parser():
     run.add_argument("--log-every", type=positive_int, default=10, help="steps between log.jsonl lines")
     run.add_argument("--out", default="runs/fss", help="output folder: last.pt, log.jsonl, args.json")
     run.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.pt")
-    return p
-
-
-def parse_args(argv=None):
-    p = build_parser()
     args = p.parse_args(argv)
     if args.supervised and (args.voc_root is None or args.fold is None):
         p.error("--supervised needs --voc-root and --fold")
@@ -97,10 +94,9 @@ def build_dataset(args):
                    rotation_border=args.rotation_border)
     if args.supervised:
         return SupervisedPairs(args.voc_root, args.fold, image_set=args.list or "train_aug", **augment)
-    # both halves need 512 px (MaskSplit's min_pixels; the authors' 2 * 16 * 16): MaskSplit redraws the split, or
-    # (--reject image) it draws once and the dataset draws another image
+    # both halves need 512 px (MaskSplit's min_pixels; the authors' 2 * 16 * 16); --reject split: MaskSplit redraws
     min_pixels = MaskSplit().min_pixels
-    if args.reject == "image":
+    if args.reject == "image":  # the authors' code: MaskSplit draws once and the dataset draws another image
         augment.update(redraw_image_below=min_pixels)
         min_pixels = 0
     if args.split == "none":  # Table 1's first row: only augmentations, the whole mask is support and query
@@ -142,24 +138,6 @@ def train_step(net, optimizer, batch, augmentation, device, autocast, scaler, fm
     return loss.detach()
 
 
-def build_training(args, device, fmt, state=None):
-    """The network (section 3.3; the backbone in layout fmt), its Adam optimiser (section 4) and mixed precision of
-    a run, continued from the checkpoint `state` on --resume -> (net, optimizer, (autocast, scaler), first step)."""
-    net = FSSNet(args.backbone, args.weights, backbone_bn=args.backbone_bn).to(device)
-    net.backbone.to(memory_format=fmt)
-    optimizer = torch.optim.Adam(net.trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    autocast, scaler = mixed_precision(device)
-    if state is None:
-        return net, optimizer, (autocast, scaler), 0
-    load_training_state(state, net, optimizer, scaler)
-    restore_rng(state["rng"])
-    return net, optimizer, (autocast, scaler), state["step"]
-
-
-# flags that may change on --resume; every other flag must match the checkpoint's run
-RESUME_FREE = ("resume", "max_steps", "epochs", "workers", "device", "deterministic", "log_every")
-
-
 @exits_on_bad_input
 def main(argv=None):
     args = parse_args(argv)
@@ -167,24 +145,25 @@ def main(argv=None):
                                       "--voc-root": args.voc_root})
     out, device = start_run(args)
     checkpoint_path, log_path = out / "last.pt", out / "log.jsonl"
-    state = None
+    state, step = None, 0
     if args.resume and checkpoint_path.is_file():
         state = resume_checkpoint(checkpoint_path, "fss", args, RESUME_FREE)
     elif args.resume:  # killed before its first checkpoint: nothing to continue, start afresh
         print(f"--resume: no {checkpoint_path} yet, starting from step 0")
     dataset = build_dataset(args)
     fmt = backbone_format(device)
-    net, optimizer, (autocast, scaler), step = build_training(args, device, fmt, state)
+    net = FSSNet(args.backbone, args.weights, backbone_bn=args.backbone_bn).to(device)  # the network (section 3.3)
+    net.backbone.to(memory_format=fmt)
+    optimizer = torch.optim.Adam(net.trainable_parameters(), lr=args.lr, weight_decay=args.weight_decay)  # section 4
+    autocast, scaler = mixed_precision(device)
+    if state is not None:  # --resume: continue from the checkpoint, its random state included
+        load_training_state(state, net, optimizer, scaler)
+        restore_rng(state["rng"])
+        step = state["step"]
     trim_log(log_path, step)  # drop log lines of steps after the checkpoint (all of them when starting afresh)
     write_json(vars(args), out / "args.json")
     batches = RunBatches(len(dataset), args.batch_size, args.seed, step, args.max_steps, args.epochs)
     steps_per_epoch, total = batches.per_epoch, batches.total
-
-    def checkpoint(epoch):
-        guard.check(step, net)
-        save_checkpoint(checkpoint_path, kind="fss", config=net.config,
-                        **training_state(net.state_dict(), optimizer, scaler), epoch=epoch, step=step, args=vars(args))
-
     net.train()  # the backbone stays in eval mode (FrozenBackbone)
     bar = tqdm(total=total, initial=step, desc="train_fss", dynamic_ncols=True)
     loader = make_loader(dataset, device, args.workers, batch_sampler=batches)
@@ -206,9 +185,11 @@ def main(argv=None):
                                    "pairs_per_s": rate, "data_s": waited / (step - logged)})
             bar.set_postfix(epoch=(step - 1) // steps_per_epoch, loss=f"{loss:.4f}", pairs_per_s=f"{rate:.2f}")
             since, waited, pairs, logged = time.time(), 0.0, 0, step
-        # an epoch's end, or a stop at --max-steps: either way last.pt resumes exactly from here
-        if step % steps_per_epoch == 0 or step == total:
-            checkpoint(step // steps_per_epoch)
+        if step % steps_per_epoch == 0 or step == total:  # epoch end or --max-steps: last.pt resumes exactly here
+            guard.check(step, net)
+            save_checkpoint(checkpoint_path, kind="fss", config=net.config,
+                            **training_state(net.state_dict(), optimizer, scaler), epoch=step // steps_per_epoch,
+                            step=step, args=vars(args))
         tick = time.time()
     bar.close()
     print(f"done: {step} steps, checkpoint {checkpoint_path}")
